@@ -1,0 +1,127 @@
+"""The one server interceptor: authentication, org matching and error mapping for every RPC.
+
+Servicers never read headers: the caller's principal is in `current_principal` while the RPC runs.
+A request message with an `org_slug` field must name the org of the caller's key.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from server import errors
+from server.api.status import to_status
+from server.auth import Authenticator, Policy, Principal, RootPrincipal, check_org
+from server.logs import log_fields
+from server.orgs import OrgContext
+
+log = logging.getLogger(__name__)
+
+current_principal: ContextVar[Principal] = ContextVar("current_principal", default=None)
+
+
+def org_principal() -> OrgContext:
+    """The calling org (for methods whose policy requires an org key)."""
+    principal = current_principal.get()
+    if not isinstance(principal, OrgContext):
+        raise errors.PermissionDeniedError("an org API key is required", reason="ORG_KEY_REQUIRED")
+    return principal
+
+
+def principal_name() -> str:
+    """A printable name of the caller, for audit columns."""
+    principal = current_principal.get()
+    if isinstance(principal, RootPrincipal):
+        return principal.name
+    if isinstance(principal, OrgContext):
+        return f"{principal.org_slug}/{principal.org_api_key_id}"
+    return "anonymous"
+
+
+def _client_of(metadata: Mapping[str, str], context: aio.ServicerContext[Any, Any]) -> str:
+    forwarded = metadata.get("x-forwarded-for", "")
+    return forwarded.split(",")[0].strip() or context.peer()
+
+
+class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps each handler of the methods listed in `policies`; unknown methods are refused."""
+
+    def __init__(self, authenticator: Authenticator, policies: Mapping[str, Policy]) -> None:
+        self._auth = authenticator
+        self._policies = policies
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        policy = self._policies.get(details.method)
+        if handler is None or policy is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(policy, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(policy, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _enter(self, policy: Policy, request: Any, context: aio.ServicerContext[Any, Any]) -> str:
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        log_fields.set({"request_id": request_id})
+        principal = await self._auth.authenticate(policy, metadata, _client_of(metadata, context))
+        if "org_slug" in request.DESCRIPTOR.fields_by_name:
+            check_org(principal, request.org_slug)
+        current_principal.set(principal)
+        if isinstance(principal, OrgContext):
+            log_fields.set({"request_id": request_id, "org_slug": principal.org_slug})
+        return request_id
+
+    async def _fail(self, exc: BaseException, request_id: str, context: aio.ServicerContext[Any, Any]) -> None:
+        if not isinstance(exc, errors.ServiceError):
+            log.exception("unexpected error", extra={"fields": {"request_id": request_id}})
+        elif isinstance(exc, errors.TransientError | errors.TerminalError):
+            log.warning("call failed: %s", exc.message)
+        await context.abort_with_status(to_status(exc, request_id))
+
+    def _wrap_unary(self, policy: Policy, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            request_id = "-"
+            try:
+                request_id = await self._enter(policy, request, context)
+                return await behavior(request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(exc, request_id, context)
+
+        return wrapped
+
+    def _wrap_stream(self, policy: Policy, behavior: Callable[..., AsyncIterator[Any]]
+                     ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            request_id = "-"
+            try:
+                request_id = await self._enter(policy, request, context)
+                async for item in behavior(request, context):
+                    yield item
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await self._fail(exc, request_id, context)
+
+        return wrapped

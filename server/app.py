@@ -1,0 +1,98 @@
+"""Composition root: the only place that builds concrete adapters and wires the server together."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc, procedure_service_pb2_grpc
+from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
+from server import meta
+from server.api.interceptor import ServiceInterceptor
+from server.api.pipelines import PipelineServicer
+from server.api.procedures import ProcedureServicer
+from server.auth import Access, Authenticator, Policy
+from server.orgs import OrgRepository
+from server.pipelines.catalog import PipelineCatalog
+from server.procedures import ProcedureManager
+from server.settings import Settings
+from server.warehouse.bigquery import BigQueryWarehouse
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SERVICE = pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
+PROCEDURE_SERVICE = _procedure_service_pb2.DESCRIPTOR.services_by_name["ProcedureService"].full_name
+SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE)
+
+_ROOT = Policy(Access.ROOT)
+POLICIES: dict[str, Policy] = {
+    f"/{PIPELINE_SERVICE}/ListPipelines": Policy(Access.ORG, "pipelines:read"),
+    **{f"/{PROCEDURE_SERVICE}/{m}": _ROOT for m in
+       ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")},
+}
+
+
+def build_warehouse(settings: Settings) -> BigQueryWarehouse:
+    """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere)."""
+    return BigQueryWarehouse(
+        project=settings.gcp_project_id, location=settings.bigquery_location,
+        endpoint=settings.bigquery_endpoint, job_timeout=settings.bigquery_job_timeout_seconds,
+        retry_deadline=settings.bigquery_retry_deadline_seconds,
+    )
+
+
+@dataclass
+class Service:
+    """A running gRPC server and what it owns."""
+
+    settings: Settings
+    warehouse: BigQueryWarehouse
+    server: aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    orgs: OrgRepository
+    procedures: ProcedureManager
+    catalog: PipelineCatalog
+    closers: list[object] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, drain in-flight calls, close adapters."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grpc_grace_seconds)
+        await self.warehouse.close()
+
+
+async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = None,
+                bootstrap: bool = True) -> Service:
+    """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
+    catalog = PipelineCatalog.load(settings.configs_dir)
+    warehouse = warehouse or build_warehouse(settings)
+    if bootstrap:
+        await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
+    orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value)
+    procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
+    authenticator = Authenticator(
+        root_key=settings.ca_root_api_key.get_secret_value(), lookup=orgs.find_by_key_hash,
+        ttl=settings.auth_cache_ttl_seconds, failures_per_minute=settings.auth_failures_per_minute,
+    )
+    server = aio.server(
+        interceptors=[ServiceInterceptor(authenticator, POLICIES)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(catalog), server)
+    procedure_service_pb2_grpc.add_ProcedureServiceServicer_to_server(ProcedureServicer(procedures), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    await server.start()
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC server listening", extra={"fields": {"address": f"{settings.grpc_host}:{port}"}})
+    return Service(settings, warehouse, server, health_servicer, port, orgs, procedures, catalog)

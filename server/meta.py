@@ -1,0 +1,22 @@
+"""The central dataset and its meta tables: created idempotently from `configs/schemas/meta/*.json`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from server.warehouse.bigquery import BigQueryWarehouse
+from server.warehouse.schema import TableSchema, load_schemas
+
+
+def meta_schemas(schemas_dir: Path) -> list[TableSchema]:
+    """The meta table schemas shipped with the service."""
+    return load_schemas(schemas_dir / "meta")
+
+
+async def bootstrap(warehouse: BigQueryWarehouse, dataset: str, schemas_dir: Path) -> list[str]:
+    """Create the central dataset and every missing meta table; return the table names."""
+    await warehouse.ensure_dataset(dataset)
+    schemas = meta_schemas(schemas_dir)
+    await asyncio.gather(*(warehouse.ensure_table(dataset, s) for s in schemas))
+    return [s.name for s in schemas]

@@ -1,0 +1,87 @@
+"""The pipeline config schema: `configs/{provider}/{domain}/{pipeline}.yml`, validated with unknown keys
+rejected, so a typo fails at load time with the file and the field named."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+SEGMENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Backoff(_Strict):
+    """Exponential backoff between attempts."""
+
+    initial: float = Field(1.0, gt=0)
+    max: float = Field(60.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+
+
+class RetryPolicy(_Strict):
+    """How often a step is retried after a transient error."""
+
+    max_attempts: int = Field(1, ge=1, le=20)
+    backoff: Backoff = Backoff()
+    jitter: bool = True
+
+
+class Schedule(_Strict):
+    """When the scheduler runs the pipeline."""
+
+    cron: str
+    timezone: str = "UTC"
+
+
+class StepSpec(_Strict):
+    """One step: which processor runs it, with what config, after which steps."""
+
+    step_id: Identifier
+    ps_type: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")]
+    description: str = ""
+    depends_on: list[Identifier] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    timeout: float | None = Field(None, gt=0)
+    retry: RetryPolicy = RetryPolicy()
+    on_failure: Literal["fail", "continue"] = "fail"
+    enabled: bool | str = True
+
+
+class PipelineSpec(_Strict):
+    """A whole pipeline config."""
+
+    pipeline_id: Identifier
+    name: str
+    description: str = ""
+    version: str = "1"
+    timeout: float = Field(3600.0, gt=0)
+    parameters: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    schedule: Schedule | None = None
+    steps: list[StepSpec] = Field(min_length=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_steps(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        seen: set[str] = set()
+        for step in steps:
+            if step.step_id in seen:
+                raise ValueError(f"step_id {step.step_id!r} is used twice")
+            seen.add(step.step_id)
+        return steps
+
+    @model_validator(mode="after")
+    def _known_dependencies(self) -> PipelineSpec:
+        ids = {s.step_id for s in self.steps}
+        for step in self.steps:
+            for dep in step.depends_on or ():
+                if dep not in ids:
+                    raise ValueError(f"step {step.step_id!r} depends on unknown step {dep!r}")
+                if dep == step.step_id:
+                    raise ValueError(f"step {step.step_id!r} depends on itself")
+        return self

@@ -1,0 +1,263 @@
+"""Stored procedures and migrations of the central dataset, deployed from `procedures/{domain}/{name}.sql`.
+
+A file holds one `CREATE OR REPLACE PROCEDURE` whose name must equal the file stem; `${project}` and
+`${dataset}` are replaced by the project and the central dataset. Sync compares the file's SHA-256 with
+the checksum recorded at the last sync (`procedure_sync_state`) and re-creates only what changed.
+
+Migrations live in `procedures/migrations/` and take `(p_dataset STRING, p_dry_run BOOL)`. Each execution
+is recorded in `migration_history`; a migration applied (not dry-run) to a dataset is not applied to it
+again unless forced. Executions of one migration on one dataset are serialised in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import re
+import string
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from server.errors import FieldViolation, InvalidInputError, NotFoundError, TerminalError
+from server.warehouse import sql
+from server.warehouse.bigquery import BigQueryWarehouse, RoutineInfo, Row
+
+MIGRATIONS = "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureFile:
+    """One procedure source file."""
+
+    name: str
+    domain: str
+    path: Path
+    source: str
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the file's text."""
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureView:
+    """A deployed procedure with what sync knows of it."""
+
+    routine: RoutineInfo
+    domain: str
+    checksum: str
+    file_checksum: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What sync did with one file: created, updated, unchanged or failed."""
+
+    name: str
+    domain: str
+    outcome: str
+    checksum: str
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRun:
+    """One recorded execution of a migration."""
+
+    name: str
+    dataset: str
+    checksum: str
+    dry_run: bool
+    executed_by: str
+    executed_at: datetime
+    rows: list[dict[str, Any]]
+
+
+def read_files(folder: Path) -> list[ProcedureFile]:
+    """Every `*.sql` under `folder/{domain}/`, ordered by name; names must be unique identifiers."""
+    files: dict[str, ProcedureFile] = {}
+    for path in sorted(folder.glob("*/*.sql")):
+        name = sql.check_name(path.stem, str(path))
+        if name in files:
+            raise InvalidInputError(f"procedure {name} is defined twice", [FieldViolation(str(path), "duplicate")])
+        files[name] = ProcedureFile(name, path.parent.name, path, path.read_text())
+    return sorted(files.values(), key=lambda f: f.name)
+
+
+def json_value(value: Any) -> Any:
+    """A JSON-safe value that loses no digit: exact decimals, dates and big integers become strings."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**53 else str(value)
+    if isinstance(value, Decimal | date | datetime | float):
+        return value.isoformat() if isinstance(value, date | datetime) else str(value)
+    if isinstance(value, list):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_value(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
+
+
+class ProcedureManager:
+    """Sync, list, get, delete and run migrations."""
+
+    def __init__(self, warehouse: BigQueryWarehouse, dataset: str, folder: Path) -> None:
+        self._wh = warehouse
+        self._dataset = dataset
+        self._folder = folder
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def _t(self, table: str) -> str:
+        return self._wh.table_ref(self._dataset, table)
+
+    def files(self) -> list[ProcedureFile]:
+        """The procedure files of this build."""
+        return read_files(self._folder)
+
+    def _render(self, file: ProcedureFile) -> str:
+        body = string.Template(file.source).substitute(project=self._wh.project, dataset=self._dataset)
+        declared = re.search(r"CREATE\s+OR\s+REPLACE\s+PROCEDURE\s+`?[\w.-]+\.(\w+)`?\s*\(", body, re.I)
+        if declared is None or declared.group(1) != file.name:
+            raise TerminalError(f"{file.path.name} must CREATE OR REPLACE PROCEDURE ${{project}}.${{dataset}}."
+                                f"{file.name}", reason="PROCEDURE_NAME_MISMATCH")
+        return body
+
+    async def _checksums(self) -> dict[str, str]:
+        rows = await self._wh.query(f"SELECT procedure_name, checksum FROM {self._t('procedure_sync_state')}")
+        return {r["procedure_name"]: r["checksum"] for r in rows}
+
+    async def sync(self, *, force: bool = False, names: Sequence[str] = (), domain: str = "") -> list[SyncResult]:
+        """Deploy the selected files; one result per file."""
+        files = self.files()
+        known = {f.name for f in files}
+        missing = [FieldViolation(f"names[{i}]", f"no procedure file named {n!r}")
+                   for i, n in enumerate(names) if n not in known]
+        if domain and domain not in {f.domain for f in files}:
+            missing.append(FieldViolation("domain", f"no folder procedures/{domain}"))
+        if missing:
+            raise InvalidInputError("unknown procedures", missing, reason="PROCEDURE_FILE_NOT_FOUND")
+        chosen = [f for f in files if (not names or f.name in names) and (not domain or f.domain == domain)]
+        deployed = {r.name for r in await self._wh.list_routines(self._dataset)}
+        recorded = await self._checksums()
+        results = [await self._sync_one(f, f.name in deployed, recorded.get(f.name), force) for f in chosen]
+        done = [r for r in results if r.outcome in ("created", "updated")]
+        if done:
+            await self._wh.query(f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name IN UNNEST(@n)",
+                                 {"n": [r.name for r in done]})
+            now = datetime.now(UTC)
+            await self._wh.load_rows(self._dataset, "procedure_sync_state", [
+                {"procedure_name": r.name, "domain": r.domain, "checksum": r.checksum, "synced_at": now}
+                for r in done
+            ])
+        return results
+
+    async def _sync_one(self, file: ProcedureFile, exists: bool, recorded: str | None, force: bool) -> SyncResult:
+        if exists and recorded == file.checksum and not force:
+            return SyncResult(file.name, file.domain, "unchanged", file.checksum)
+        try:
+            await self._wh.query(self._render(file))
+        except TerminalError as exc:
+            return SyncResult(file.name, file.domain, "failed", file.checksum, exc.message)
+        return SyncResult(file.name, file.domain, "updated" if exists else "created", file.checksum)
+
+    async def list(self) -> list[ProcedureView]:
+        """Every deployed procedure, ordered by name."""
+        routines = [r for r in await self._wh.list_routines(self._dataset) if r.routine_type_is_procedure]
+        recorded = await self._checksums()
+        files = {f.name: f for f in self.files()}
+        return [self._view(r, recorded, files) for r in routines]
+
+    async def get(self, name: str) -> ProcedureView:
+        """One deployed procedure with its definition."""
+        routine = await self._routine(name)
+        return self._view(routine, await self._checksums(), {f.name: f for f in self.files()})
+
+    async def delete(self, name: str) -> str:
+        """Drop a procedure and forget its checksum; return its full name."""
+        routine = await self._routine(name)
+        await self._wh.delete_routine(self._dataset, name)
+        await self._wh.query(f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name = @n", {"n": name})
+        return routine.full_name
+
+    async def _routine(self, name: str) -> RoutineInfo:
+        sql.check_name(name)
+        try:
+            return await self._wh.get_routine(self._dataset, name)
+        except NotFoundError as exc:
+            raise NotFoundError(f"procedure {name!r} not found", reason="PROCEDURE_NOT_FOUND",
+                                metadata={"name": name}) from exc
+
+    @staticmethod
+    def _view(routine: RoutineInfo, recorded: dict[str, str], files: dict[str, ProcedureFile]) -> ProcedureView:
+        file = files.get(routine.name)
+        return ProcedureView(routine, file.domain if file else "", recorded.get(routine.name, ""),
+                             file.checksum if file else "")
+
+    async def execute_migration(self, name: str, dataset: str, *, dry_run: bool, force: bool,
+                                executed_by: str) -> tuple[MigrationRun, bool]:
+        """Run a migration; return (execution, already_applied)."""
+        violations = []
+        if not sql.NAME.fullmatch(name):
+            violations.append(FieldViolation("name", "must be a procedure name"))
+        if not sql.NAME.fullmatch(dataset):
+            violations.append(FieldViolation("dataset", "required: letters, digits and underscores"))
+        if violations:
+            raise InvalidInputError("invalid migration request", violations)
+        file = next((f for f in self.files() if f.name == name and f.domain == MIGRATIONS), None)
+        if file is None:
+            raise NotFoundError(f"no migration {name!r} in procedures/{MIGRATIONS}", reason="MIGRATION_NOT_FOUND",
+                                metadata={"name": name})
+        recorded = (await self._checksums()).get(name)
+        if recorded is None:
+            raise NotFoundError(f"migration {name!r} is not deployed; run procedure sync first",
+                                reason="MIGRATION_NOT_DEPLOYED", metadata={"name": name})
+        if not await self._wh.dataset_exists(dataset):
+            raise NotFoundError(f"dataset {dataset!r} not found", reason="DATASET_NOT_FOUND",
+                                metadata={"dataset": dataset})
+        async with self._locks.setdefault((name, dataset), asyncio.Lock()):
+            if not dry_run and not force:
+                earlier = await self._applied(name, dataset)
+                if earlier is not None:
+                    return earlier, True
+            result = await self._wh.call_procedure(self._dataset, name, [dataset, dry_run])
+            run = MigrationRun(name, dataset, recorded, dry_run, executed_by, datetime.now(UTC),
+                               [json_value(r) for r in result.rows])
+            await self._record(run)
+            return run, False
+
+    async def _applied(self, name: str, dataset: str) -> MigrationRun | None:
+        rows = await self._wh.query(
+            f"SELECT * FROM {self._t('migration_history')} WHERE migration_name = @n AND dataset = @d "
+            "AND NOT dry_run ORDER BY executed_at DESC LIMIT 1", {"n": name, "d": dataset})
+        return [self._run_of(r) for r in rows][0] if rows else None
+
+    @staticmethod
+    def _run_of(row: Row) -> MigrationRun:
+        return MigrationRun(row["migration_name"], row["dataset"], row["checksum"], row["dry_run"],
+                            row["executed_by"], row["executed_at"], json.loads(row["result_rows"] or "[]"))
+
+    async def _record(self, run: MigrationRun) -> None:
+        await self._wh.query(
+            f"INSERT INTO {self._t('migration_history')} (execution_id, migration_name, dataset, checksum, "
+            "dry_run, executed_by, executed_at, result_rows) VALUES (@id, @n, @d, @c, @dry, @by, @at, @rows)",
+            {"id": uuid.uuid4().hex, "n": run.name, "d": run.dataset, "c": run.checksum, "dry": run.dry_run,
+             "by": run.executed_by, "at": run.executed_at, "rows": json.dumps(run.rows)},
+        )
+
+    async def history(self, name: str, dataset: str) -> list[MigrationRun]:
+        """Every recorded execution of `name` on `dataset`, oldest first."""
+        rows = await self._wh.query(
+            f"SELECT * FROM {self._t('migration_history')} WHERE migration_name = @n AND dataset = @d "
+            "ORDER BY executed_at", {"n": name, "d": dataset})
+        return [self._run_of(r) for r in rows]

@@ -1,0 +1,86 @@
+"""Process settings: one pydantic-settings class, read from `.env.{PIPELINE_ENV}` and the environment.
+
+`PIPELINE_ENV` (`local` by default, or `stage`, `prod`) picks the file; a plain `.env` is never read.
+Real environment variables win over the file. Secrets (the root key) come from the environment in
+stage and prod; `.env.local` carries a development-only root key.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Environment(StrEnum):
+    """The deployment environment; it names the `.env.*` file and the org dataset suffix."""
+
+    LOCAL = "local"
+    STAGE = "stage"
+    PROD = "prod"
+
+
+def env_file(environment: str | None = None) -> Path:
+    """The settings file for `environment` (default: the `PIPELINE_ENV` variable, else local)."""
+    name = Environment(environment or os.environ.get("PIPELINE_ENV", Environment.LOCAL.value))
+    return PROJECT_ROOT / f".env.{name.value}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, the CLI and the local stack."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+    pipeline_env: Environment = Field(Environment.LOCAL, description="Which environment this is.")
+    gcp_project_id: str = Field("cloudact-local", description="Project that owns the datasets.")
+    bigquery_location: str = Field("US", description="Location of datasets and jobs.")
+    bigquery_endpoint: str = Field(
+        "", description="BigQuery REST endpoint; empty for Google's, the emulator's URL locally."
+    )
+    meta_dataset: str = Field("organizations", description="Central dataset with the meta tables.")
+    bigquery_job_timeout_seconds: float = Field(300.0, description="Deadline of one warehouse job.")
+    bigquery_retry_deadline_seconds: float = Field(30.0, description="How long API calls are retried.")
+
+    emulator_embedded: bool = Field(False, description="Start the bqemulator child process (local only).")
+    emulator_rest_port: int = Field(9050, description="Emulator REST port.")
+    emulator_grpc_port: int = Field(9060, description="Emulator gRPC port.")
+    emulator_data_dir: Path = Field(PROJECT_ROOT / ".state" / "bqemulator", description="Emulator data.")
+
+    grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    grpc_port: int = Field(50051, description="Port the gRPC server binds; 0 picks a free one.")
+    grpc_grace_seconds: float = Field(10.0, description="How long shutdown lets in-flight calls finish.")
+    envoy_port: int = Field(8001, description="Envoy REST listener (local stack).")
+    envoy_admin_port: int = Field(9901, description="Envoy admin listener (local stack).")
+
+    ca_root_api_key: SecretStr = Field(SecretStr(""), description="Root key for admin calls.")
+    auth_cache_ttl_seconds: float = Field(10.0, description="How long a verified org key is trusted.")
+    auth_failures_per_minute: int = Field(30, description="Failed auth attempts allowed per client.")
+
+    configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")
+    schemas_dir: Path = Field(PROJECT_ROOT / "configs" / "schemas", description="Table schema files.")
+    procedures_dir: Path = Field(PROJECT_ROOT / "procedures", description="Stored procedure sources.")
+    state_dir: Path = Field(PROJECT_ROOT / ".state", description="Local runtime state (git-ignored).")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.pipeline_env is not Environment.LOCAL and self.emulator_embedded:
+            raise ValueError("emulator_embedded is only allowed in the local environment")
+        if self.pipeline_env is Environment.PROD and len(self.ca_root_api_key.get_secret_value()) < 32:
+            raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")
+        return self
+
+    def org_dataset(self, org_slug: str) -> str:
+        """The per-org dataset name, `{org_slug}_{env}`."""
+        return f"{org_slug}_{self.pipeline_env.value}"
+
+
+def load_settings(environment: str | None = None, **overrides: Any) -> Settings:
+    """Read the settings of `environment` (default from `PIPELINE_ENV`) with explicit overrides."""
+    path = env_file(environment)
+    return Settings(_env_file=path if path.exists() else None, **overrides)  # type: ignore[call-arg]

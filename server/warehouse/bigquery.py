@@ -1,0 +1,310 @@
+"""The warehouse adapter: the only module that imports `google.cloud.bigquery`.
+
+The same code talks to BigQuery (stage, prod) and to the `bqemulator` emulator (local, tests); only the
+endpoint differs. Blocking client calls run on the adapter's own thread pool, never on the event loop.
+Values always travel as bound query parameters, except the arguments of `CALL`, which the emulator
+cannot bind (scripts reject parameters there): those are rendered by `sql.literal` from typed,
+validated values. Vendor errors are mapped once, in `_mapped`, to transient or terminal domain errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
+
+import requests.exceptions
+from google.api_core import exceptions as gexc
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery
+
+from server.errors import AlreadyExistsError, NotFoundError, TerminalError, TransientError
+from server.warehouse import sql
+from server.warehouse.schema import TableSchema
+
+T = TypeVar("T")
+
+Row = dict[str, Any]
+
+_TRANSIENT_REASONS = frozenset(
+    {"backendError", "rateLimitExceeded", "internalError", "jobRateLimitExceeded", "jobBackendError"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    """A query parameter value with an explicit BigQuery type (needed for NULLs and empty arrays)."""
+
+    type: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RoutineInfo:
+    """What the warehouse knows of one routine."""
+
+    dataset: str
+    name: str
+    full_name: str
+    created: datetime | None
+    modified: datetime | None
+    definition: str
+    routine_type: str
+
+    @property
+    def routine_type_is_procedure(self) -> bool:
+        """Whether the routine is a stored procedure (not a function)."""
+        return self.routine_type == "PROCEDURE"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """Rows of a query plus the job statistics that callers report."""
+
+    rows: list[Row]
+    job_id: str
+    bytes_processed: int
+    num_dml_affected_rows: int
+
+
+def _scalar_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "BOOL"
+    if isinstance(value, int):
+        return "INT64"
+    if isinstance(value, Decimal):
+        return "NUMERIC"
+    if isinstance(value, float):
+        return "FLOAT64"
+    if isinstance(value, str):
+        return "STRING"
+    if isinstance(value, datetime):
+        return "TIMESTAMP"
+    if isinstance(value, date):
+        return "DATE"
+    if isinstance(value, bytes):
+        return "BYTES"
+    raise TypeError(f"no BigQuery type for {type(value).__name__}; wrap the value in Typed")
+
+
+def _parameter(name: str, value: Any) -> bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter:
+    if isinstance(value, Typed):
+        if value.type.startswith("ARRAY<"):
+            return bigquery.ArrayQueryParameter(name, value.type[6:-1], list(value.value))
+        return bigquery.ScalarQueryParameter(name, value.type, value.value)
+    if isinstance(value, list | tuple):
+        if not value:
+            raise TypeError(f"empty array parameter @{name} needs Typed('ARRAY<T>', [])")
+        return bigquery.ArrayQueryParameter(name, _scalar_type(value[0]), list(value))
+    return bigquery.ScalarQueryParameter(name, _scalar_type(value), value)
+
+
+def _error_message(exc: gexc.GoogleAPICallError) -> str:
+    errors = getattr(exc, "errors", None) or []
+    if errors and isinstance(errors[0], dict) and errors[0].get("message"):
+        return str(errors[0]["message"]).split("\n")[0]
+    return str(exc.message).split("\n")[0]
+
+
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Map vendor exceptions to domain errors (the single seam for this adapter)."""
+    try:
+        yield
+    except gexc.NotFound as exc:
+        raise NotFoundError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_NOT_FOUND") from exc
+    except gexc.Conflict as exc:
+        raise AlreadyExistsError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_CONFLICT") from exc
+    except (gexc.TooManyRequests, gexc.ServerError) as exc:
+        raise TransientError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_UNAVAILABLE") from exc
+    except gexc.GoogleAPICallError as exc:
+        reasons = {e.get("reason") for e in (exc.errors or []) if isinstance(e, dict)}
+        if reasons & _TRANSIENT_REASONS:
+            raise TransientError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_UNAVAILABLE") from exc
+        raise TerminalError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_REJECTED") from exc
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            concurrent.futures.TimeoutError, gexc.RetryError) as exc:
+        raise TransientError(f"{what}: warehouse unreachable ({type(exc).__name__})",
+                             reason="WAREHOUSE_UNAVAILABLE") from exc
+
+
+class BigQueryWarehouse:
+    """Async facade over the official BigQuery client."""
+
+    def __init__(
+        self,
+        *,
+        project: str,
+        location: str,
+        endpoint: str = "",
+        job_timeout: float = 300.0,
+        retry_deadline: float = 30.0,
+        max_concurrency: int = 16,
+    ) -> None:
+        options = ClientOptions(api_endpoint=endpoint) if endpoint else None
+        credentials = AnonymousCredentials() if endpoint else None  # type: ignore[no-untyped-call]
+        self.project = sql.check_project(project)
+        self.location = location
+        self._client = bigquery.Client(
+            project=project, location=location, credentials=credentials, client_options=options
+        )
+        self._job_timeout = job_timeout
+        self._retry = bigquery.DEFAULT_RETRY.with_deadline(retry_deadline)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_concurrency, thread_name_prefix="bigquery")
+        self.jobs_started = 0
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        def call() -> T:
+            with _mapped(what):
+                return fn()
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def table_ref(self, dataset: str, table: str) -> str:
+        """`project.dataset.table`, validated and backtick-quoted."""
+        return sql.table(self.project, dataset, table)
+
+    async def query(self, statement: str, params: Mapping[str, Any] | None = None) -> list[Row]:
+        """Run one query (or script without parameters) and return its rows."""
+        return (await self.query_job(statement, params)).rows
+
+    async def query_job(self, statement: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+        """Run one query and return rows plus job statistics."""
+        config = bigquery.QueryJobConfig(
+            query_parameters=[_parameter(k, v) for k, v in (params or {}).items()]
+        )
+
+        def run() -> QueryResult:
+            self.jobs_started += 1
+            job = self._client.query(statement, job_config=config, retry=self._retry, job_retry=None)
+            rows = [dict(r.items()) for r in job.result(timeout=self._job_timeout)]
+            return QueryResult(rows, job.job_id or "", int(job.total_bytes_processed or 0),
+                               int(job.num_dml_affected_rows or 0))
+
+        return await self._run("query failed", run)
+
+    async def call_procedure(self, dataset: str, name: str, args: Sequence[Any]) -> QueryResult:
+        """`CALL dataset.name(args…)` and return the rows of the procedure's last SELECT."""
+        statement = f"CALL {sql.routine(self.project, dataset, name)}({', '.join(map(sql.literal, args))})"
+        return await self.query_job(statement)
+
+    async def ensure_dataset(self, dataset: str) -> None:
+        """Create the dataset if it does not exist."""
+        ref = bigquery.Dataset(f"{self.project}.{sql.check_name(dataset)}")
+        ref.location = self.location
+        await self._run(f"create dataset {dataset}",
+                        partial(self._client.create_dataset, ref, exists_ok=True, retry=self._retry))
+
+    async def dataset_exists(self, dataset: str) -> bool:
+        """Whether the dataset exists."""
+        ref = f"{self.project}.{sql.check_name(dataset)}"
+        try:
+            await self._run(f"dataset {dataset}", partial(self._client.get_dataset, ref, retry=self._retry))
+        except NotFoundError:
+            return False
+        return True
+
+    async def delete_dataset(self, dataset: str) -> None:
+        """Drop a dataset and everything in it (tests and local resets)."""
+        await self._run(
+            f"delete dataset {dataset}",
+            partial(self._client.delete_dataset, f"{self.project}.{sql.check_name(dataset)}",
+                    delete_contents=True, not_found_ok=True, retry=self._retry),
+        )
+
+    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way)."""
+        table = bigquery.Table(
+            f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(schema.name)}",
+            schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
+        )
+        table.description = schema.description
+        if schema.partition_field:
+            table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
+        if schema.clustering:
+            table.clustering_fields = list(schema.clustering)
+        await self._run(f"create table {dataset}.{schema.name}",
+                        partial(self._client.create_table, table, exists_ok=True, retry=self._retry))
+
+    async def load_rows(self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]],
+                        *, replace: bool = False) -> int:
+        """Bulk-load rows with one resumable load job (the emulator rejects multipart uploads)."""
+        if not rows:
+            return 0
+        payload = "\n".join(json.dumps(r, default=_json_default, separators=(",", ":")) for r in rows)
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
+            write_disposition="WRITE_TRUNCATE" if replace else "WRITE_APPEND",
+        )
+        target = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(table)}"
+
+        def run() -> int:
+            self.jobs_started += 1
+            # No `size=`: that makes the client use a resumable upload.
+            job = self._client.load_table_from_file(io.BytesIO(payload.encode()), target, job_config=config)
+            job.result(timeout=self._job_timeout)
+            return int(job.output_rows or 0)
+
+        return await self._run(f"load into {dataset}.{table}", run)
+
+    async def list_routines(self, dataset: str) -> list[RoutineInfo]:
+        """The routines of a dataset, ordered by name (definitions left empty)."""
+
+        def run() -> list[RoutineInfo]:
+            found = self._client.list_routines(f"{self.project}.{sql.check_name(dataset)}", retry=self._retry)
+            return sorted((self._info(dataset, r) for r in found), key=lambda r: r.name)
+
+        return await self._run(f"list routines of {dataset}", run)
+
+    async def get_routine(self, dataset: str, name: str) -> RoutineInfo:
+        """One routine with its definition; `NotFoundError` if it does not exist."""
+        ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
+        routine = await self._run(f"routine {dataset}.{name}",
+                                  partial(self._client.get_routine, ref, retry=self._retry))
+        return self._info(dataset, routine)
+
+    async def delete_routine(self, dataset: str, name: str) -> None:
+        """Drop one routine; `NotFoundError` if it does not exist."""
+        ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
+        await self._run(f"routine {dataset}.{name}",
+                        partial(self._client.delete_routine, ref, retry=self._retry))
+
+    def _info(self, dataset: str, routine: Any) -> RoutineInfo:
+        return RoutineInfo(
+            dataset=dataset,
+            name=routine.routine_id,
+            full_name=f"{self.project}.{dataset}.{routine.routine_id}",
+            created=routine.created,
+            modified=routine.modified,
+            definition=routine.body or "",
+            routine_type=routine.type_ or "",
+        )
+
+    async def ping(self) -> None:
+        """Cheap round trip that proves the warehouse answers."""
+        await self.query("SELECT 1 AS ok")
+
+    async def close(self) -> None:
+        """Release the client and the thread pool."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._client.close)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -1,0 +1,121 @@
+"""Shared fixtures: one emulator, one gRPC server and one Envoy per test session, all real processes or
+servers on free 127.0.0.1 ports, stopped at the end of the session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from grpc import aio
+
+from cloudact.pipeline.v1 import pipeline_service_pb2_grpc, procedure_service_pb2_grpc
+from server import app
+from server.localstack.emulator import Emulator
+from server.localstack.envoy import Envoy
+from server.localstack.process import free_port
+from server.orgs import IssuedKey
+from server.settings import Settings
+
+ROOT_KEY = "test-root-key-" + uuid.uuid4().hex
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    # Persistent mode on a temporary folder: the ephemeral (in-memory) mode loses tables between
+    # connections of the emulator.
+    folder = tmp_path_factory.mktemp("emulator")
+    emu = Emulator(rest_port=free_port(), grpc_port=free_port(), project="test-project",
+                   data_dir=folder / "data", log_path=folder / "bqemulator.log")
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        pipeline_env="local", gcp_project_id="test-project", bigquery_endpoint=emulator.endpoint,
+        meta_dataset="organizations", grpc_port=0, grpc_grace_seconds=1.0,
+        ca_root_api_key=ROOT_KEY, auth_cache_ttl_seconds=0.5, auth_failures_per_minute=10_000,
+        bigquery_retry_deadline_seconds=5.0, configs_dir=DATA / "configs",
+        state_dir=tmp_path_factory.mktemp("state"),
+    )
+
+
+@pytest.fixture(scope="session")
+async def service(settings: Settings) -> AsyncIterator[app.Service]:
+    svc = await app.start(settings)
+    yield svc
+    await svc.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy(service: app.Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Envoy]:
+    proxy = Envoy(grpc_port=service.port, work_dir=tmp_path_factory.mktemp("envoy"))
+    yield proxy
+    proxy.stop()
+
+
+@dataclass
+class Org:
+    slug: str
+    dataset: str
+    key: IssuedKey
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key.api_key}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-api-key", self.key.api_key),)
+
+
+async def make_org(service: app.Service, prefix: str) -> Org:
+    slug = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    dataset, key = await service.orgs.create_org(slug, company_name=prefix.title())
+    return Org(slug, dataset, key)
+
+
+@pytest.fixture(scope="session")
+async def acme(service: app.Service) -> Org:
+    return await make_org(service, "acme")
+
+
+@pytest.fixture(scope="session")
+async def globex(service: app.Service) -> Org:
+    return await make_org(service, "globex")
+
+
+ROOT_HEADERS = {"X-CA-Root-Key": ROOT_KEY}
+ROOT_METADATA = (("x-ca-root-key", ROOT_KEY),)
+
+
+@pytest.fixture(scope="session")
+async def channel(service: app.Service) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def pipelines(channel: aio.Channel) -> pipeline_service_pb2_grpc.PipelineServiceStub:
+    return pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def procedures(channel: aio.Channel) -> procedure_service_pb2_grpc.ProcedureServiceStub:
+    return procedure_service_pb2_grpc.ProcedureServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def http(envoy: Envoy) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=envoy.rest_url) as session:
+        yield session
+
+
+__all__ = ["ROOT_HEADERS", "ROOT_METADATA", "Org", "grpc", "make_org"]
