@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass, field
 
 from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
 from grpc_reflection.v1alpha import reflection
 
 from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc, procedure_service_pb2_grpc
@@ -36,6 +37,15 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+def check_policies() -> None:
+    """Every RPC of our services must have an auth policy: none is ever served open by omission."""
+    for descriptor in (pipeline_service_pb2.DESCRIPTOR, _procedure_service_pb2.DESCRIPTOR):
+        for service in descriptor.services_by_name.values():
+            missing = [m.name for m in service.methods if f"/{service.full_name}/{m.name}" not in POLICIES]
+            if missing:
+                raise RuntimeError(f"no auth policy for {service.full_name}: {missing}")
+
+
 def build_warehouse(settings: Settings) -> BigQueryWarehouse:
     """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere)."""
     return BigQueryWarehouse(
@@ -52,7 +62,7 @@ class Service:
     settings: Settings
     warehouse: BigQueryWarehouse
     server: aio.Server
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     port: int
     orgs: OrgRepository
     procedures: ProcedureManager
@@ -69,11 +79,12 @@ class Service:
 async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = None,
                 bootstrap: bool = True) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
+    check_policies()
     catalog = PipelineCatalog.load(settings.configs_dir)
     warehouse = warehouse or build_warehouse(settings)
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
-    orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value)
+    orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
     procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
     authenticator = Authenticator(
         root_key=settings.ca_root_api_key.get_secret_value(), lookup=orgs.find_by_key_hash,
@@ -85,7 +96,7 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
     )
     pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(catalog), server)
     procedure_service_pb2_grpc.add_ProcedureServiceServicer_to_server(ProcedureServicer(procedures), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

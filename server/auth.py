@@ -2,9 +2,10 @@
 
 Org keys are looked up by SHA-256 hash in the meta tables (key ⋈ profile ⋈ subscription). A verified key
 is cached for `ttl` seconds, so a revoked key stops working within that TTL (10 s locally, 30 s in
-stage/prod); unknown keys are never cached but count as failures. Each client (the first
-`x-forwarded-for` address set by Envoy, else the peer) may fail `failures_per_minute` times a minute;
-after that its calls are refused with RESOURCE_EXHAUSTED until the window has room again.
+stage/prod); unknown keys are never cached but count as failures. Each client (the last
+`x-forwarded-for` address, the one Envoy appended, else the peer's address without its port) may fail
+`failures_per_minute` times a minute; after that its calls are refused with RESOURCE_EXHAUSTED until the
+window has room again.
 """
 
 from __future__ import annotations

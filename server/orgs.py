@@ -13,8 +13,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import asyncio
+from pathlib import Path
+
 from server.errors import AlreadyExistsError, FieldViolation, InvalidInputError, NotFoundError
 from server.warehouse.bigquery import BigQueryWarehouse, Typed
+from server.warehouse.schema import load_schemas
 
 ORG_SLUG = re.compile(r"^[a-z][a-z0-9_]{2,49}$")
 DEFAULT_SCOPES = ("pipelines:read", "pipelines:run")
@@ -75,10 +79,19 @@ class Plan:
 class OrgRepository:
     """Reads and writes orgs and keys in the meta tables."""
 
-    def __init__(self, warehouse: BigQueryWarehouse, meta_dataset: str, dataset_suffix: str) -> None:
+    def __init__(self, warehouse: BigQueryWarehouse, meta_dataset: str, dataset_suffix: str,
+                 schemas_dir: Path) -> None:
         self._wh = warehouse
         self._meta = meta_dataset
         self._suffix = dataset_suffix
+        self._org_schemas = load_schemas(schemas_dir / "org")
+
+    async def ensure_org_tables(self, org_slug: str) -> str:
+        """Create the org's dataset and its standard tables (`configs/schemas/org/`) if missing."""
+        dataset = self.dataset_of(check_org_slug(org_slug))
+        await self._wh.ensure_dataset(dataset)
+        await asyncio.gather(*(self._wh.ensure_table(dataset, s) for s in self._org_schemas))
+        return dataset
 
     def _t(self, table: str) -> str:
         return self._wh.table_ref(self._meta, table)
@@ -97,7 +110,7 @@ class OrgRepository:
     async def create_org(self, org_slug: str, *, company_name: str = "", admin_email: str = "",
                          currency: str = "USD", fiscal_year_start_month: int = 1,
                          plan: Plan | None = None) -> tuple[str, IssuedKey]:
-        """Create profile, subscription, dataset and a first key; return (dataset, key)."""
+        """Create profile, subscription, dataset with its tables and a first key; return (dataset, key)."""
         check_org_slug(org_slug)
         if not 1 <= fiscal_year_start_month <= 12:
             raise InvalidInputError("fiscal year start month must be 1-12",
@@ -106,9 +119,8 @@ class OrgRepository:
             raise AlreadyExistsError(f"org {org_slug!r} exists", reason="ORG_EXISTS",
                                      metadata={"org_slug": org_slug})
         plan = plan or Plan()
-        dataset = self.dataset_of(org_slug)
         now = datetime.now(UTC)
-        await self._wh.ensure_dataset(dataset)
+        dataset = await self.ensure_org_tables(org_slug)
         await self._wh.query(
             f"INSERT INTO {self._t('org_profiles')} (org_slug, company_name, admin_email, org_dataset_id, "
             "status, default_currency, fiscal_year_start_month, created_at, updated_at) "

@@ -6,7 +6,8 @@ the checksum recorded at the last sync (`procedure_sync_state`) and re-creates o
 
 Migrations live in `procedures/migrations/` and take `(p_dataset STRING, p_dry_run BOOL)`. Each execution
 is recorded in `migration_history`; a migration applied (not dry-run) to a dataset is not applied to it
-again unless forced. Executions of one migration on one dataset are serialised in this process.
+again with the same checksum unless forced. Executions of one migration on one dataset are serialised in
+this process.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class ProcedureManager:
             return SyncResult(file.name, file.domain, "failed", file.checksum, exc.message)
         return SyncResult(file.name, file.domain, "updated" if exists else "created", file.checksum)
 
-    async def list(self) -> list[ProcedureView]:
+    async def deployed(self) -> list[ProcedureView]:
         """Every deployed procedure, ordered by name."""
         routines = [r for r in await self._wh.list_routines(self._dataset) if r.routine_type_is_procedure]
         recorded = await self._checksums()
@@ -227,7 +228,7 @@ class ProcedureManager:
                                 metadata={"dataset": dataset})
         async with self._locks.setdefault((name, dataset), asyncio.Lock()):
             if not dry_run and not force:
-                earlier = await self._applied(name, dataset)
+                earlier = await self._applied(name, dataset, recorded)
                 if earlier is not None:
                     return earlier, True
             result = await self._wh.call_procedure(self._dataset, name, [dataset, dry_run])
@@ -236,10 +237,12 @@ class ProcedureManager:
             await self._record(run)
             return run, False
 
-    async def _applied(self, name: str, dataset: str) -> MigrationRun | None:
+    async def _applied(self, name: str, dataset: str, checksum: str) -> MigrationRun | None:
+        """The latest non-dry-run execution of this version (checksum) of the migration on `dataset`."""
         rows = await self._wh.query(
             f"SELECT * FROM {self._t('migration_history')} WHERE migration_name = @n AND dataset = @d "
-            "AND NOT dry_run ORDER BY executed_at DESC LIMIT 1", {"n": name, "d": dataset})
+            "AND checksum = @c AND NOT dry_run ORDER BY executed_at DESC LIMIT 1",
+            {"n": name, "d": dataset, "c": checksum})
         return [self._run_of(r) for r in rows][0] if rows else None
 
     @staticmethod

@@ -83,4 +83,4 @@ class Settings(BaseSettings):
 def load_settings(environment: str | None = None, **overrides: Any) -> Settings:
     """Read the settings of `environment` (default from `PIPELINE_ENV`) with explicit overrides."""
     path = env_file(environment)
-    return Settings(_env_file=path if path.exists() else None, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=path if path.exists() else None, **overrides)

@@ -10,7 +10,8 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote
 
 import grpc
 from grpc import aio
@@ -44,12 +45,26 @@ def principal_name() -> str:
     return "anonymous"
 
 
+def _peer_address(peer: str) -> str:
+    """The address of a gRPC peer without its port (`ipv4:1.2.3.4:5678` -> `1.2.3.4`)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
 def _client_of(metadata: Mapping[str, str], context: aio.ServicerContext[Any, Any]) -> str:
-    forwarded = metadata.get("x-forwarded-for", "")
-    return forwarded.split(",")[0].strip() or context.peer()
+    """Who failed attempts are counted against.
+
+    Envoy (`use_remote_address`) appends the address it saw to `x-forwarded-for`, so only the last entry
+    is trustworthy; earlier ones are whatever the caller sent. Without the header, the peer's address
+    without its port, so that a new connection does not start a fresh count.
+    """
+    hops = [hop.strip() for hop in metadata.get("x-forwarded-for", "").split(",") if hop.strip()]
+    return hops[-1] if hops else _peer_address(context.peer())
 
 
-class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class ServiceInterceptor(aio.ServerInterceptor[Any, Any]):
     """Wraps each handler of the methods listed in `policies`; unknown methods are refused."""
 
     def __init__(self, authenticator: Authenticator, policies: Mapping[str, Policy]) -> None:
@@ -58,9 +73,9 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         policy = self._policies.get(details.method)
         if handler is None or policy is None:
@@ -73,7 +88,7 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(policy, handler.unary_stream),
+                self._wrap_stream(policy, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -96,7 +111,8 @@ class ServiceInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             log.exception("unexpected error", extra={"fields": {"request_id": request_id}})
         elif isinstance(exc, errors.TransientError | errors.TerminalError):
             log.warning("call failed: %s", exc.message)
-        await context.abort_with_status(to_status(exc, request_id))
+        # grpc-stubs lacks aio's abort_with_status.
+        await cast(Any, context).abort_with_status(to_status(exc, request_id))
 
     def _wrap_unary(self, policy: Policy, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:

@@ -61,7 +61,7 @@ class ProcedureServicer(procedure_service_pb2_grpc.ProcedureServiceServicer):
     async def ListProcedures(
         self, request: procedure_service_pb2.ListProceduresRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.ListProceduresResponse:
-        views = await self._manager.list()
+        views = await self._manager.deployed()
         page, token = paginate(views, lambda v: v.routine.name, request.page_size, request.page_token,
                                default=100, maximum=1000)
         return procedure_service_pb2.ListProceduresResponse(

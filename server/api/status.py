@@ -36,8 +36,8 @@ def code_of(exc: errors.ServiceError) -> int:
     """The google.rpc code for a domain error."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
-            return code
-    return code_pb2.INTERNAL
+            return int(code)
+    return int(code_pb2.INTERNAL)
 
 
 def to_status(exc: BaseException, request_id: str) -> grpc.Status:

@@ -6,10 +6,13 @@ the service's grpc packages, and with a project-owned HOME holding DuckDB's offl
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from server.localstack.process import ChildProcess, http_ok
-from server.settings import PROJECT_ROOT
+from server.settings import PROJECT_ROOT, Settings
 
 BQE_BIN = PROJECT_ROOT / ".venv-bqemulator" / "bin" / "bqemulator"
 BQE_HOME = PROJECT_ROOT / ".state" / "bqemulator" / "home"
@@ -48,3 +51,20 @@ class Emulator:
 def is_running(endpoint: str) -> bool:
     """Whether an emulator (or anything healthy) answers at `endpoint`."""
     return http_ok(f"{endpoint}/healthz", '"ok"')
+
+
+@asynccontextmanager
+async def embedded(settings: Settings) -> AsyncIterator[Emulator | None]:
+    """Start the local emulator for the duration of the block unless it already runs (or is not wanted)."""
+    if not settings.emulator_embedded or is_running(settings.bigquery_endpoint):
+        yield None
+        return
+    emu = await asyncio.to_thread(
+        Emulator, rest_port=settings.emulator_rest_port, grpc_port=settings.emulator_grpc_port,
+        project=settings.gcp_project_id, data_dir=settings.emulator_data_dir / "data",
+        log_path=settings.state_dir / "logs" / "bqemulator.log",
+    )
+    try:
+        yield emu
+    finally:
+        await asyncio.to_thread(emu.stop)

@@ -1,0 +1,158 @@
+"""`pipeline-service`: the command line of the service. Every command reads the same settings as the
+server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
+
+    pipeline-service dev                         local stack: emulator + gRPC server + Envoy (make run)
+    pipeline-service serve                       the gRPC server alone (production; Envoy is a sidecar)
+    pipeline-service org create SLUG             create an org and print its first API key as JSON
+    pipeline-service org keys create SLUG        issue another key
+    pipeline-service org keys revoke KEY_ID      revoke a key
+    pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given)
+    pipeline-service query "SQL"                 run one query, print rows as JSON lines
+
+Locally, commands that need the warehouse start the embedded emulator for their duration when it is not
+already running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from server import devstack, logs, meta
+from server.app import build_warehouse
+from server.errors import ServiceError
+from server.localstack import emulator
+from server.orgs import DEFAULT_SCOPES, OrgRepository
+from server.pipelines.catalog import PipelineCatalog, load_config
+from server.procedures import json_value
+from server.settings import Settings, load_settings
+from server.warehouse.bigquery import BigQueryWarehouse
+
+
+@asynccontextmanager
+async def warehouse_for(settings: Settings) -> AsyncIterator[BigQueryWarehouse]:
+    """A warehouse with the meta tables bootstrapped, the emulator started if needed."""
+    async with emulator.embedded(settings):
+        warehouse = build_warehouse(settings)
+        try:
+            await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
+            yield warehouse
+        finally:
+            await warehouse.close()
+
+
+def _print(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+async def org_create(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        dataset, key = await orgs.create_org(
+            args.slug, company_name=args.company or "", admin_email=args.email or "",
+            currency=args.currency, fiscal_year_start_month=args.fiscal_year_start_month,
+        )
+    _print({"org_slug": key.org_slug, "dataset": dataset, "api_key": key.api_key,
+            "api_key_id": key.org_api_key_id, "scopes": list(key.scopes)})
+
+
+async def key_create(settings: Settings, args: argparse.Namespace) -> None:
+    expires = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
+    async with warehouse_for(settings) as wh:
+        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        key = await orgs.create_key(args.slug, tuple(args.scope or DEFAULT_SCOPES), expires)
+    _print({"org_slug": key.org_slug, "api_key": key.api_key, "api_key_id": key.org_api_key_id,
+            "scopes": list(key.scopes), "expires_at": expires})
+
+
+async def key_revoke(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        await OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir).revoke_key(args.key_id)
+    _print({"revoked": args.key_id, "effective_within_seconds": settings.auth_cache_ttl_seconds})
+
+
+async def configs_validate(settings: Settings, args: argparse.Namespace) -> None:
+    root = settings.configs_dir.resolve()
+    if args.files:
+        configs = [load_config(Path(f).resolve(), root) for f in args.files]
+    else:
+        configs = PipelineCatalog.load(root).all()
+    _print({"valid": [c.key for c in configs]})
+
+
+async def query(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        for row in await wh.query(args.sql):
+            print(json.dumps(json_value(row)))
+
+
+async def serve(settings: Settings, args: argparse.Namespace) -> None:
+    await devstack.serve_until_signal(settings)
+
+
+async def dev(settings: Settings, args: argparse.Namespace) -> None:
+    await devstack.run_local_stack(settings)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    top = argparse.ArgumentParser(prog="pipeline-service", description=__doc__.split("\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("dev", help="run the local stack in the foreground").set_defaults(run=dev)
+    commands.add_parser("serve", help="run the gRPC server").set_defaults(run=serve)
+
+    org = commands.add_parser("org", help="orgs and API keys").add_subparsers(dest="org_command", required=True)
+    create = org.add_parser("create", help="create an org")
+    create.add_argument("slug")
+    create.add_argument("--company")
+    create.add_argument("--email")
+    create.add_argument("--currency", default="USD")
+    create.add_argument("--fiscal-year-start-month", type=int, default=1)
+    create.set_defaults(run=org_create)
+    keys = org.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="issue a key")
+    kc.add_argument("slug")
+    kc.add_argument("--scope", action="append", help="repeat for several; default pipelines:read, pipelines:run")
+    kc.add_argument("--expires-in-days", type=int)
+    kc.set_defaults(run=key_create)
+    kr = keys.add_parser("revoke", help="revoke a key")
+    kr.add_argument("key_id")
+    kr.set_defaults(run=key_revoke)
+
+    configs = commands.add_parser("configs", help="pipeline configs").add_subparsers(dest="cfg", required=True)
+    validate = configs.add_parser("validate", help="validate configs")
+    validate.add_argument("files", nargs="*")
+    validate.set_defaults(run=configs_validate)
+
+    q = commands.add_parser("query", help="run one SQL query against the warehouse")
+    q.add_argument("sql")
+    q.set_defaults(run=query)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = parser().parse_args(argv)
+    logs.configure("WARNING" if args.command not in ("dev", "serve") else "INFO")
+    try:
+        settings = load_settings()
+        command: Callable[[Settings, argparse.Namespace], Coroutine[None, None, None]] = args.run
+        asyncio.run(command(settings, args))
+    except ServiceError as exc:
+        _print({"error": exc.reason, "message": exc.message,
+                "violations": [{"field": v.field, "description": v.description}
+                               for v in getattr(exc, "violations", [])]})
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

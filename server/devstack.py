@@ -1,0 +1,101 @@
+"""Running the service: `serve` (the gRPC server alone) and `dev` (the whole local stack for `make run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+from server import app
+from server.localstack import emulator
+from server.localstack.envoy import Envoy
+from server.orgs import OrgRepository
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_ORG = "demo"
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve_until_signal(settings: Settings) -> None:
+    """Start the gRPC server and stop it gracefully on SIGINT/SIGTERM."""
+    service = await app.start(settings)
+    try:
+        await _wait_for_signal()
+    finally:
+        await service.stop()
+
+
+async def demo_key(orgs: OrgRepository, state: Path) -> dict[str, str]:
+    """The demo org's key: created on the first run and kept in the git-ignored state folder."""
+    path = state / "demo-org.json"
+    if await orgs.exists(DEMO_ORG):
+        await orgs.ensure_org_tables(DEMO_ORG)
+    if path.exists() and await orgs.exists(DEMO_ORG):
+        return dict(json.loads(path.read_text()))
+    if await orgs.exists(DEMO_ORG):
+        key = await orgs.create_key(DEMO_ORG)
+        dataset = orgs.dataset_of(DEMO_ORG)
+    else:
+        dataset, key = await orgs.create_org(DEMO_ORG, company_name="Demo Org")
+    demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key, "api_key_id": key.org_api_key_id}
+    state.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(demo))
+    path.chmod(0o600)
+    return demo
+
+
+def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
+    """What `make run` prints once everything is up."""
+    root = settings.ca_root_api_key.get_secret_value()
+    grpc_addr = f"{settings.grpc_host}:{settings.grpc_port}"
+    return f"""
+Pipeline Service is running (Ctrl-C stops everything)
+  gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
+  demo org {demo['org_slug']}   dataset {demo['dataset']}
+  API key  {demo['api_key']}
+
+Try:
+  export KEY={demo['api_key']} ROOT={root}
+  curl -s {rest}/api/v1/pipelines -H "X-API-Key: $KEY"
+  curl -s {rest}/api/v1/procedures -H "X-CA-Root-Key: $ROOT"
+  curl -s -X POST {rest}/api/v1/procedures/sync -H "X-CA-Root-Key: $ROOT" -d '{{}}'
+  curl -s -X POST "{rest}/api/v1/migrations/normalize_saas_plan_values/execute?dry_run=true&dataset={demo['dataset']}" \\
+       -H "X-CA-Root-Key: $ROOT"
+  .venv/bin/grpcurl -plaintext {grpc_addr} list
+  .venv/bin/grpcurl -plaintext -H "x-api-key: $KEY" {grpc_addr} cloudact.pipeline.v1.PipelineService/ListPipelines
+  .venv/bin/grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
+"""
+
+
+async def run_local_stack(settings: Settings) -> None:
+    """Emulator, gRPC server and Envoy in the foreground until SIGINT/SIGTERM; then stop all three."""
+    async with emulator.embedded(settings):
+        service = await app.start(settings)
+        envoy: Envoy | None = None
+        try:
+            results = await service.procedures.sync()
+            failed = [r.name for r in results if r.outcome == "failed"]
+            if failed:
+                log.warning("procedures failed to sync: %s", failed)
+            demo = await demo_key(service.orgs, settings.state_dir)
+            envoy = await asyncio.to_thread(
+                Envoy, grpc_port=service.port, rest_port=settings.envoy_port,
+                admin_port=settings.envoy_admin_port, work_dir=settings.state_dir / "envoy",
+            )
+            print(banner(settings, demo, envoy.rest_url), flush=True)
+            await _wait_for_signal()
+        finally:
+            if envoy is not None:
+                await asyncio.to_thread(envoy.stop)
+            await service.stop()
