@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc, procedure_service_pb2_grpc
 from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
-from server import meta
+from server import meta, metrics
 from server.api.interceptor import ServiceInterceptor
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
 from server.auth import Access, Authenticator, Policy
+from server.engine.manager import RunManager
+from server.engine.processor import ProcessorRegistry
+from server.engine.quotas import Quotas
+from server.engine.runner import StepRunner
+from server.ledger import Ledger
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
@@ -32,6 +38,11 @@ SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE)
 _ROOT = Policy(Access.ROOT)
 POLICIES: dict[str, Policy] = {
     f"/{PIPELINE_SERVICE}/ListPipelines": Policy(Access.ORG, "pipelines:read"),
+    f"/{PIPELINE_SERVICE}/GetPipelineRun": Policy(Access.ORG, "pipelines:read"),
+    f"/{PIPELINE_SERVICE}/ListPipelineRuns": Policy(Access.ORG, "pipelines:read"),
+    f"/{PIPELINE_SERVICE}/WatchPipelineRun": Policy(Access.ORG, "pipelines:read"),
+    f"/{PIPELINE_SERVICE}/RunPipeline": Policy(Access.ORG, "pipelines:run"),
+    f"/{PIPELINE_SERVICE}/CancelPipelineRun": Policy(Access.ORG, "pipelines:run"),
     **{f"/{PROCEDURE_SERVICE}/{m}": _ROOT for m in
        ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")},
 }
@@ -67,12 +78,14 @@ class Service:
     orgs: OrgRepository
     procedures: ProcedureManager
     catalog: PipelineCatalog
-    closers: list[object] = field(default_factory=list)
+    runs: RunManager
+    metrics_port: int = 0
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, drain in-flight calls, close adapters."""
+        """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, flush the ledger, close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
+        await self.runs.close()
         await self.warehouse.close()
 
 
@@ -80,7 +93,9 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
                 bootstrap: bool = True) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
     check_policies()
+    registry = ProcessorRegistry()
     catalog = PipelineCatalog.load(settings.configs_dir)
+    catalog.check_processors(registry)
     warehouse = warehouse or build_warehouse(settings)
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
@@ -90,11 +105,19 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
         root_key=settings.ca_root_api_key.get_secret_value(), lookup=orgs.find_by_key_hash,
         ttl=settings.auth_cache_ttl_seconds, failures_per_minute=settings.auth_failures_per_minute,
     )
+    runs = RunManager(
+        catalog=catalog,
+        runner=StepRunner(registry, global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
+                          per_run_limit=settings.max_parallel_steps_per_run),
+        ledger=Ledger(warehouse, settings.meta_dataset, interval=settings.ledger_flush_seconds),
+        quotas=Quotas(), warehouse=warehouse, meta_dataset=settings.meta_dataset,
+    )
+    await runs.start()
     server = aio.server(
         interceptors=[ServiceInterceptor(authenticator, POLICIES)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
-    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(catalog), server)
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(catalog, runs), server)
     procedure_service_pb2_grpc.add_ProcedureServiceServicer_to_server(ProcedureServicer(procedures), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -105,5 +128,7 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
     await server.start()
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port else 0
     log.info("gRPC server listening", extra={"fields": {"address": f"{settings.grpc_host}:{port}"}})
-    return Service(settings, warehouse, server, health_servicer, port, orgs, procedures, catalog)
+    return Service(settings, warehouse, server, health_servicer, port, orgs, procedures, catalog, runs,
+                   metrics_port)

@@ -30,9 +30,9 @@ from server.errors import ServiceError
 from server.localstack import emulator
 from server.orgs import DEFAULT_SCOPES, OrgRepository
 from server.pipelines.catalog import PipelineCatalog, load_config
-from server.procedures import json_value
 from server.settings import Settings, load_settings
 from server.warehouse.bigquery import BigQueryWarehouse
+from server.warehouse.rows import json_value
 
 
 @asynccontextmanager

@@ -6,14 +6,13 @@ A key is `ca_` plus 43 URL-safe random characters; only its SHA-256 hash is stor
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import asyncio
 from pathlib import Path
 
 from server.errors import AlreadyExistsError, FieldViolation, InvalidInputError, NotFoundError

@@ -13,7 +13,6 @@ this process.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import re
@@ -21,14 +20,14 @@ import string
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from server.errors import FieldViolation, InvalidInputError, NotFoundError, TerminalError
 from server.warehouse import sql
 from server.warehouse.bigquery import BigQueryWarehouse, RoutineInfo, Row
+from server.warehouse.rows import json_value
 
 MIGRATIONS = "migrations"
 
@@ -91,23 +90,6 @@ def read_files(folder: Path) -> list[ProcedureFile]:
             raise InvalidInputError(f"procedure {name} is defined twice", [FieldViolation(str(path), "duplicate")])
         files[name] = ProcedureFile(name, path.parent.name, path, path.read_text())
     return sorted(files.values(), key=lambda f: f.name)
-
-
-def json_value(value: Any) -> Any:
-    """A JSON-safe value that loses no digit: exact decimals, dates and big integers become strings."""
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):
-        return value if abs(value) < 2**53 else str(value)
-    if isinstance(value, Decimal | date | datetime | float):
-        return value.isoformat() if isinstance(value, date | datetime) else str(value)
-    if isinstance(value, list):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_value(v) for k, v in value.items()}
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    return str(value)
 
 
 class ProcedureManager:

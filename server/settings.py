@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     auth_cache_ttl_seconds: float = Field(10.0, description="How long a verified org key is trusted.")
     auth_failures_per_minute: int = Field(30, description="Failed auth attempts allowed per client.")
 
+    max_concurrent_steps: int = Field(32, description="Step attempts executing at once, over all runs.")
+    max_parallel_steps_per_run: int = Field(4, description="Independent steps of one run executing at once.")
+    ledger_flush_seconds: float = Field(0.5, description="How often buffered ledger rows are written.")
+    metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
+
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")
     schemas_dir: Path = Field(PROJECT_ROOT / "configs" / "schemas", description="Table schema files.")
     procedures_dir: Path = Field(PROJECT_ROOT / "procedures", description="Stored procedure sources.")

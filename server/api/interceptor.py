@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import unquote
 
 import grpc
@@ -64,7 +64,13 @@ def _client_of(metadata: Mapping[str, str], context: aio.ServicerContext[Any, An
     return hops[-1] if hops else _peer_address(context.peer())
 
 
-class ServiceInterceptor(aio.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; at runtime it is not subscriptable.
+    _ServerInterceptor: TypeAlias = aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = aio.ServerInterceptor
+
+
+class ServiceInterceptor(_ServerInterceptor):
     """Wraps each handler of the methods listed in `policies`; unknown methods are refused."""
 
     def __init__(self, authenticator: Authenticator, policies: Mapping[str, Policy]) -> None:

@@ -23,9 +23,11 @@ def decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        return str(data["after"])
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        after = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))["after"]
+        if not isinstance(after, str):
+            raise TypeError("the token's key is not a string")
+        return after
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
         raise InvalidInputError("invalid page token", [FieldViolation("page_token", "not a token from this API")],
                                 reason="INVALID_PAGE_TOKEN") from exc
 

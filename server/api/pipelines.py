@@ -1,15 +1,29 @@
-"""`PipelineService`: thin servicer over the pipeline catalog."""
+"""`PipelineService`: thin servicer over the pipeline catalog and the run manager."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
+from google.protobuf import timestamp_pb2
 from grpc import aio
 
-from cloudact.pipeline.v1 import pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
-from server.api.interceptor import org_principal
-from server.api.paging import paginate
+from cloudact.pipeline.v1 import (
+    pipeline_pb2,
+    pipeline_run_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+)
+from server.api.interceptor import org_principal, principal_name
+from server.api.paging import decode_token, encode_token, paginate
+from server.engine.manager import RunManager, RunRequest
+from server.engine.run import Event, Run
+from server.errors import FieldViolation, InvalidInputError
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
+
+MAX_WAIT_SECONDS = 600.0
+_RUN_STATES = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "TIMEOUT", "CANCELLING", "CANCELLED"}
 
 
 def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
@@ -24,11 +38,68 @@ def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
     )
 
 
-class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
-    """Lists (and, with the engine, runs) the pipelines of the calling org."""
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
 
-    def __init__(self, catalog: PipelineCatalog) -> None:
+
+def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.PipelineRun:
+    """The proto form of a run."""
+    return pipeline_run_pb2.PipelineRun(
+        run_id=run.run_id, org_slug=run.org_slug, provider=run.provider, domain=run.domain,
+        pipeline=run.pipeline, pipeline_id=run.pipeline_id,
+        state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{run.state}"),
+        trigger=pipeline_run_pb2.Trigger.Value(f"TRIGGER_{run.trigger}"), triggered_by=run.triggered_by,
+        parameters=run.parameters, create_time=_timestamp(run.create_time), start_time=_timestamp(run.start_time),
+        end_time=_timestamp(run.end_time), reason=run.reason, error=run.error, request_id=run.request_id,
+        steps=[
+            pipeline_run_pb2.StepRun(
+                step_id=s.step_id, ps_type=s.ps_type, state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{s.state}"),
+                attempts=s.attempts, duration_ms=s.duration_ms, rows_written=s.rows_written, error=s.error,
+                error_reason=s.error_reason, start_time=_timestamp(s.started_at), end_time=_timestamp(s.ended_at),
+            )
+            for s in run.steps.values()
+        ] if with_steps else [],
+    )
+
+
+def event_message(event: Event, run: Run) -> pipeline_run_pb2.RunEvent:
+    """The proto form of a watched event; run-level events carry the whole run."""
+    return pipeline_run_pb2.RunEvent(
+        run_id=run.run_id, time=_timestamp(event.at),
+        run_state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{event.run_state}"), step_id=event.step_id,
+        step_state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{event.step_state or 'UNSPECIFIED'}"),
+        attempt=event.attempt, error=event.error, run=None if event.step_id else run_message(run),
+    )
+
+
+def _state_filter(status: str) -> str:
+    state = status.upper().removeprefix("RUN_STATE_")
+    if state and state not in _RUN_STATES:
+        raise InvalidInputError("unknown run state", [FieldViolation("status", f"one of {sorted(_RUN_STATES)}")])
+    return state
+
+
+def _cursor(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    created, _, run_id = decode_token(token).partition("|")
+    try:
+        return datetime.fromisoformat(created), run_id
+    except ValueError as exc:
+        raise InvalidInputError("invalid page token", [FieldViolation("page_token", "not a token from this API")],
+                                reason="INVALID_PAGE_TOKEN") from exc
+
+
+class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    """Lists, runs, observes and cancels the pipelines of the calling org."""
+
+    def __init__(self, catalog: PipelineCatalog, runs: RunManager) -> None:
         self._catalog = catalog
+        self._runs = runs
 
     async def ListPipelines(
         self, request: pipeline_service_pb2.ListPipelinesRequest, context: aio.ServicerContext[Any, Any]
@@ -40,3 +111,50 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         return pipeline_service_pb2.ListPipelinesResponse(
             pipelines=[pipeline_message(c) for c in page], next_page_token=next_token, total_size=len(configs)
         )
+
+    async def RunPipeline(
+        self, request: pipeline_service_pb2.RunPipelineRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pipeline_service_pb2.RunPipelineResponse:
+        org = org_principal()
+        run = await self._runs.submit(org, RunRequest(
+            provider=request.provider, domain=request.domain, pipeline=request.pipeline, date=request.date,
+            start_date=request.start_date, end_date=request.end_date, parameters=dict(request.parameters),
+            force_refresh=request.force_refresh, request_id=request.request_id,
+        ), principal_name())
+        if request.wait:
+            remaining = context.time_remaining()
+            await self._runs.wait(run, min(MAX_WAIT_SECONDS, (remaining or MAX_WAIT_SECONDS) - 0.5))
+        return pipeline_service_pb2.RunPipelineResponse(run=run_message(run))
+
+    async def GetPipelineRun(
+        self, request: pipeline_service_pb2.GetPipelineRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pipeline_service_pb2.GetPipelineRunResponse:
+        run = await self._runs.get(org_principal().org_slug, request.run_id)
+        return pipeline_service_pb2.GetPipelineRunResponse(run=run_message(run))
+
+    async def ListPipelineRuns(
+        self, request: pipeline_service_pb2.ListPipelineRunsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pipeline_service_pb2.ListPipelineRunsResponse:
+        if request.page_size < 0:
+            raise InvalidInputError("page_size must not be negative", [FieldViolation("page_size", "negative")])
+        size = min(request.page_size or 50, 500)
+        runs = await self._runs.list(org_principal().org_slug, pipeline_key=request.pipeline,
+                                     state=_state_filter(request.status), before=_cursor(request.page_token),
+                                     limit=size + 1)
+        page = runs[:size]
+        token = encode_token(f"{page[-1].create_time.isoformat()}|{page[-1].run_id}") if len(runs) > size else ""
+        return pipeline_service_pb2.ListPipelineRunsResponse(
+            runs=[run_message(r, with_steps=False) for r in page], next_page_token=token
+        )
+
+    async def CancelPipelineRun(
+        self, request: pipeline_service_pb2.CancelPipelineRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pipeline_service_pb2.CancelPipelineRunResponse:
+        run = await self._runs.cancel(org_principal().org_slug, request.run_id)
+        return pipeline_service_pb2.CancelPipelineRunResponse(run=run_message(run))
+
+    async def WatchPipelineRun(
+        self, request: pipeline_service_pb2.WatchPipelineRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pipeline_service_pb2.WatchPipelineRunResponse]:
+        async for event, run in self._runs.watch(org_principal().org_slug, request.run_id):
+            yield pipeline_service_pb2.WatchPipelineRunResponse(event=event_message(event, run))

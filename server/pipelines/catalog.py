@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from server.engine.processor import ProcessorRegistry
 from server.errors import FieldViolation, InvalidInputError, NotFoundError
 from server.pipelines.spec import SEGMENT, PipelineSpec
 
@@ -66,6 +67,21 @@ class PipelineCatalog:
         """Load every `*.yml` three levels under `root` (skipping reserved folders); fail on the first error."""
         paths = [p for p in sorted(root.glob("*/*/*.yml")) if p.relative_to(root).parts[0] not in RESERVED]
         return cls([load_config(p, root) for p in paths])
+
+    def check_processors(self, registry: ProcessorRegistry) -> None:
+        """Every step's ps_type must name a processor whose `Config` accepts the step's config."""
+        for config in self._configs.values():
+            for index, step in enumerate(config.spec.steps):
+                try:
+                    registry.get(step.ps_type)
+                    registry.validate_config(step.ps_type, step.config)
+                except InvalidInputError as exc:
+                    rel = f"{config.key}.yml:steps.{index}"
+                    raise ConfigError(
+                        f"{rel}: {exc.message}: " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations),
+                        [FieldViolation(f"{rel}.{v.field}", v.description) for v in exc.violations],
+                        reason="INVALID_PIPELINE_CONFIG",
+                    ) from exc
 
     def all(self) -> list[PipelineConfig]:
         """Every config, ordered by provider, domain and pipeline."""

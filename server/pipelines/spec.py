@@ -1,8 +1,13 @@
 """The pipeline config schema: `configs/{provider}/{domain}/{pipeline}.yml`, validated with unknown keys
-rejected, so a typo fails at load time with the file and the field named."""
+rejected, so a typo fails at load time with the file and the field named.
+
+Step order: a step whose `depends_on` is omitted depends on the step listed before it (the first on
+nothing), `depends_on: []` means no dependency, and a list names its dependencies, earlier or later in
+the file. Unknown steps, self-dependencies and cycles are rejected."""
 
 from __future__ import annotations
 
+import graphlib
 import re
 from typing import Annotated, Any, Literal
 
@@ -75,6 +80,21 @@ class PipelineSpec(_Strict):
             seen.add(step.step_id)
         return steps
 
+    def dependencies(self) -> dict[str, tuple[str, ...]]:
+        """Each step's effective dependencies, in step order.
+
+        Returns:
+            `depends_on` when it is given (duplicates dropped), else the previous step (none for the
+            first step).
+        """
+        deps: dict[str, tuple[str, ...]] = {}
+        previous: tuple[str, ...] = ()
+        for step in self.steps:
+            explicit = step.depends_on
+            deps[step.step_id] = previous if explicit is None else tuple(dict.fromkeys(explicit))
+            previous = (step.step_id,)
+        return deps
+
     @model_validator(mode="after")
     def _known_dependencies(self) -> PipelineSpec:
         ids = {s.step_id for s in self.steps}
@@ -84,4 +104,10 @@ class PipelineSpec(_Strict):
                     raise ValueError(f"step {step.step_id!r} depends on unknown step {dep!r}")
                 if dep == step.step_id:
                     raise ValueError(f"step {step.step_id!r} depends on itself")
+        try:
+            graphlib.TopologicalSorter(self.dependencies()).prepare()
+        except graphlib.CycleError as exc:
+            # graphlib lists the cycle as "a is needed by b"; reversed it reads "a depends on b".
+            cycle: list[str] = list(reversed(exc.args[1]))
+            raise ValueError("dependency cycle: " + " -> ".join(cycle)) from None
         return self

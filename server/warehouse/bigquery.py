@@ -178,8 +178,9 @@ class BigQueryWarehouse:
         """Run one query (or script without parameters) and return its rows."""
         return (await self.query_job(statement, params)).rows
 
-    async def query_job(self, statement: str, params: Mapping[str, Any] | None = None) -> QueryResult:
-        """Run one query and return rows plus job statistics."""
+    async def query_job(self, statement: str, params: Mapping[str, Any] | None = None, *,
+                        timeout: float | None = None) -> QueryResult:
+        """Run one query and return rows plus job statistics (`timeout` bounds the job, default the setting's)."""
         config = bigquery.QueryJobConfig(
             query_parameters=[_parameter(k, v) for k, v in (params or {}).items()]
         )
@@ -187,16 +188,17 @@ class BigQueryWarehouse:
         def run() -> QueryResult:
             self.jobs_started += 1
             job = self._client.query(statement, job_config=config, retry=self._retry, job_retry=None)
-            rows = [dict(r.items()) for r in job.result(timeout=self._job_timeout)]
+            rows = [dict(r.items()) for r in job.result(timeout=timeout or self._job_timeout)]
             return QueryResult(rows, job.job_id or "", int(job.total_bytes_processed or 0),
                                int(job.num_dml_affected_rows or 0))
 
         return await self._run("query failed", run)
 
-    async def call_procedure(self, dataset: str, name: str, args: Sequence[Any]) -> QueryResult:
+    async def call_procedure(self, dataset: str, name: str, args: Sequence[Any], *,
+                             timeout: float | None = None) -> QueryResult:
         """`CALL dataset.name(args…)` and return the rows of the procedure's last SELECT."""
         statement = f"CALL {sql.routine(self.project, dataset, name)}({', '.join(map(sql.literal, args))})"
-        return await self.query_job(statement)
+        return await self.query_job(statement, timeout=timeout)
 
     async def ensure_dataset(self, dataset: str) -> None:
         """Create the dataset if it does not exist."""

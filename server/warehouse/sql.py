@@ -7,7 +7,7 @@ underscores) and then backtick-quoted, so no caller-provided text is ever splice
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -63,7 +63,7 @@ def literal(value: Any) -> str:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise InvalidInputError("TIMESTAMP argument needs a timezone", [FieldViolation("value", "naive")])
-        return f"TIMESTAMP '{value.astimezone(timezone.utc).isoformat()}'"
+        return f"TIMESTAMP '{value.astimezone(UTC).isoformat()}'"
     if isinstance(value, date):
         return f"DATE '{value.isoformat()}'"
     if isinstance(value, str):

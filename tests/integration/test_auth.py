@@ -40,6 +40,8 @@ DOMAIN = "cloudact.io"
 MIGRATION = "normalize_saas_plan_values"
 # A well-formed key (same shape as issued keys) that was never issued.
 UNKNOWN_KEY = "ca_" + "A" * 43
+# A channel option that keeps grpc from sharing the TCP connection of other channels to the same address.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 HTTP_OF = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -114,6 +116,16 @@ def list_procedures(
     stub: procedure_service_pb2_grpc.ProcedureServiceStub, metadata: tuple[tuple[str, str], ...]
 ) -> Awaitable[procedure_service_pb2.ListProceduresResponse]:
     return stub.ListProcedures(procedure_service_pb2.ListProceduresRequest(), metadata=metadata, timeout=30)
+
+
+async def assert_lists(
+    stub: pipeline_service_pb2_grpc.PipelineServiceStub, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    """The call succeeds and returns the test configs."""
+    response = await list_pipelines(stub, metadata)
+    names = [p.pipeline for p in response.pipelines]
+    assert {"monthly_cost", "daily_usage"} <= set(names)
+    assert response.total_size == len(names)
 
 
 # --- the failure table ---------------------------------------------------------------------------------
@@ -194,7 +206,7 @@ async def test_valid_credentials_pass(
     for org in (acme, globex):
         async with http.get("/api/v1/pipelines", headers=org.headers) as r:
             assert r.status == 200, await r.text()
-        assert len((await list_pipelines(pipelines, org.metadata)).pipelines) == 2
+        await assert_lists(pipelines, org.metadata)
     async with http.get("/api/v1/procedures", headers=ROOT_HEADERS) as r:
         assert r.status == 200, await r.text()
     await list_procedures(procedures, ROOT_METADATA)
@@ -218,7 +230,7 @@ async def test_revoked_key(
     headers, metadata = {"X-API-Key": key.api_key}, (("x-api-key", key.api_key),)
     async with http.get("/api/v1/pipelines", headers=headers) as r:
         assert r.status == 200, await r.text()
-    assert len((await list_pipelines(pipelines, metadata)).pipelines) == 2
+    await assert_lists(pipelines, metadata)
 
     await service.orgs.revoke_key(key.org_api_key_id)
     await asyncio.sleep(service.settings.auth_cache_ttl_seconds + 0.3)
@@ -227,7 +239,7 @@ async def test_revoked_key(
         await rest_error(r, 401, UNAUTH, "API_KEY_INVALID")
     await grpc_error(list_pipelines(pipelines, metadata), UNAUTH, "API_KEY_INVALID")
     # The org's other keys are untouched.
-    assert len((await list_pipelines(pipelines, acme.metadata)).pipelines) == 2
+    await assert_lists(pipelines, acme.metadata)
 
 
 async def test_expired_key(
@@ -246,7 +258,7 @@ async def test_expired_key(
 
     async with http.get("/api/v1/pipelines", headers={"X-API-Key": live.api_key}) as r:
         assert r.status == 200, await r.text()
-    assert len((await list_pipelines(pipelines, (("x-api-key", live.api_key),))).pipelines) == 2
+    await assert_lists(pipelines, (("x-api-key", live.api_key),))
 
 
 async def test_key_without_scope(
@@ -266,7 +278,7 @@ async def test_key_without_scope(
     assert "pipelines:read" in status.message
 
     reader = await service.orgs.create_key(globex.slug, scopes=("pipelines:read",))
-    assert len((await list_pipelines(pipelines, (("x-api-key", reader.api_key),))).pipelines) == 2
+    await assert_lists(pipelines, (("x-api-key", reader.api_key),))
 
 
 # --- throttling ----------------------------------------------------------------------------------------
@@ -285,7 +297,7 @@ async def test_throttle_after_failures_grpc(settings: Settings, acme: Org) -> No
     svc = await app.start(settings.model_copy(update={"auth_failures_per_minute": 3}))
     try:
         address = f"127.0.0.1:{svc.port}"
-        async with aio.insecure_channel(address) as channel:
+        async with aio.insecure_channel(address, options=OWN_CONNECTION) as channel:
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             # Refusals of valid credentials (PERMISSION_DENIED) are not failed authentications.
             for _ in range(5):
@@ -306,7 +318,7 @@ async def test_throttle_after_failures_grpc(settings: Settings, acme: Org) -> No
                 list_pipelines(stub, acme.metadata), grpc.StatusCode.RESOURCE_EXHAUSTED, "AUTH_THROTTLED"
             )
         # A new connection (new source port) is the same client.
-        async with aio.insecure_channel(address) as channel:
+        async with aio.insecure_channel(address, options=OWN_CONNECTION) as channel:
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             await grpc_error(
                 list_pipelines(stub, (("x-api-key", UNKNOWN_KEY),)),
@@ -363,13 +375,24 @@ async def test_unexpected_error_is_internal_without_python_details(
     await procedures.SyncProcedures(
         procedure_service_pb2.SyncProceduresRequest(names=[MIGRATION]), metadata=ROOT_METADATA, timeout=60
     )
+    deployed = await procedures.GetProcedure(
+        procedure_service_pb2.GetProcedureRequest(name=MIGRATION), metadata=ROOT_METADATA, timeout=30
+    )
+    assert deployed.procedure.checksum
     dataset = f"corrupt_{uuid.uuid4().hex[:8]}"
     await service.warehouse.ensure_dataset(dataset)
+    # An "earlier application" of the deployed version, so ExecuteMigration reads it instead of running.
     history = service.warehouse.table_ref(service.settings.meta_dataset, "migration_history")
     await service.warehouse.query(
         f"INSERT INTO {history} (execution_id, migration_name, dataset, checksum, dry_run, executed_by, "
-        "executed_at, result_rows) VALUES (@id, @n, @d, 'x', FALSE, 'test', @at, '{not json')",
-        {"id": uuid.uuid4().hex, "n": MIGRATION, "d": dataset, "at": datetime.now(UTC)},
+        "executed_at, result_rows) VALUES (@id, @n, @d, @c, FALSE, 'test', @at, '{not json')",
+        {
+            "id": uuid.uuid4().hex,
+            "n": MIGRATION,
+            "d": dataset,
+            "c": deployed.procedure.checksum,
+            "at": datetime.now(UTC),
+        },
     )
     request_id = f"test-{uuid.uuid4().hex}"
     request = procedure_service_pb2.ExecuteMigrationRequest(name=MIGRATION, dataset=dataset)

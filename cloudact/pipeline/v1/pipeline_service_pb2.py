@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from cloudact.pipeline.v1 import pipeline_pb2 as cloudact_dot_pipeline_dot_v1_dot_pipeline__pb2
+from cloudact.pipeline.v1 import pipeline_run_pb2 as cloudact_dot_pipeline_dot_v1_dot_pipeline__run__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cloudact/pipeline/v1/pipeline_service.proto\x12\x14\x63loudact.pipeline.v1\x1a#cloudact/pipeline/v1/pipeline.proto\x1a\x1cgoogle/api/annotations.proto\"O\n\x14ListPipelinesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\"w\n\x15ListPipelinesResponse\x12\x31\n\tpipelines\x18\x01 \x03(\x0b\x32\x1e.cloudact.pipeline.v1.Pipeline\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\x32\x97\x01\n\x0fPipelineService\x12\x83\x01\n\rListPipelines\x12*.cloudact.pipeline.v1.ListPipelinesRequest\x1a+.cloudact.pipeline.v1.ListPipelinesResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/v1/pipelinesB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+cloudact/pipeline/v1/pipeline_service.proto\x12\x14\x63loudact.pipeline.v1\x1a#cloudact/pipeline/v1/pipeline.proto\x1a\'cloudact/pipeline/v1/pipeline_run.proto\x1a\x1cgoogle/api/annotations.proto\"O\n\x14ListPipelinesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\"w\n\x15ListPipelinesResponse\x12\x31\n\tpipelines\x18\x01 \x03(\x0b\x32\x1e.cloudact.pipeline.v1.Pipeline\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"\xc8\x02\n\x12RunPipelineRequest\x12\x10\n\x08org_slug\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x05 \x01(\t\x12\x12\n\nstart_date\x18\x06 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x07 \x01(\t\x12L\n\nparameters\x18\x08 \x03(\x0b\x32\x38.cloudact.pipeline.v1.RunPipelineRequest.ParametersEntry\x12\x15\n\rforce_refresh\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0c\n\x04wait\x18\x0b \x01(\x08\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x13RunPipelineResponse\x12.\n\x03run\x18\x01 \x01(\x0b\x32!.cloudact.pipeline.v1.PipelineRun\"\'\n\x15GetPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x16GetPipelineRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b\x32!.cloudact.pipeline.v1.PipelineRun\"b\n\x17ListPipelineRunsRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"d\n\x18ListPipelineRunsResponse\x12/\n\x04runs\x18\x01 \x03(\x0b\x32!.cloudact.pipeline.v1.PipelineRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x18\x43\x61ncelPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"K\n\x19\x43\x61ncelPipelineRunResponse\x12.\n\x03run\x18\x01 \x01(\x0b\x32!.cloudact.pipeline.v1.PipelineRun\")\n\x17WatchPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"I\n\x18WatchPipelineRunResponse\x12-\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1e.cloudact.pipeline.v1.RunEvent2\xb9\x07\n\x0fPipelineService\x12\x83\x01\n\rListPipelines\x12*.cloudact.pipeline.v1.ListPipelinesRequest\x1a+.cloudact.pipeline.v1.ListPipelinesResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/v1/pipelines\x12\xae\x01\n\x0bRunPipeline\x12(.cloudact.pipeline.v1.RunPipelineRequest\x1a).cloudact.pipeline.v1.RunPipelineResponse\"J\x82\xd3\xe4\x93\x02\x44\"?/api/v1/pipelines/run/{org_slug}/{provider}/{domain}/{pipeline}:\x01*\x12\x94\x01\n\x0eGetPipelineRun\x12+.cloudact.pipeline.v1.GetPipelineRunRequest\x1a,.cloudact.pipeline.v1.GetPipelineRunResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/api/v1/pipelines/runs/{run_id}\x12\x91\x01\n\x10ListPipelineRuns\x12-.cloudact.pipeline.v1.ListPipelineRunsRequest\x1a..cloudact.pipeline.v1.ListPipelineRunsResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x16/api/v1/pipelines/runs\x12\x9d\x01\n\x11\x43\x61ncelPipelineRun\x12..cloudact.pipeline.v1.CancelPipelineRunRequest\x1a/.cloudact.pipeline.v1.CancelPipelineRunResponse\"\'\x82\xd3\xe4\x93\x02!*\x1f/api/v1/pipelines/runs/{run_id}\x12\xa3\x01\n\x10WatchPipelineRun\x12-.cloudact.pipeline.v1.WatchPipelineRunRequest\x1a..cloudact.pipeline.v1.WatchPipelineRunResponse\".\x82\xd3\xe4\x93\x02(\x12&/api/v1/pipelines/runs/{run_id}/events0\x01\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +35,46 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudact.pipeline.v1.pipeli
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
+  _globals['_RUNPIPELINEREQUEST_PARAMETERSENTRY']._loaded_options = None
+  _globals['_RUNPIPELINEREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_PIPELINESERVICE'].methods_by_name['ListPipelines']._loaded_options = None
   _globals['_PIPELINESERVICE'].methods_by_name['ListPipelines']._serialized_options = b'\202\323\344\223\002\023\022\021/api/v1/pipelines'
-  _globals['_LISTPIPELINESREQUEST']._serialized_start=136
-  _globals['_LISTPIPELINESREQUEST']._serialized_end=215
-  _globals['_LISTPIPELINESRESPONSE']._serialized_start=217
-  _globals['_LISTPIPELINESRESPONSE']._serialized_end=336
-  _globals['_PIPELINESERVICE']._serialized_start=339
-  _globals['_PIPELINESERVICE']._serialized_end=490
+  _globals['_PIPELINESERVICE'].methods_by_name['RunPipeline']._loaded_options = None
+  _globals['_PIPELINESERVICE'].methods_by_name['RunPipeline']._serialized_options = b'\202\323\344\223\002D\"?/api/v1/pipelines/run/{org_slug}/{provider}/{domain}/{pipeline}:\001*'
+  _globals['_PIPELINESERVICE'].methods_by_name['GetPipelineRun']._loaded_options = None
+  _globals['_PIPELINESERVICE'].methods_by_name['GetPipelineRun']._serialized_options = b'\202\323\344\223\002!\022\037/api/v1/pipelines/runs/{run_id}'
+  _globals['_PIPELINESERVICE'].methods_by_name['ListPipelineRuns']._loaded_options = None
+  _globals['_PIPELINESERVICE'].methods_by_name['ListPipelineRuns']._serialized_options = b'\202\323\344\223\002\030\022\026/api/v1/pipelines/runs'
+  _globals['_PIPELINESERVICE'].methods_by_name['CancelPipelineRun']._loaded_options = None
+  _globals['_PIPELINESERVICE'].methods_by_name['CancelPipelineRun']._serialized_options = b'\202\323\344\223\002!*\037/api/v1/pipelines/runs/{run_id}'
+  _globals['_PIPELINESERVICE'].methods_by_name['WatchPipelineRun']._loaded_options = None
+  _globals['_PIPELINESERVICE'].methods_by_name['WatchPipelineRun']._serialized_options = b'\202\323\344\223\002(\022&/api/v1/pipelines/runs/{run_id}/events'
+  _globals['_LISTPIPELINESREQUEST']._serialized_start=177
+  _globals['_LISTPIPELINESREQUEST']._serialized_end=256
+  _globals['_LISTPIPELINESRESPONSE']._serialized_start=258
+  _globals['_LISTPIPELINESRESPONSE']._serialized_end=377
+  _globals['_RUNPIPELINEREQUEST']._serialized_start=380
+  _globals['_RUNPIPELINEREQUEST']._serialized_end=708
+  _globals['_RUNPIPELINEREQUEST_PARAMETERSENTRY']._serialized_start=659
+  _globals['_RUNPIPELINEREQUEST_PARAMETERSENTRY']._serialized_end=708
+  _globals['_RUNPIPELINERESPONSE']._serialized_start=710
+  _globals['_RUNPIPELINERESPONSE']._serialized_end=779
+  _globals['_GETPIPELINERUNREQUEST']._serialized_start=781
+  _globals['_GETPIPELINERUNREQUEST']._serialized_end=820
+  _globals['_GETPIPELINERUNRESPONSE']._serialized_start=822
+  _globals['_GETPIPELINERUNRESPONSE']._serialized_end=894
+  _globals['_LISTPIPELINERUNSREQUEST']._serialized_start=896
+  _globals['_LISTPIPELINERUNSREQUEST']._serialized_end=994
+  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_start=996
+  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_end=1096
+  _globals['_CANCELPIPELINERUNREQUEST']._serialized_start=1098
+  _globals['_CANCELPIPELINERUNREQUEST']._serialized_end=1140
+  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_start=1142
+  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_end=1217
+  _globals['_WATCHPIPELINERUNREQUEST']._serialized_start=1219
+  _globals['_WATCHPIPELINERUNREQUEST']._serialized_end=1260
+  _globals['_WATCHPIPELINERUNRESPONSE']._serialized_start=1262
+  _globals['_WATCHPIPELINERUNRESPONSE']._serialized_end=1335
+  _globals['_PIPELINESERVICE']._serialized_start=1338
+  _globals['_PIPELINESERVICE']._serialized_end=2291
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from cloudact.pipeline.v1 import pipeline_pb2 as _pipeline_pb2
+from cloudact.pipeline.v1 import pipeline_run_pb2 as _pipeline_run_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -80,3 +81,311 @@ class ListPipelinesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPipelinesResponse: _TypeAlias = ListPipelinesResponse  # noqa: Y015
+
+@_typing.final
+class RunPipelineRequest(_message.Message):
+    """Request for `RunPipeline`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ORG_SLUG_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    FORCE_REFRESH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    org_slug: _builtins.str
+    """The org to run for; must be the org of the caller's API key."""
+    provider: _builtins.str
+    """Config path segment: provider (lowercase snake_case)."""
+    domain: _builtins.str
+    """Config path segment: domain (lowercase snake_case)."""
+    pipeline: _builtins.str
+    """Config path segment: pipeline (lowercase snake_case)."""
+    date: _builtins.str
+    """Run for this one day (YYYY-MM-DD, UTC); sets start_date and end_date."""
+    start_date: _builtins.str
+    """First day of the run window (YYYY-MM-DD, UTC); needs end_date."""
+    end_date: _builtins.str
+    """Last day of the run window, inclusive (YYYY-MM-DD, UTC); needs start_date."""
+    force_refresh: _builtins.bool
+    """Ask processors to reload data they would otherwise keep."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155): the same id from the same org returns the same run."""
+    wait: _builtins.bool
+    """Block until the run ends or the call's deadline (at most 10 minutes) passes."""
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra run parameters, overriding the config's defaults."""
+
+    def __init__(
+        self,
+        *,
+        org_slug: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        date: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        force_refresh: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "domain", b"domain", "end_date", b"end_date", "force_refresh", b"force_refresh", "org_slug", b"org_slug", "parameters", b"parameters", "pipeline", b"pipeline", "provider", b"provider", "request_id", b"request_id", "start_date", b"start_date", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPipelineRequest: _TypeAlias = RunPipelineRequest  # noqa: Y015
+
+@_typing.final
+class RunPipelineResponse(_message.Message):
+    """Response for `RunPipeline`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> _pipeline_run_pb2.PipelineRun:
+        """The run, as accepted (or as ended, with `wait`)."""
+
+    def __init__(
+        self,
+        *,
+        run: _pipeline_run_pb2.PipelineRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunPipelineResponse: _TypeAlias = RunPipelineResponse  # noqa: Y015
+
+@_typing.final
+class GetPipelineRunRequest(_message.Message):
+    """Request for `GetPipelineRun`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run id."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPipelineRunRequest: _TypeAlias = GetPipelineRunRequest  # noqa: Y015
+
+@_typing.final
+class GetPipelineRunResponse(_message.Message):
+    """Response for `GetPipelineRun`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> _pipeline_run_pb2.PipelineRun:
+        """The run with its steps."""
+
+    def __init__(
+        self,
+        *,
+        run: _pipeline_run_pb2.PipelineRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPipelineRunResponse: _TypeAlias = GetPipelineRunResponse  # noqa: Y015
+
+@_typing.final
+class ListPipelineRunsRequest(_message.Message):
+    """Request for `ListPipelineRuns` (AIP-158 paging)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    pipeline: _builtins.str
+    """Only runs of this pipeline, `provider/domain/pipeline`, when set."""
+    status: _builtins.str
+    """Only runs in this state (`FAILED` or `RUN_STATE_FAILED`), when set."""
+    page_size: _builtins.int
+    """Maximum number of runs to return; 0 means 50, values above 500 are capped."""
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call with the same filters."""
+    def __init__(
+        self,
+        *,
+        pipeline: _builtins.str = ...,
+        status: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "pipeline", b"pipeline", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelineRunsRequest: _TypeAlias = ListPipelineRunsRequest  # noqa: Y015
+
+@_typing.final
+class ListPipelineRunsResponse(_message.Message):
+    """Response for `ListPipelineRuns`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_pipeline_run_pb2.PipelineRun]:
+        """Runs of this page, newest first (without steps)."""
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[_pipeline_run_pb2.PipelineRun] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelineRunsResponse: _TypeAlias = ListPipelineRunsResponse  # noqa: Y015
+
+@_typing.final
+class CancelPipelineRunRequest(_message.Message):
+    """Request for `CancelPipelineRun`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run id."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelPipelineRunRequest: _TypeAlias = CancelPipelineRunRequest  # noqa: Y015
+
+@_typing.final
+class CancelPipelineRunResponse(_message.Message):
+    """Response for `CancelPipelineRun`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> _pipeline_run_pb2.PipelineRun:
+        """The run after cancellation was requested (CANCELLING, or already terminal)."""
+
+    def __init__(
+        self,
+        *,
+        run: _pipeline_run_pb2.PipelineRun | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelPipelineRunResponse: _TypeAlias = CancelPipelineRunResponse  # noqa: Y015
+
+@_typing.final
+class WatchPipelineRunRequest(_message.Message):
+    """Request for `WatchPipelineRun`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run id."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPipelineRunRequest: _TypeAlias = WatchPipelineRunRequest  # noqa: Y015
+
+@_typing.final
+class WatchPipelineRunResponse(_message.Message):
+    """One message of the `WatchPipelineRun` stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _pipeline_run_pb2.RunEvent:
+        """The event."""
+
+    def __init__(
+        self,
+        *,
+        event: _pipeline_run_pb2.RunEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchPipelineRunResponse: _TypeAlias = WatchPipelineRunResponse  # noqa: Y015

@@ -40,6 +40,31 @@ class PipelineServiceStub:
                 request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.SerializeToString,
                 response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.FromString,
                 _registered_method=True)
+        self.RunPipeline = channel.unary_unary(
+                '/cloudact.pipeline.v1.PipelineService/RunPipeline',
+                request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineRequest.SerializeToString,
+                response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineResponse.FromString,
+                _registered_method=True)
+        self.GetPipelineRun = channel.unary_unary(
+                '/cloudact.pipeline.v1.PipelineService/GetPipelineRun',
+                request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunRequest.SerializeToString,
+                response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunResponse.FromString,
+                _registered_method=True)
+        self.ListPipelineRuns = channel.unary_unary(
+                '/cloudact.pipeline.v1.PipelineService/ListPipelineRuns',
+                request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsRequest.SerializeToString,
+                response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsResponse.FromString,
+                _registered_method=True)
+        self.CancelPipelineRun = channel.unary_unary(
+                '/cloudact.pipeline.v1.PipelineService/CancelPipelineRun',
+                request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunRequest.SerializeToString,
+                response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunResponse.FromString,
+                _registered_method=True)
+        self.WatchPipelineRun = channel.unary_stream(
+                '/cloudact.pipeline.v1.PipelineService/WatchPipelineRun',
+                request_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunRequest.SerializeToString,
+                response_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunResponse.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -53,6 +78,42 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunPipeline(self, request, context):
+        """Starts a run of `configs/{provider}/{domain}/{pipeline}.yml` for the org. With `wait`, returns when the
+        run ends (or the deadline passes) instead of when it is accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPipelineRun(self, request, context):
+        """Returns one run of the caller's org with its steps. Runs of other orgs are NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPipelineRuns(self, request, context):
+        """Lists the runs of the caller's org, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelPipelineRun(self, request, context):
+        """Cancels an active run of the caller's org; its steps are stopped promptly, also mid-step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchPipelineRun(self, request, context):
+        """Streams the run's step and state events (past ones first) until the run ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +121,31 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.ListPipelines,
                     request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.FromString,
                     response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.SerializeToString,
+            ),
+            'RunPipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunPipeline,
+                    request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineRequest.FromString,
+                    response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineResponse.SerializeToString,
+            ),
+            'GetPipelineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipelineRun,
+                    request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunRequest.FromString,
+                    response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunResponse.SerializeToString,
+            ),
+            'ListPipelineRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelineRuns,
+                    request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsRequest.FromString,
+                    response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsResponse.SerializeToString,
+            ),
+            'CancelPipelineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelPipelineRun,
+                    request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunRequest.FromString,
+                    response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunResponse.SerializeToString,
+            ),
+            'WatchPipelineRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPipelineRun,
+                    request_deserializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunRequest.FromString,
+                    response_serializer=cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +176,141 @@ class PipelineService:
             '/cloudact.pipeline.v1.PipelineService/ListPipelines',
             cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.SerializeToString,
             cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudact.pipeline.v1.PipelineService/RunPipeline',
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineRequest.SerializeToString,
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.RunPipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudact.pipeline.v1.PipelineService/GetPipelineRun',
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunRequest.SerializeToString,
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.GetPipelineRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelineRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudact.pipeline.v1.PipelineService/ListPipelineRuns',
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsRequest.SerializeToString,
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.ListPipelineRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudact.pipeline.v1.PipelineService/CancelPipelineRun',
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunRequest.SerializeToString,
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.CancelPipelineRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cloudact.pipeline.v1.PipelineService/WatchPipelineRun',
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunRequest.SerializeToString,
+            cloudact_dot_pipeline_dot_v1_dot_pipeline__service__pb2.WatchPipelineRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,18 @@ class PipelineServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PipelineServiceAsyncStub: ...
     ListPipelines: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelinesRequest, _pipeline_service_pb2.ListPipelinesResponse]
     """Lists the pipeline configs the caller's org may run, ordered by provider, domain and pipeline."""
+    RunPipeline: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.RunPipelineRequest, _pipeline_service_pb2.RunPipelineResponse]
+    """Starts a run of `configs/{provider}/{domain}/{pipeline}.yml` for the org. With `wait`, returns when the
+    run ends (or the deadline passes) instead of when it is accepted.
+    """
+    GetPipelineRun: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.GetPipelineRunRequest, _pipeline_service_pb2.GetPipelineRunResponse]
+    """Returns one run of the caller's org with its steps. Runs of other orgs are NOT_FOUND."""
+    ListPipelineRuns: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelineRunsRequest, _pipeline_service_pb2.ListPipelineRunsResponse]
+    """Lists the runs of the caller's org, newest first."""
+    CancelPipelineRun: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.CancelPipelineRunRequest, _pipeline_service_pb2.CancelPipelineRunResponse]
+    """Cancels an active run of the caller's org; its steps are stopped promptly, also mid-step."""
+    WatchPipelineRun: _grpc.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchPipelineRunRequest, _pipeline_service_pb2.WatchPipelineRunResponse]
+    """Streams the run's step and state events (past ones first) until the run ends."""
 
 @_typing.type_check_only
 class PipelineServiceAsyncStub(PipelineServiceStub):
@@ -43,6 +55,18 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListPipelines: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelinesRequest, _pipeline_service_pb2.ListPipelinesResponse]  # type: ignore[assignment]
     """Lists the pipeline configs the caller's org may run, ordered by provider, domain and pipeline."""
+    RunPipeline: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.RunPipelineRequest, _pipeline_service_pb2.RunPipelineResponse]  # type: ignore[assignment]
+    """Starts a run of `configs/{provider}/{domain}/{pipeline}.yml` for the org. With `wait`, returns when the
+    run ends (or the deadline passes) instead of when it is accepted.
+    """
+    GetPipelineRun: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.GetPipelineRunRequest, _pipeline_service_pb2.GetPipelineRunResponse]  # type: ignore[assignment]
+    """Returns one run of the caller's org with its steps. Runs of other orgs are NOT_FOUND."""
+    ListPipelineRuns: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelineRunsRequest, _pipeline_service_pb2.ListPipelineRunsResponse]  # type: ignore[assignment]
+    """Lists the runs of the caller's org, newest first."""
+    CancelPipelineRun: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.CancelPipelineRunRequest, _pipeline_service_pb2.CancelPipelineRunResponse]  # type: ignore[assignment]
+    """Cancels an active run of the caller's org; its steps are stopped promptly, also mid-step."""
+    WatchPipelineRun: _aio.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchPipelineRunRequest, _pipeline_service_pb2.WatchPipelineRunResponse]  # type: ignore[assignment]
+    """Streams the run's step and state events (past ones first) until the run ends."""
 
 class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs and describes the pipelines of one org. Every call needs an org API key (`X-API-Key`)."""
@@ -54,5 +78,47 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pipeline_service_pb2.ListPipelinesResponse, _abc.Awaitable[_pipeline_service_pb2.ListPipelinesResponse]]:
         """Lists the pipeline configs the caller's org may run, ordered by provider, domain and pipeline."""
+
+    @_abc_1.abstractmethod
+    def RunPipeline(
+        self,
+        request: _pipeline_service_pb2.RunPipelineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.RunPipelineResponse, _abc.Awaitable[_pipeline_service_pb2.RunPipelineResponse]]:
+        """Starts a run of `configs/{provider}/{domain}/{pipeline}.yml` for the org. With `wait`, returns when the
+        run ends (or the deadline passes) instead of when it is accepted.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPipelineRun(
+        self,
+        request: _pipeline_service_pb2.GetPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.GetPipelineRunResponse, _abc.Awaitable[_pipeline_service_pb2.GetPipelineRunResponse]]:
+        """Returns one run of the caller's org with its steps. Runs of other orgs are NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ListPipelineRuns(
+        self,
+        request: _pipeline_service_pb2.ListPipelineRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.ListPipelineRunsResponse, _abc.Awaitable[_pipeline_service_pb2.ListPipelineRunsResponse]]:
+        """Lists the runs of the caller's org, newest first."""
+
+    @_abc_1.abstractmethod
+    def CancelPipelineRun(
+        self,
+        request: _pipeline_service_pb2.CancelPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.CancelPipelineRunResponse, _abc.Awaitable[_pipeline_service_pb2.CancelPipelineRunResponse]]:
+        """Cancels an active run of the caller's org; its steps are stopped promptly, also mid-step."""
+
+    @_abc_1.abstractmethod
+    def WatchPipelineRun(
+        self,
+        request: _pipeline_service_pb2.WatchPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pipeline_service_pb2.WatchPipelineRunResponse], _abc.AsyncIterator[_pipeline_service_pb2.WatchPipelineRunResponse]]:
+        """Streams the run's step and state events (past ones first) until the run ends."""
 
 def add_PipelineServiceServicer_to_server(servicer: PipelineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

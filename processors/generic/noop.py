@@ -1,0 +1,54 @@
+"""`generic.noop`: does no work; optionally waits, then returns the outputs it was given.
+
+Useful as a barrier or placeholder step, and to measure the engine's own overhead.
+
+```yaml
+- step_id: settle
+  ps_type: generic.noop
+  config:
+    sleep_seconds: 2          # optional; cancellable
+    outputs: {window: "{{ start_date }}"}
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.engine.processor import StepContext
+from server.errors import FieldViolation, InvalidInputError
+
+
+class Config(BaseModel):
+    """The step's config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sleep_seconds: float | str = Field(0.0)
+    outputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Noop:
+    """Waits, then succeeds."""
+
+    Config = Config
+
+    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
+        """Sleep `sleep_seconds`, then return SUCCESS with `outputs`."""
+        try:
+            config = Config.model_validate(step_config)
+            seconds = float(config.sleep_seconds)
+        except (ValidationError, ValueError) as exc:
+            raise InvalidInputError("invalid noop config", [FieldViolation("config", str(exc))],
+                                    reason="INVALID_STEP_CONFIG") from exc
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        return {"status": "SUCCESS", **config.outputs}
+
+
+def get_engine() -> Noop:
+    """The processor object the engine calls."""
+    return Noop()
