@@ -109,7 +109,11 @@ class ProcedureManager:
         return read_files(self._folder)
 
     def _render(self, file: ProcedureFile) -> str:
-        body = string.Template(file.source).substitute(project=self._wh.project, dataset=self._dataset)
+        try:
+            body = string.Template(file.source).substitute(project=self._wh.project, dataset=self._dataset)
+        except (KeyError, ValueError) as exc:
+            raise TerminalError(f"{file.path.name}: only ${{project}} and ${{dataset}} may follow a $ ({exc})",
+                                reason="PROCEDURE_TEMPLATE_INVALID") from exc
         declared = re.search(r"CREATE\s+OR\s+REPLACE\s+PROCEDURE\s+`?[\w.-]+\.(\w+)`?\s*\(", body, re.I)
         if declared is None or declared.group(1) != file.name:
             raise TerminalError(f"{file.path.name} must CREATE OR REPLACE PROCEDURE ${{project}}.${{dataset}}."
@@ -133,8 +137,15 @@ class ProcedureManager:
         chosen = [f for f in files if (not names or f.name in names) and (not domain or f.domain == domain)]
         deployed = {r.name for r in await self._wh.list_routines(self._dataset)}
         recorded = await self._checksums()
-        results = [await self._sync_one(f, f.name in deployed, recorded.get(f.name), force) for f in chosen]
-        done = [r for r in results if r.outcome in ("created", "updated")]
+        results: list[SyncResult] = []
+        try:
+            for file in chosen:
+                results.append(await self._sync_one(file, file.name in deployed, recorded.get(file.name), force))
+        finally:  # record what was deployed even if a transient error stops the sync half-way
+            await self._record_synced([r for r in results if r.outcome in ("created", "updated")])
+        return results
+
+    async def _record_synced(self, done: list[SyncResult]) -> None:
         if done:
             await self._wh.query(f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name IN UNNEST(@n)",
                                  {"n": [r.name for r in done]})
@@ -143,7 +154,6 @@ class ProcedureManager:
                 {"procedure_name": r.name, "domain": r.domain, "checksum": r.checksum, "synced_at": now}
                 for r in done
             ])
-        return results
 
     async def _sync_one(self, file: ProcedureFile, exists: bool, recorded: str | None, force: bool) -> SyncResult:
         if exists and recorded == file.checksum and not force:

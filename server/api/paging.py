@@ -1,4 +1,5 @@
-"""AIP-158 paging over name-ordered lists with opaque, tamper-evident tokens."""
+"""AIP-158 paging over name-ordered lists with opaque tokens (base64 JSON cursors;
+a forged token can only move the cursor within the caller's own list)."""
 
 from __future__ import annotations
 

@@ -55,10 +55,16 @@ def literal(value: Any) -> str:
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
     if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidInputError("INT64 argument out of range", [FieldViolation("value", "outside INT64")])
         return f"CAST({value} AS INT64)"
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise InvalidInputError("NUMERIC argument must be finite", [FieldViolation("value", "not finite")])
+        exponent = value.normalize().as_tuple().exponent
+        if value and (value.adjusted() >= 29 or (isinstance(exponent, int) and exponent < -9)):
+            raise InvalidInputError("NUMERIC argument needs at most 29 integer digits and 9 decimals",
+                                    [FieldViolation("value", "outside NUMERIC(38, 9)")])
         return f"CAST('{value:f}' AS NUMERIC(38, 9))"
     if isinstance(value, datetime):
         if value.tzinfo is None:

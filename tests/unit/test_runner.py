@@ -620,12 +620,19 @@ async def test_cancelling_the_run_cancels_steps_promptly() -> None:
 async def test_cancelling_one_run_leaves_another_completing() -> None:
     h = Harness(global_limit=asyncio.Semaphore(2))
     doomed_events: list[StepEvent] = []
+    doomed_running = asyncio.Event()
+
+    def on_doomed_event(event: StepEvent) -> None:
+        doomed_events.append(event)
+        if event.state == "RUNNING":
+            doomed_running.set()
+
     doomed = asyncio.create_task(
         h.runner.run(
             pipeline(step("slow", "test.slow"), step("never")),
             prepare=default_prepare,
             make_context=make_context,
-            on_event=doomed_events.append,
+            on_event=on_doomed_event,
         )
     )
     survivor = asyncio.create_task(
@@ -633,8 +640,7 @@ async def test_cancelling_one_run_leaves_another_completing() -> None:
             pipeline(*(step(f"s{i}", config={"sleep": 0.02}) for i in range(3)), step("tail", depends_on=[]))
         )
     )
-    while not h.slow.started:
-        await asyncio.sleep(0.005)
+    await wait_for(doomed_running)
 
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
