@@ -6,6 +6,7 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service org create SLUG             create an org and print its first API key as JSON
     pipeline-service org keys create SLUG        issue another key
     pipeline-service org keys revoke KEY_ID      revoke a key
+    pipeline-service saas import ORG FILE        load SaaS plans from CSV or JSON lines (all or nothing)
     pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given)
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
 
@@ -24,9 +25,9 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from server import devstack, logs, meta
+from server import devstack, logs, meta, saas
 from server.app import build_warehouse
-from server.errors import ServiceError
+from server.errors import NotFoundError, ServiceError
 from server.localstack import emulator
 from server.orgs import DEFAULT_SCOPES, OrgRepository
 from server.pipelines.catalog import PipelineCatalog, load_config
@@ -75,6 +76,17 @@ async def key_revoke(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
         await OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir).revoke_key(args.key_id)
     _print({"revoked": args.key_id, "effective_within_seconds": settings.auth_cache_ttl_seconds})
+
+
+async def saas_import(settings: Settings, args: argparse.Namespace) -> None:
+    plans = saas.parse_plans(Path(args.file))
+    async with warehouse_for(settings) as wh:
+        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        if not await orgs.exists(args.org):
+            raise NotFoundError(f"org {args.org!r} not found", reason="ORG_NOT_FOUND")
+        dataset = await orgs.ensure_org_tables(args.org)
+        loaded = await saas.import_plans(wh, dataset, plans)
+    _print({"org_slug": args.org, "dataset": dataset, "plans_loaded": loaded})
 
 
 async def configs_validate(settings: Settings, args: argparse.Namespace) -> None:
@@ -129,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
     validate = configs.add_parser("validate", help="validate configs")
     validate.add_argument("files", nargs="*")
     validate.set_defaults(run=configs_validate)
+
+    saas_cmd = commands.add_parser("saas", help="SaaS subscription plans").add_subparsers(dest="saas", required=True)
+    imp = saas_cmd.add_parser("import", help="load plans from CSV or JSON lines (all or nothing)")
+    imp.add_argument("org")
+    imp.add_argument("file")
+    imp.set_defaults(run=saas_import)
 
     q = commands.add_parser("query", help="run one SQL query against the warehouse")
     q.add_argument("sql")

@@ -8,7 +8,9 @@ import logging
 import signal
 from pathlib import Path
 
-from server import app
+from datetime import UTC, datetime
+
+from server import app, saas
 from server.localstack import emulator
 from server.localstack.envoy import Envoy
 from server.orgs import OrgRepository
@@ -36,19 +38,24 @@ async def serve_until_signal(settings: Settings) -> None:
         await service.stop()
 
 
-async def demo_key(orgs: OrgRepository, state: Path) -> dict[str, str]:
-    """The demo org's key: created on the first run and kept in the git-ignored state folder."""
+async def demo_org(orgs: OrgRepository, state: Path) -> dict[str, str]:
+    """The demo org, its key and its SaaS plans: created on the first run; the key is kept in the
+    git-ignored state folder so later runs can print it again."""
     path = state / "demo-org.json"
     if await orgs.exists(DEMO_ORG):
-        await orgs.ensure_org_tables(DEMO_ORG)
-    if path.exists() and await orgs.exists(DEMO_ORG):
-        return dict(json.loads(path.read_text()))
-    if await orgs.exists(DEMO_ORG):
-        key = await orgs.create_key(DEMO_ORG)
-        dataset = orgs.dataset_of(DEMO_ORG)
+        dataset = await orgs.ensure_org_tables(DEMO_ORG)
+        if path.exists():
+            demo: dict[str, str] = json.loads(path.read_text())
+        else:
+            key = await orgs.create_key(DEMO_ORG)
+            demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key,
+                    "api_key_id": key.org_api_key_id}
     else:
         dataset, key = await orgs.create_org(DEMO_ORG, company_name="Demo Org")
-    demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key, "api_key_id": key.org_api_key_id}
+        demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key, "api_key_id": key.org_api_key_id}
+    plans = orgs.warehouse.table_ref(dataset, saas.PLANS_TABLE)
+    if not (await orgs.warehouse.query(f"SELECT COUNT(*) AS n FROM {plans}"))[0]["n"]:
+        await saas.import_plans(orgs.warehouse, dataset, saas.demo_plans(datetime.now(UTC).date()))
     state.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(demo))
     path.chmod(0o600)
@@ -88,7 +95,7 @@ async def run_local_stack(settings: Settings) -> None:
             failed = [r.name for r in results if r.outcome == "failed"]
             if failed:
                 log.warning("procedures failed to sync: %s", failed)
-            demo = await demo_key(service.orgs, settings.state_dir)
+            demo = await demo_org(service.orgs, settings.state_dir)
             envoy = await asyncio.to_thread(
                 Envoy, grpc_port=service.port, rest_port=settings.envoy_port,
                 admin_port=settings.envoy_admin_port, work_dir=settings.state_dir / "envoy",

@@ -92,6 +92,11 @@ class OrgRepository:
         await asyncio.gather(*(self._wh.ensure_table(dataset, s) for s in self._org_schemas))
         return dataset
 
+    @property
+    def warehouse(self) -> BigQueryWarehouse:
+        """The warehouse the repository writes to."""
+        return self._wh
+
     def _t(self, table: str) -> str:
         return self._wh.table_ref(self._meta, table)
 
