@@ -52,6 +52,7 @@ class CellResult:
     p99_ms: float
     mean_ms: float
     timed_out: bool
+    warmup_ok: int = 0
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -149,7 +150,8 @@ async def measure(cell: Cell) -> CellResult:
 
     async def body(call: Call) -> CellResult:
         deadline = time.perf_counter() + cell.deadline_seconds
-        await _drive(call, concurrency=cell.concurrency, start=0, count=cell.warmup, deadline=deadline)
+        warm, _, _, _ = await _drive(call, concurrency=cell.concurrency, start=0, count=cell.warmup,
+                                     deadline=deadline)
         latencies, errors, seconds, timed_out = await _drive(
             call, concurrency=cell.concurrency, start=cell.warmup, count=cell.count, deadline=deadline)
         latencies.sort()
@@ -158,7 +160,7 @@ async def measure(cell: Cell) -> CellResult:
             name=cell.name, concurrency=cell.concurrency, calls=done, errors=len(errors), seconds=seconds,
             calls_per_second=done / seconds if seconds > 0 else 0.0, p50_ms=percentile(latencies, 50),
             p99_ms=percentile(latencies, 99), mean_ms=sum(latencies) / done if done else 0.0,
-            timed_out=timed_out, error_samples=sorted(set(errors))[:3],
+            timed_out=timed_out, warmup_ok=len(warm), error_samples=sorted(set(errors))[:3],
         )
 
     runner = _with_grpc if cell.transport == "grpc" else _with_rest

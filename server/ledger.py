@@ -113,9 +113,13 @@ class Ledger:
             try:
                 # Events first: a run row must never exist without its transitions.
                 await self._wh.load_rows(self._dataset, EVENTS, events)
-                await self._wh.load_rows(self._dataset, RUNS, runs)
             except Exception:
                 self._runs[:0], self._events[:0] = runs, events
+                raise
+            try:
+                await self._wh.load_rows(self._dataset, RUNS, runs)
+            except Exception:
+                self._runs[:0] = runs  # the events are written; only the run rows are retried
                 raise
 
     async def _loop(self) -> None:
