@@ -40,7 +40,9 @@ class EchoServer:
         server = aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
         )
-        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(EchoPipelineServicer(response), server)
+        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+            EchoPipelineServicer(response), server
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return cls(server, port)

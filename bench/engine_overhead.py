@@ -59,17 +59,34 @@ class Overhead:
 
 
 def _context(service: app.Service, org_slug: str, step_id: str) -> StepContext:
-    identity = RunIdentity("bench" + "0" * 27, org_slug, f"{org_slug}_local", f"bench_steps{STEPS}",
-                           f"{PROVIDER}/{DOMAIN}/{PIPELINE}")
-    return StepContext(run=identity, step_id=step_id, attempt=1, parameters={}, steps={},
-                       warehouse=service.warehouse, meta_dataset=service.settings.meta_dataset,
-                       log=logging.LoggerAdapter(logging.getLogger("processors.generic.noop"), {}))
+    identity = RunIdentity(
+        "bench" + "0" * 27,
+        org_slug,
+        f"{org_slug}_local",
+        f"bench_steps{STEPS}",
+        f"{PROVIDER}/{DOMAIN}/{PIPELINE}",
+    )
+    return StepContext(
+        run=identity,
+        step_id=step_id,
+        attempt=1,
+        parameters={},
+        steps={},
+        warehouse=service.warehouse,
+        meta_dataset=service.settings.meta_dataset,
+        log=logging.LoggerAdapter(logging.getLogger("processors.generic.noop"), {}),
+    )
 
 
-async def _rpc_once(stub: pipeline_service_pb2_grpc.PipelineServiceStub, org_slug: str, api_key: str, n: int
-                    ) -> tuple[float, float, str]:
+async def _rpc_once(
+    stub: pipeline_service_pb2_grpc.PipelineServiceStub, org_slug: str, api_key: str, n: int
+) -> tuple[float, float, str]:
     request = pipeline_service_pb2.RunPipelineRequest(
-        org_slug=org_slug, provider=PROVIDER, domain=DOMAIN, pipeline=PIPELINE, parameters={"i": f"eng-{n}"},
+        org_slug=org_slug,
+        provider=PROVIDER,
+        domain=DOMAIN,
+        pipeline=PIPELINE,
+        parameters={"i": f"eng-{n}"},
         wait=True,
     )
     began = time.perf_counter()
@@ -123,13 +140,19 @@ async def measure(service: app.Service, org_slug: str, api_key: str, repeats: in
             if n:
                 walls.append(wall)
                 servers.append(server)
-    runner = StepRunner(ProcessorRegistry(), global_limit=asyncio.Semaphore(service.settings.max_concurrent_steps),
-                        per_run_limit=service.settings.max_parallel_steps_per_run)
+    runner = StepRunner(
+        ProcessorRegistry(),
+        global_limit=asyncio.Semaphore(service.settings.max_concurrent_steps),
+        per_run_limit=service.settings.max_parallel_steps_per_run,
+    )
     runner_times = [await _runner_once(runner, service, org_slug) for _ in range(repeats + 1)][1:]
     floors = [await _floor_once(service, org_slug) for _ in range(repeats + 1)][1:]
     return Overhead(
-        repeats=repeats, rpc_wall_ms=statistics.median(walls) * per_step,
-        rpc_server_ms=statistics.median(servers) * per_step, best_rpc_wall_ms=min(walls) * per_step,
-        runner_ms=statistics.median(runner_times) * per_step, floor_ms=statistics.median(floors) * per_step,
+        repeats=repeats,
+        rpc_wall_ms=statistics.median(walls) * per_step,
+        rpc_server_ms=statistics.median(servers) * per_step,
+        best_rpc_wall_ms=min(walls) * per_step,
+        runner_ms=statistics.median(runner_times) * per_step,
+        floor_ms=statistics.median(floors) * per_step,
         states=states,
     )

@@ -31,8 +31,16 @@ class JobsPerRun:
     max_total: int
 
 
-async def measure(service: app.Service, org_slug: str, api_key: str, *, label: str, pipeline: tuple[str, str, str],
-                  runs: int = 5, request_id: bool = False) -> JobsPerRun:
+async def measure(
+    service: app.Service,
+    org_slug: str,
+    api_key: str,
+    *,
+    label: str,
+    pipeline: tuple[str, str, str],
+    runs: int = 5,
+    request_id: bool = False,
+) -> JobsPerRun:
     """`runs` isolated runs of `pipeline` (provider, domain, pipeline)."""
     provider, domain, name = pipeline
     wh = service.warehouse
@@ -44,8 +52,12 @@ async def measure(service: app.Service, org_slug: str, api_key: str, *, label: s
             await drain(service)
             before = wh.jobs_started
             request = pipeline_service_pb2.RunPipelineRequest(
-                org_slug=org_slug, provider=provider, domain=domain, pipeline=name,
-                parameters={"i": f"jobs-{uuid.uuid4().hex}"}, wait=True,
+                org_slug=org_slug,
+                provider=provider,
+                domain=domain,
+                pipeline=name,
+                parameters={"i": f"jobs-{uuid.uuid4().hex}"},
+                wait=True,
                 request_id=uuid.uuid4().hex if request_id else "",
             )
             await stub.RunPipeline(request, metadata=(("x-api-key", api_key),), timeout=120)
@@ -54,5 +66,11 @@ async def measure(service: app.Service, org_slug: str, api_key: str, *, label: s
             calls.append(during - before)
             ledgers.append(wh.jobs_started - during)
     totals = [c + ledger for c, ledger in zip(calls, ledgers, strict=True)]
-    return JobsPerRun(label, runs, statistics.median(calls), statistics.median(ledgers), statistics.median(totals),
-                      max(totals))
+    return JobsPerRun(
+        label,
+        runs,
+        statistics.median(calls),
+        statistics.median(ledgers),
+        statistics.median(totals),
+        max(totals),
+    )

@@ -67,8 +67,9 @@ def percentile(ordered: list[float], p: float) -> float:
 Call = Callable[[int], Awaitable[str | None]]  # returns an error text, or None on success
 
 
-async def _drive(call: Call, *, concurrency: int, start: int, count: int, deadline: float
-                 ) -> tuple[list[float], list[str], float, bool]:
+async def _drive(
+    call: Call, *, concurrency: int, start: int, count: int, deadline: float
+) -> tuple[list[float], list[str], float, bool]:
     """`count` calls numbered from `start`, `concurrency` at a time, stopping early at `deadline`."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -113,13 +114,16 @@ async def _with_grpc(cell: Cell, body: Callable[[Call], Awaitable[CellResult]]) 
 
         async def call(n: int) -> str | None:
             request = pipeline_service_pb2.RunPipelineRequest(
-                org_slug=cell.org_slug, provider=cell.provider, domain=cell.domain, pipeline=cell.pipeline,
+                org_slug=cell.org_slug,
+                provider=cell.provider,
+                domain=cell.domain,
+                pipeline=cell.pipeline,
                 parameters={"i": f"{cell.name}-{n}"},
             )
             try:
                 response = await stub.RunPipeline(request, metadata=metadata, timeout=30)
             except grpc.RpcError as exc:
-                return f"{exc.code().name}: {exc.details()}"[:300]  # type: ignore[attr-defined]
+                return f"{exc.code().name}: {exc.details()}"[:300]
             return None if response.run.run_id else "empty run_id"
 
         return await body(call)
@@ -150,17 +154,27 @@ async def measure(cell: Cell) -> CellResult:
 
     async def body(call: Call) -> CellResult:
         deadline = time.perf_counter() + cell.deadline_seconds
-        warm, _, _, _ = await _drive(call, concurrency=cell.concurrency, start=0, count=cell.warmup,
-                                     deadline=deadline)
+        warm, _, _, _ = await _drive(
+            call, concurrency=cell.concurrency, start=0, count=cell.warmup, deadline=deadline
+        )
         latencies, errors, seconds, timed_out = await _drive(
-            call, concurrency=cell.concurrency, start=cell.warmup, count=cell.count, deadline=deadline)
+            call, concurrency=cell.concurrency, start=cell.warmup, count=cell.count, deadline=deadline
+        )
         latencies.sort()
         done = len(latencies)
         return CellResult(
-            name=cell.name, concurrency=cell.concurrency, calls=done, errors=len(errors), seconds=seconds,
-            calls_per_second=done / seconds if seconds > 0 else 0.0, p50_ms=percentile(latencies, 50),
-            p99_ms=percentile(latencies, 99), mean_ms=sum(latencies) / done if done else 0.0,
-            timed_out=timed_out, warmup_ok=len(warm), error_samples=sorted(set(errors))[:3],
+            name=cell.name,
+            concurrency=cell.concurrency,
+            calls=done,
+            errors=len(errors),
+            seconds=seconds,
+            calls_per_second=done / seconds if seconds > 0 else 0.0,
+            p50_ms=percentile(latencies, 50),
+            p99_ms=percentile(latencies, 99),
+            mean_ms=sum(latencies) / done if done else 0.0,
+            timed_out=timed_out,
+            warmup_ok=len(warm),
+            error_samples=sorted(set(errors))[:3],
         )
 
     runner = _with_grpc if cell.transport == "grpc" else _with_rest
@@ -170,12 +184,17 @@ async def measure(cell: Cell) -> CellResult:
 async def run_in_subprocess(cell: Cell) -> CellResult:
     """Measure `cell` in a fresh `python -m bench.load` process (bounded by the cell's deadline)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.load", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "bench.load",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(
-            process.communicate(json.dumps(asdict(cell)).encode()), cell.deadline_seconds + 30)
+            process.communicate(json.dumps(asdict(cell)).encode()), cell.deadline_seconds + 30
+        )
     except TimeoutError:
         process.kill()
         await process.wait()

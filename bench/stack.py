@@ -26,8 +26,9 @@ from server.settings import Settings
 
 BENCH_DIR = Path(__file__).resolve().parent
 CONFIGS = BENCH_DIR / "configs"
-UNLIMITED = Plan(name="BENCH", daily_limit=10**9, monthly_limit=10**9, concurrent_limit=10**6,
-                 requests_per_minute=10**9)
+UNLIMITED = Plan(
+    name="BENCH", daily_limit=10**9, monthly_limit=10**9, concurrent_limit=10**6, requests_per_minute=10**9
+)
 
 
 @dataclass
@@ -53,8 +54,11 @@ class Stack:
     async def stop(self) -> None:
         """Stop everything started, in reverse order; errors are reported, not raised."""
         steps: list[tuple[str, object]] = [
-            ("echo envoy", self.echo_envoy), ("echo server", self.echo), ("envoy", self.envoy),
-            ("service", self.service), ("emulator", self.emulator),
+            ("echo envoy", self.echo_envoy),
+            ("echo server", self.echo),
+            ("envoy", self.envoy),
+            ("service", self.service),
+            ("emulator", self.emulator),
         ]
         for name, part in steps:
             if part is None:
@@ -72,9 +76,16 @@ class Stack:
 def bench_settings(endpoint: str, state_dir: Path) -> Settings:
     """The service's settings for the benchmark: defaults except ports, paths, project and root key."""
     return Settings(
-        pipeline_env="local", gcp_project_id="bench-project", bigquery_endpoint=endpoint,
-        meta_dataset="organizations", grpc_host="127.0.0.1", grpc_port=0, grpc_grace_seconds=1.0,
-        ca_root_api_key="bench-root-key-" + secrets.token_hex(16), configs_dir=CONFIGS, state_dir=state_dir,
+        pipeline_env="local",
+        gcp_project_id="bench-project",
+        bigquery_endpoint=endpoint,
+        meta_dataset="organizations",
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        grpc_grace_seconds=1.0,
+        ca_root_api_key="bench-root-key-" + secrets.token_hex(16),
+        configs_dir=CONFIGS,
+        state_dir=state_dir,
         metrics_port=0,
     )
 
@@ -85,8 +96,12 @@ async def start_stack(stack: Stack) -> None:
     began = loop.time()
     folder = stack.folder
     stack.emulator = await asyncio.to_thread(
-        Emulator, rest_port=free_port(), grpc_port=free_port(), project="bench-project",
-        data_dir=folder / "emulator" / "data", log_path=folder / "emulator" / "bqemulator.log",
+        Emulator,
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        project="bench-project",
+        data_dir=folder / "emulator" / "data",
+        log_path=folder / "emulator" / "bqemulator.log",
     )
     stack.timings["emulator"] = loop.time() - began
     began = loop.time()
@@ -105,7 +120,9 @@ async def start_echo(stack: Stack, response: pipeline_service_pb2.RunPipelineRes
     """Start the echo server answering `response` and an Envoy in front of it."""
     echo = await EchoServer.start(response)
     stack.echo = echo
-    stack.echo_envoy = await asyncio.to_thread(Envoy, grpc_port=echo.port, work_dir=stack.folder / "echo-envoy")
+    stack.echo_envoy = await asyncio.to_thread(
+        Envoy, grpc_port=echo.port, work_dir=stack.folder / "echo-envoy"
+    )
 
 
 def new_stack() -> Stack:
@@ -113,13 +130,13 @@ def new_stack() -> Stack:
     return Stack(folder=Path(tempfile.mkdtemp(prefix="pipeline-bench-")))
 
 
-async def drain(service: app.Service, timeout: float = 60.0) -> float:
+async def drain(service: app.Service, max_seconds: float = 60.0) -> float:
     """Wait until no run is active and the ledger has written everything; return the seconds waited."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    deadline = began + timeout
-    while service.runs._active and loop.time() < deadline:
-        await asyncio.sleep(0.02)
+    tasks = [r.task for r in list(service.runs._active.values()) if r.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=max_seconds)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(service.runs._ledger.flush(), max(1.0, deadline - loop.time()))
+        await asyncio.wait_for(service.runs._ledger.flush(), max(1.0, began + max_seconds - loop.time()))
     return loop.time() - began

@@ -69,12 +69,18 @@ def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
     return f"""
 Pipeline Service is running (Ctrl-C stops everything)
   gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
+  metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics
   demo org {demo['org_slug']}   dataset {demo['dataset']}
   API key  {demo['api_key']}
 
 Try:
   export KEY={demo['api_key']} ROOT={root}
   curl -s {rest}/api/v1/pipelines -H "X-API-Key: $KEY"
+  curl -s -X POST {rest}/api/v1/pipelines/run/{demo['org_slug']}/saas_subscription/costs/saas_cost \
+       -H "X-API-Key: $KEY" -d '{{}}'
+  curl -s "{rest}/api/v1/pipelines/runs?page_size=5" -H "X-API-Key: $KEY"
+  .venv/bin/pipeline-service query "SELECT subscription_id, SUM(daily_cost) AS cost \
+       FROM {demo['dataset']}.saas_subscription_plan_costs_daily GROUP BY 1 ORDER BY 1"
   curl -s {rest}/api/v1/procedures -H "X-CA-Root-Key: $ROOT"
   curl -s -X POST {rest}/api/v1/procedures/sync -H "X-CA-Root-Key: $ROOT" -d '{{}}'
   curl -s -X POST "{rest}/api/v1/migrations/normalize_saas_plan_values/execute?dry_run=true&dataset={demo['dataset']}" \\

@@ -143,7 +143,9 @@ class RunManager:
         run = self._by_request.get((org_slug, request_id))
         if run is not None:
             return run
-        return await self._ledger.find_request(org_slug, request_id)
+        stored = await self._ledger.find_request(org_slug, request_id)
+        # A concurrent call with the same request id may have been accepted while the ledger was read.
+        return stored or self._by_request.get((org_slug, request_id))
 
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
@@ -250,12 +252,14 @@ class RunManager:
         else:
             step.error, step.error_reason = event.error, event.error_reason
             step.rows_written += event.rows_written if event.state == "SUCCEEDED" else 0
-        attempt_start = started.pop((step.step_id, event.attempt), None)
-        if attempt_start is not None and event.state != "RUNNING":
-            step.duration_ms += event.duration_ms
-            self._ledger.attempt(run, step, event.attempt, event.state, attempt_start, event.at, event.error,
-                                 event.error_reason, event.rows_written)
+            # The attempt that this event ends (none for steps that never ran an attempt).
+            attempt_start = started.pop((step.step_id, event.attempt), None)
+            if attempt_start is not None:
+                self._ledger.attempt(run, step, event.attempt, event.state, attempt_start, event.at, event.error,
+                                     event.error_reason, event.rows_written)
         if event.state in _STEP_TERMINAL:
+            # A terminal event's duration spans the step from its first RUNNING, over all attempts.
+            step.duration_ms = event.duration_ms
             step.ended_at = event.at
             metrics.STEP_SECONDS.labels(step.ps_type, event.state).observe(step.duration_ms / 1000)
         self._ledger.transition(run, previous, event.state, step=step, attempt=event.attempt, error=event.error)
