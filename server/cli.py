@@ -27,6 +27,7 @@ from pathlib import Path
 
 from server import devstack, logs, meta, saas
 from server.app import build_warehouse
+from server.engine.processor import ProcessorRegistry
 from server.errors import NotFoundError, ServiceError
 from server.localstack import emulator
 from server.orgs import DEFAULT_SCOPES, OrgRepository
@@ -90,12 +91,13 @@ async def saas_import(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def configs_validate(settings: Settings, args: argparse.Namespace) -> None:
-    root = settings.configs_dir.resolve()
-    if args.files:
-        configs = [load_config(Path(f).resolve(), root) for f in args.files]
+    if args.files:  # a file is read as {provider}/{domain}/{pipeline}.yml from its last three path parts
+        paths = [Path(f).resolve() for f in args.files]
+        catalog = PipelineCatalog([load_config(p, p.parents[2]) for p in paths])
     else:
-        configs = PipelineCatalog.load(root).all()
-    _print({"valid": [c.key for c in configs]})
+        catalog = PipelineCatalog.load(settings.configs_dir.resolve())
+    catalog.check_processors(ProcessorRegistry())
+    _print({"valid": [c.key for c in catalog.all()]})
 
 
 async def query(settings: Settings, args: argparse.Namespace) -> None:

@@ -1,0 +1,88 @@
+"""The console script against the session's emulator: org and key commands, query, configs validate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+from server.localstack.emulator import Emulator
+from server.settings import Settings
+
+CLI = str(Path(".venv/bin/pipeline-service").resolve())
+
+
+async def cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[int, str]:
+    env = {**os.environ, "PIPELINE_ENV": "local", "BIGQUERY_ENDPOINT": emulator.endpoint,
+           "GCP_PROJECT_ID": settings.gcp_project_id, "META_DATASET": settings.meta_dataset,
+           "EMULATOR_EMBEDDED": "false", "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
+           "CONFIGS_DIR": str(settings.configs_dir)}
+    proc = await asyncio.create_subprocess_exec(CLI, *args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_org_lifecycle_through_the_cli_and_the_api(settings: Settings, emulator: Emulator,
+                                                          http: aiohttp.ClientSession) -> None:
+    slug = f"cli_{uuid.uuid4().hex[:8]}"
+    code, out = await cli(settings, emulator, "org", "create", slug, "--fiscal-year-start-month", "4")
+    assert code == 0, out
+    created = json.loads(out)
+    assert created["org_slug"] == slug and created["dataset"] == f"{slug}_local"
+    assert created["api_key"].startswith("ca_") and len(created["api_key"]) > 40
+
+    async with http.get("/api/v1/pipelines", headers={"X-API-Key": created["api_key"]}) as r:
+        assert r.status == 200
+
+    code, out = await cli(settings, emulator, "org", "create", slug)
+    assert code == 1 and json.loads(out)["error"] == "ORG_EXISTS"
+
+    code, out = await cli(settings, emulator, "org", "keys", "create", slug, "--scope", "pipelines:read")
+    second = json.loads(out)
+    assert code == 0 and second["scopes"] == ["pipelines:read"]
+
+    code, out = await cli(settings, emulator, "org", "keys", "revoke", second["api_key_id"])
+    assert code == 0 and json.loads(out)["revoked"] == second["api_key_id"]
+    await asyncio.sleep(settings.auth_cache_ttl_seconds + 0.2)
+    async with http.get("/api/v1/pipelines", headers={"X-API-Key": second["api_key"]}) as r:
+        assert r.status == 401
+    code, out = await cli(settings, emulator, "org", "keys", "revoke", second["api_key_id"])
+    assert code == 1 and json.loads(out)["error"] == "API_KEY_NOT_FOUND"
+
+    code, out = await cli(settings, emulator, "query",
+                          f"SELECT org_slug, fiscal_year_start_month FROM {settings.meta_dataset}.org_profiles "
+                          f"WHERE org_slug = '{slug}'")
+    assert code == 0
+    assert [json.loads(line) for line in out.splitlines()] == [{"org_slug": slug, "fiscal_year_start_month": 4}]
+
+    code, out = await cli(settings, emulator, "org", "create", "Bad-Slug")
+    body = json.loads(out)
+    assert code == 1 and body["violations"][0]["field"] == "org_slug"
+
+
+async def test_configs_validate(settings: Settings, emulator: Emulator, tmp_path: Path) -> None:
+    code, out = await cli(settings, emulator, "configs", "validate")
+    assert code == 0 and "engine/runs/quick" in json.loads(out)["valid"]
+    bad = settings.configs_dir / "engine" / "runs" / "quick.yml"
+    code, out = await cli(settings, emulator, "configs", "validate", str(bad))
+    assert code == 0 and json.loads(out)["valid"] == ["engine/runs/quick"]
+    folder = tmp_path / "acme" / "usage"
+    folder.mkdir(parents=True)
+    (folder / "typo.yml").write_text("pipeline_id: x1\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, typo: 1}]\n")
+    code, out = await cli(settings, emulator, "configs", "validate", str(folder / "typo.yml"))
+    body = json.loads(out)
+    assert code == 1 and body["error"] == "INVALID_PIPELINE_CONFIG"
+    assert body["violations"][0]["field"] == "acme/usage/typo.yml:steps.0.typo"
+    (folder / "badcfg.yml").write_text(
+        "pipeline_id: x2\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, config: {nope: 1}}]\n")
+    code, out = await cli(settings, emulator, "configs", "validate", str(folder / "badcfg.yml"))
+    body = json.loads(out)
+    assert code == 1 and body["violations"][0]["field"].startswith("acme/usage/badcfg.yml:steps.0.config")
+    (folder / "unknown.yml").write_text("pipeline_id: x3\nname: n\nsteps: [{step_id: a, ps_type: nope.thing}]\n")
+    code, out = await cli(settings, emulator, "configs", "validate", str(folder / "unknown.yml"))
+    assert code == 1 and "nope.thing" in json.loads(out)["message"]
