@@ -1,73 +1,86 @@
 """`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step and
-warehouse jobs per run, in one bounded run (about 6 minutes at most), printed as tables and a Markdown
-summary."""
+warehouse jobs per run, in one bounded run (well under 6 minutes), printed as tables and a Markdown
+summary.
+
+Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
+order alternates between rounds), and the summary reports the median over the rounds, because on a
+2-core machine one short cell is at the mercy of whatever else runs (GC, the emulator, Envoy).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import platform
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import engine_overhead, jobs
+from bench import cpu, engine_overhead, jobs
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
 from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
 
-BUDGET_SECONDS = 340.0  # whole run, startup included; the hard limit is 6 minutes
-RESERVE_SECONDS = 45.0  # kept for engine overhead, jobs per run and shutdown
-CELL_SECONDS = 40.0  # one cell at most (warm-up included)
+# Bounds. The hard limit is 6 minutes; a normal run on 2 cores takes under 2. No cell starts after
+# BUDGET - RESERVE seconds; a cell is capped at CELL_SECONDS (+15 s for its client to start), a drain at
+# DRAIN_SECONDS, the engine-overhead part at ENGINE_SECONDS and each jobs-per-run part at JOBS_SECONDS
+# (and skipped after JOBS_LATEST seconds), which keeps the worst case under 6 minutes.
+BUDGET_SECONDS = 300.0
+RESERVE_SECONDS = 75.0
+CELL_SECONDS = 30.0
+DRAIN_SECONDS = 20.0
+ENGINE_SECONDS = 45.0
+JOBS_SECONDS = 12.0
+JOBS_LATEST = 320.0
+ROUNDS = 5
 WARMUP = 200
 CALLS = 2000
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One throughput cell to run."""
+class Route:
+    """One way of calling RunPipeline, measured against the real and the bare server."""
 
     label: str
-    target: str  # "real" or "bare"
     transport: Transport
     via_envoy: bool
     concurrency: int
 
+    def letter(self, target: str) -> str:
+        """The brief's (a)-(d) names, (e)/(f) for the extra gRPC-through-Envoy pair."""
+        base = {("grpc", False): "ac", ("rest", True): "bd", ("grpc", True): "ef"}[
+            (self.transport, self.via_envoy)
+        ]
+        return f"({base[0] if target == 'real' else base[1]})"
 
-PLANS = [
-    Plan("(a) gRPC direct", "real", "grpc", False, 1),
-    Plan("(a) gRPC direct", "real", "grpc", False, 32),
-    Plan("(b) REST via Envoy", "real", "rest", True, 1),
-    Plan("(b) REST via Envoy", "real", "rest", True, 32),
-    Plan("(c) gRPC direct", "bare", "grpc", False, 1),
-    Plan("(c) gRPC direct", "bare", "grpc", False, 32),
-    Plan("(d) REST via Envoy", "bare", "rest", True, 1),
-    Plan("(d) REST via Envoy", "bare", "rest", True, 32),
-    Plan("(e) gRPC via Envoy", "real", "grpc", True, 32),
-    Plan("(f) gRPC via Envoy", "bare", "grpc", True, 32),
+
+PATHS = [
+    Route("gRPC direct", "grpc", False, 1),
+    Route("gRPC direct", "grpc", False, 32),
+    Route("REST via Envoy", "rest", True, 1),
+    Route("REST via Envoy", "rest", True, 32),
+    Route("gRPC via Envoy", "grpc", True, 32),
 ]
-
-
-PATHS: list[tuple[str, Transport, bool]] = [
-    ("gRPC direct", "grpc", False),
-    ("REST via Envoy", "rest", True),
-    ("gRPC via Envoy", "grpc", True),
-]
+CPU_PARTS = ("server", "envoy", "emulator", "client")
 
 
 @dataclass
 class Measured:
     """A cell's result with what the server side saw meanwhile."""
 
-    plan: Plan
-    result: CellResult | None
-    stall_ms: float = 0.0
+    path: Route
+    target: str  # "real" or "bare"
+    round: int
+    result: CellResult
+    stall_ms: float | None = None
     drain_s: float = 0.0
     jobs: int = 0
     runs: int = 0
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU milliseconds per successful call
 
 
 def machine() -> str:
@@ -88,14 +101,25 @@ def machine() -> str:
     )
 
 
-def _target(stack: Stack, plan: Plan) -> str:
+def _target(stack: Stack, path: Route, target: str) -> str:
     assert stack.service is not None and stack.envoy is not None
     assert stack.echo is not None and stack.echo_envoy is not None
-    if plan.via_envoy:
-        envoy = stack.envoy if plan.target == "real" else stack.echo_envoy
-        return envoy.rest_url if plan.transport == "rest" else f"127.0.0.1:{envoy.rest_port}"
-    port = stack.service.port if plan.target == "real" else stack.echo.port
+    if path.via_envoy:
+        envoy = stack.envoy if target == "real" else stack.echo_envoy
+        return envoy.rest_url if path.transport == "rest" else f"127.0.0.1:{envoy.rest_port}"
+    port = stack.service.port if target == "real" else stack.echo.port
     return f"127.0.0.1:{port}"
+
+
+def _cpu_snapshot(stack: Stack, target: str) -> dict[str, float]:
+    assert stack.emulator is not None and stack.envoy is not None
+    assert stack.echo is not None and stack.echo_envoy is not None
+    envoy = stack.envoy if target == "real" else stack.echo_envoy
+    return {
+        "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(stack.echo.pid),
+        "envoy": cpu.tree_seconds(envoy.pid),
+        "emulator": cpu.tree_seconds(stack.emulator.pid),
+    }
 
 
 async def _sample_response(stack: Stack) -> pipeline_service_pb2.RunPipelineResponse:
@@ -116,142 +140,222 @@ async def _sample_response(stack: Stack) -> pipeline_service_pb2.RunPipelineResp
         return response
 
 
-async def _cell(stack: Stack, plan: Plan, deadline: float) -> Measured:
+async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: float) -> Measured:
     assert stack.service is not None
-    remaining = deadline - time.perf_counter() - RESERVE_SECONDS
-    if remaining < 5:
-        return Measured(plan, None)
-    name = f"{plan.target}-{plan.transport}-{'envoy' if plan.via_envoy else 'direct'}-{plan.concurrency}"
+    name = f"r{round_}-{target}-{path.transport}-{'envoy' if path.via_envoy else 'direct'}-{path.concurrency}"
     cell = Cell(
         name=name,
-        transport=plan.transport,
-        target=_target(stack, plan),
+        transport=path.transport,
+        target=_target(stack, path, target),
         api_key=stack.api_key,
         org_slug=stack.org_slug,
-        concurrency=plan.concurrency,
+        concurrency=path.concurrency,
         warmup=WARMUP,
         count=CALLS,
-        deadline_seconds=min(CELL_SECONDS, remaining),
+        deadline_seconds=seconds,
     )
     wh = stack.service.warehouse
     jobs_before = wh.jobs_started
-    async with LagMonitor() as lag:
+    cpu_before = _cpu_snapshot(stack, target)
+    if target == "real":
+        async with LagMonitor() as lag:
+            result = await run_in_subprocess(cell)
+        drained = await drain(stack.service, DRAIN_SECONDS)  # the ledger flush is part of the calls' cost
+        stall: float | None = lag.max_ms
+    else:
         result = await run_in_subprocess(cell)
-    drained = await drain(stack.service) if plan.target == "real" else 0.0
-    runs = result.warmup_ok + result.calls if plan.target == "real" else 0
-    return Measured(plan, result, lag.max_ms, drained, wh.jobs_started - jobs_before, runs)
+        drained, stall = 0.0, None
+    cpu_after = _cpu_snapshot(stack, target)
+    served = result.warmup_ok + result.calls + result.errors
+    cpu_ms = {k: (cpu_after[k] - cpu_before[k]) * 1000.0 / max(served, 1) for k in cpu_before}
+    cpu_ms["client"] = result.client_cpu_seconds * 1000.0 / max(result.calls, 1)
+    runs = result.warmup_ok + result.calls if target == "real" else 0
+    return Measured(path, target, round_, result, stall, drained, wh.jobs_started - jobs_before, runs, cpu_ms)
 
 
 def _fmt(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+TABLE_HEADER = (
+    "| rnd | cell                 | srv  | in | calls | err |   calls/s |  p50 ms |  p99 ms | stall ms "
+    "| drain s | jobs/run | CPU ms/call srv / envoy / emu / client |"
+)
+
+
 def cell_row(m: Measured) -> str:
-    """One line of the throughput table."""
-    p = m.plan
-    head = f"| {p.label:<20} | {p.target:<4} | {p.concurrency:>2} "
+    """One line of the per-round throughput table."""
     r = m.result
-    if r is None:
-        return head + "| skipped (time budget) |" + " |" * 7
     jobs_per_run = f"{m.jobs / m.runs:.3f}" if m.runs else "-"
-    note = " (deadline)" if r.timed_out else ""
+    note = "*" if r.timed_out else " "
+    stall = f"{m.stall_ms:8.1f}" if m.stall_ms is not None else "       -"
+    cpu_ms = " / ".join(f"{m.cpu_ms[k]:.3f}" for k in CPU_PARTS)
     return (
-        head + f"| {r.calls:>5}{note} | {r.errors:>3} | {_fmt(r.calls_per_second):>9} | {r.p50_ms:7.2f} "
-        f"| {r.p99_ms:7.2f} | {m.stall_ms:7.1f} | {m.drain_s:5.2f} | {jobs_per_run:>6} |"
+        f"| {m.round:>3} | {m.path.letter(m.target)} {m.path.label:<16} | {m.target:<4} "
+        f"| {m.path.concurrency:>2} | {r.calls:>4}{note} | {r.errors:>3} | {_fmt(r.calls_per_second):>9} "
+        f"| {r.p50_ms:7.2f} | {r.p99_ms:7.2f} | {stall} | {m.drain_s:7.2f} | {jobs_per_run:>8} "
+        f"| {cpu_ms:<38} |"
     )
 
 
-def _find(
-    measured: list[Measured], target: str, transport: Transport, via_envoy: bool, concurrency: int
-) -> CellResult | None:
-    for m in measured:
-        p = m.plan
-        if (p.target, p.transport, p.via_envoy, p.concurrency) == (target, transport, via_envoy, concurrency):
-            return m.result
-    return None
+@dataclass
+class Summary:
+    """Medians over the rounds of one path and target."""
+
+    rounds: int
+    calls: int
+    errors: int
+    cps: float
+    cps_min: float
+    cps_max: float
+    p50: float
+    p99: float
+    cpu_ms: dict[str, float]
 
 
-def ratios(measured: list[Measured]) -> list[tuple[str, float | None]]:
-    """real/bare calls per second at 32 in flight, per path."""
-    out: list[tuple[str, float | None]] = []
-    for label, transport, via in PATHS:
-        real = _find(measured, "real", transport, via, 32)
-        bare = _find(measured, "bare", transport, via, 32)
-        value = (
-            real.calls_per_second / bare.calls_per_second if real and bare and bare.calls_per_second else None
+def summarize(measured: list[Measured], path: Route, target: str) -> Summary | None:
+    """The median cell of `path` against `target` over the rounds that ran."""
+    cells = [m for m in measured if m.path == path and m.target == target]
+    if not cells:
+        return None
+    cps = [m.result.calls_per_second for m in cells]
+    return Summary(
+        rounds=len(cells),
+        calls=sum(m.result.calls for m in cells),
+        errors=sum(m.result.errors for m in cells),
+        cps=statistics.median(cps),
+        cps_min=min(cps),
+        cps_max=max(cps),
+        p50=statistics.median(m.result.p50_ms for m in cells),
+        p99=statistics.median(m.result.p99_ms for m in cells),
+        cpu_ms={k: statistics.median(m.cpu_ms[k] for m in cells) for k in CPU_PARTS},
+    )
+
+
+def _ratio(real: Summary | None, bare: Summary | None) -> float | None:
+    return real.cps / bare.cps if real and bare and bare.cps else None
+
+
+def throughput_markdown(measured: list[Measured]) -> list[str]:
+    """The median table (Markdown)."""
+    lines = [
+        "| path | in flight | real calls/s (min-max) | real p50 / p99 ms | bare calls/s (min-max) "
+        "| bare p50 / p99 ms | real/bare |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in PATHS:
+        real, bare = summarize(measured, path, "real"), summarize(measured, path, "bare")
+
+        def cps(s: Summary | None) -> str:
+            return f"{s.cps:,.0f} ({s.cps_min:,.0f}-{s.cps_max:,.0f})" if s else "-"
+
+        def lat(s: Summary | None) -> str:
+            return f"{s.p50:.2f} / {s.p99:.2f}" if s else "-"
+
+        ratio = _ratio(real, bare)
+        lines.append(
+            f"| {path.letter('real')}/{path.letter('bare')} {path.label} | {path.concurrency} | {cps(real)} "
+            f"| {lat(real)} | {cps(bare)} | {lat(bare)} | {'-' if ratio is None else f'{ratio:.2f}'} |"
         )
-        out.append((label, value))
-    return out
+    return lines
 
 
-def summary(
+def cpu_markdown(measured: list[Measured]) -> list[str]:
+    """CPU milliseconds per call by process, medians (Markdown)."""
+    lines = [
+        "| path | in flight | server | Envoy | emulator | client | server real - bare |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in PATHS:
+        real, bare = summarize(measured, path, "real"), summarize(measured, path, "bare")
+        for target, s in (("real", real), ("bare", bare)):
+            if s is None:
+                continue
+            extra = f"{real.cpu_ms['server'] - bare.cpu_ms['server']:+.3f}" if real and bare else "-"
+            lines.append(
+                f"| {path.label} ({target}) | {path.concurrency} | "
+                + " | ".join(f"{s.cpu_ms[k]:.3f}" for k in CPU_PARTS)
+                + f" | {extra if target == 'real' else ''} |"
+            )
+    return lines
+
+
+def summary_markdown(
+    host: str,
     measured: list[Measured],
     overhead: engine_overhead.Overhead | None,
     per_run: list[jobs.JobsPerRun],
     load_jobs: float | None,
-    host: str,
 ) -> str:
     """The Markdown block for the README."""
+    rounds = max((m.round for m in measured), default=0)
     lines = [
         "### Benchmarks (`make bench`)",
         "",
         f"One run of `python -m bench` on {host}.",
-        "The client runs in its own process; server, Envoy (1 worker) and emulator share the machine.",
-        "RunPipeline of a one-step `generic.noop` pipeline, unique parameters per call,",
-        f"{WARMUP} warm-up calls then up to {CALLS} measured calls per cell; client-side latencies,",
-        "nearest-rank p50/p99. *Bare* is a grpc.aio server whose RunPipeline returns a captured",
-        "response at once (no auth, engine, ledger or warehouse), behind its own identical Envoy.",
+        "Client, server, Envoy (1 worker each) and emulator share the machine; the load client runs in its",
+        "own process. RunPipeline of a one-step `generic.noop` pipeline with unique parameters per call;",
+        f"per cell {WARMUP} warm-up then {CALLS} measured calls; median of {rounds} rounds (min-max of",
+        "calls/s in brackets); client-side latency, nearest-rank p50/p99. *Bare* is a grpc.aio",
+        "`PipelineService` in its own process whose RunPipeline returns a captured real response at once",
+        "(no interceptor, auth, engine, ledger or warehouse), behind an identical Envoy.",
         "",
-        "| path | in flight | real calls/s | real p50 / p99 ms | bare calls/s | bare p50 / p99 ms "
-        "| real/bare |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *throughput_markdown(measured),
+        "",
+        "CPU milliseconds per call, by process (medians; the real server's includes running the run and",
+        "its ledger flush):",
+        "",
+        *cpu_markdown(measured),
+        "",
     ]
-    for label, transport, via in PATHS:
-        for concurrency in (1, 32):
-            real = _find(measured, "real", transport, via, concurrency)
-            bare = _find(measured, "bare", transport, via, concurrency)
-            if real is None and bare is None:
-                continue
-
-            def cps(r: CellResult | None) -> str:
-                return _fmt(r.calls_per_second, 0) if r else "-"
-
-            def lat(r: CellResult | None) -> str:
-                return f"{r.p50_ms:.2f} / {r.p99_ms:.2f}" if r else "-"
-
-            ratio = (
-                f"{real.calls_per_second / bare.calls_per_second:.2f}"
-                if real and bare and bare.calls_per_second
-                else "-"
-            )
-            lines.append(
-                f"| {label} | {concurrency} | {cps(real)} | {lat(real)} | {cps(bare)} | {lat(bare)} "
-                f"| {ratio} |"
-            )
-    lines.append("")
     if overhead:
         lines.append(
             f"Engine overhead, {engine_overhead.STEPS} chained `generic.noop` steps "
             f"({overhead.repeats} runs, median): **{overhead.rpc_wall_ms:.3f} ms/step** "
-            "RunPipeline `wait=true` wall time "
-            f"({overhead.rpc_server_ms:.3f} ms/step run start→end on the server, "
-            f"{overhead.runner_ms:.3f} ms/step `StepRunner` alone); floor: "
+            f"RunPipeline `wait=true` wall time ({overhead.rpc_server_ms:.3f} ms/step run start→end on "
+            f"the server, {overhead.runner_ms:.3f} ms/step `StepRunner` alone); floor "
             f"{overhead.floor_ms * 1000:.1f} µs per bare `await processor.execute()`."
         )
         lines.append("")
     if per_run:
         parts = [
-            f"{j.label}: {j.total:g} (call {j.call_jobs:g} + ledger {j.ledger_jobs:g}, worst {j.max_total})"
+            f"{j.label} {j.total:g} (call {j.call_jobs:g} + ledger {j.ledger_jobs:g}, worst {j.max_total})"
             for j in per_run
         ]
         load = f"; under load (32 in flight) {load_jobs:.3f} jobs/run" if load_jobs is not None else ""
         lines.append(
-            "Warehouse jobs per isolated run (one run per ledger flush, the worst case): "
+            "Warehouse jobs per run, isolated (one run per ledger flush, the worst case): "
             + "; ".join(parts)
             + load
             + ". `generic.noop` issues none itself."
         )
     return "\n".join(lines)
+
+
+async def throughput(stack: Stack, deadline: float) -> list[Measured]:
+    """ROUNDS rounds of every path against both servers, within the budget."""
+    measured: list[Measured] = []
+    print(
+        "RunPipeline throughput, every cell ("
+        "stall = worst event-loop oversleep of the real server; drain = wait for its runs and ledger "
+        "flush; * = cut by the deadline)"
+    )
+    print(TABLE_HEADER)
+    print("|" + "|".join("-" * len(c) for c in TABLE_HEADER.split("|")[1:-1]) + "|")
+    for round_ in range(1, ROUNDS + 1):
+        order = ("real", "bare") if round_ % 2 else ("bare", "real")
+        for path in PATHS:
+            for target in order:
+                left = deadline - time.perf_counter() - RESERVE_SECONDS
+                if left < 10:
+                    print(f"| {round_:>3} | round cut short: time budget reached")
+                    return measured
+                m = await _cell(stack, path, target, round_, min(CELL_SECONDS, left))
+                measured.append(m)
+                print(cell_row(m), flush=True)
+                for error in m.result.error_samples:
+                    print(f"    error: {error}")
+    return measured
 
 
 async def main() -> int:
@@ -261,8 +365,8 @@ async def main() -> int:
     print(f"machine: {host}")
     print(f"python:  {sys.version.split()[0]} at {sys.executable}")
     print(
-        f"budget:  {BUDGET_SECONDS:.0f} s; {WARMUP} warm-up + {CALLS} calls per cell, "
-        f"{CELL_SECONDS:.0f} s cap per cell"
+        f"plan:    {ROUNDS} rounds x {len(PATHS) * 2} cells of {WARMUP} warm-up + {CALLS} calls "
+        f"({CELL_SECONDS:.0f} s cap per cell), budget {BUDGET_SECONDS:.0f} s"
     )
     engine_overhead.write_config(CONFIGS)
     stack = new_stack()
@@ -273,8 +377,7 @@ async def main() -> int:
     try:
         await start_stack(stack)
         assert stack.service is not None
-        sample = await _sample_response(stack)
-        await start_echo(stack, sample)
+        await start_echo(stack, await _sample_response(stack))
         await drain(stack.service)
         print(
             "startup: "
@@ -282,81 +385,89 @@ async def main() -> int:
             + f" (total {time.perf_counter() - started:.1f}s)"
         )
         print()
-        print(
-            "RunPipeline throughput (stall = worst event-loop oversleep in the server process; drain = "
-            "wait for runs + ledger flush after the cell)"
-        )
-        header = (
-            "| path                 | srv  | in | calls | err |   calls/s |  p50 ms |  p99 ms | stall ms "
-            "| drain s | jobs/run |"
-        )
-        print(header)
-        print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-        for plan in PLANS:
-            m = await _cell(stack, plan, deadline)
-            measured.append(m)
-            print(cell_row(m), flush=True)
-            if m.result and m.result.error_samples:
-                for sample_error in m.result.error_samples:
-                    print(f"    error: {sample_error}")
+        measured = await throughput(stack, deadline)
         print()
-        for label, value in ratios(measured):
-            verdict = "-" if value is None else f"{value:.2f} ({'meets' if value >= 0.70 else 'below'} 0.70)"
-            print(f"real/bare calls/s at 32 in flight, {label}: {verdict}")
+        print("Medians over the rounds:")
+        print("\n".join(throughput_markdown(measured)))
         print()
-        overhead = await engine_overhead.measure(stack.service, stack.org_slug, stack.api_key)
-        print(
-            f"Engine overhead ({engine_overhead.STEPS} chained generic.noop steps, {overhead.repeats} runs "
-            f"after a warm-up, medians; run states {sorted(set(overhead.states))}):"
-        )
-        print(
-            f"  RunPipeline wait=true, client wall   {overhead.rpc_wall_ms:8.3f} ms/step "
-            f"(best run {overhead.best_rpc_wall_ms:.3f})"
-        )
-        print(f"  run start_time -> end_time (server)  {overhead.rpc_server_ms:8.3f} ms/step")
-        print(f"  StepRunner.run alone                 {overhead.runner_ms:8.3f} ms/step")
-        print(f"  floor: await processor.execute()     {overhead.floor_ms:8.4f} ms/call")
+        for path in PATHS:
+            if path.concurrency != 32:
+                continue
+            ratio = _ratio(summarize(measured, path, "real"), summarize(measured, path, "bare"))
+            verdict = "-" if ratio is None else f"{ratio:.2f} ({'meets' if ratio >= 0.70 else 'BELOW'} 0.70)"
+            print(f"real/bare calls/s at 32 in flight, {path.label}: {verdict}")
         print()
+        print("CPU ms per call by process (medians):")
+        print("\n".join(cpu_markdown(measured)))
+        print()
+
+        try:
+            overhead = await asyncio.wait_for(
+                engine_overhead.measure(stack.service, stack.org_slug, stack.api_key), ENGINE_SECONDS
+            )
+        except TimeoutError:
+            print(f"Engine overhead: did not finish within {ENGINE_SECONDS:.0f} s")
+        if overhead:
+            print(
+                f"Engine overhead ({engine_overhead.STEPS} chained generic.noop steps, {overhead.repeats} "
+                f"runs after a warm-up, medians; run states {sorted(set(overhead.states))}):"
+            )
+            print(
+                f"  RunPipeline wait=true, client wall   {overhead.rpc_wall_ms:8.3f} ms/step "
+                f"(best run {overhead.best_rpc_wall_ms:.3f})"
+            )
+            print(f"  run start_time -> end_time (server)  {overhead.rpc_server_ms:8.3f} ms/step")
+            print(f"  StepRunner.run alone                 {overhead.runner_ms:8.3f} ms/step")
+            print(f"  floor: await processor.execute()     {overhead.floor_ms:8.4f} ms/call")
+        print()
+
         print("Warehouse jobs per run (isolated: flush, one run with wait=true, flush):")
         for label, pipeline, request_id in (
             ("1-step noop", ("bench", "runs", "noop"), False),
             ("1-step noop with request_id", ("bench", "runs", "noop"), True),
             (f"{engine_overhead.STEPS}-step noop", ("bench", "engine", engine_overhead.PIPELINE), False),
         ):
-            if time.perf_counter() > deadline + 10:
+            if time.perf_counter() - started > JOBS_LATEST:
                 print(f"  {label}: skipped (time budget)")
                 continue
-            j = await jobs.measure(
-                stack.service,
-                stack.org_slug,
-                stack.api_key,
-                label=label,
-                pipeline=pipeline,
-                request_id=request_id,
-            )
+            try:
+                j = await asyncio.wait_for(
+                    jobs.measure(
+                        stack.service,
+                        stack.org_slug,
+                        stack.api_key,
+                        label=label,
+                        pipeline=pipeline,
+                        request_id=request_id,
+                    ),
+                    JOBS_SECONDS,
+                )
+            except TimeoutError:
+                print(f"  {label}: did not finish within {JOBS_SECONDS:.0f} s")
+                continue
             per_run.append(j)
             print(
                 f"  {label:<30} {j.total:5g} jobs/run (during the call {j.call_jobs:g}, ledger flush "
                 f"{j.ledger_jobs:g}; worst {j.max_total}; {j.runs} runs)"
             )
-        loaded = [m for m in measured if m.plan.target == "real" and m.plan.concurrency == 32 and m.runs]
-        load_jobs = sum(m.jobs for m in loaded) / sum(m.runs for m in loaded) if loaded else None
-        if load_jobs is not None:
+        loaded = [m for m in measured if m.target == "real" and m.path.concurrency == 32 and m.runs]
+        if loaded:
+            load_jobs = sum(m.jobs for m in loaded) / sum(m.runs for m in loaded)
             print(
                 f"  under load (real cells at 32 in flight)  {load_jobs:.3f} jobs/run "
                 f"({sum(m.jobs for m in loaded)} jobs / {sum(m.runs for m in loaded)} runs)"
             )
-        target = max((j.total for j in per_run), default=0.0)
+        worst = max((j.total for j in per_run), default=0.0)
         print(
-            f"  target <= 3 jobs/run beyond the steps' own work: {'met' if target <= 3 else 'NOT met'} "
-            f"(worst median {target:g})"
+            f"  target <= 3 jobs/run beyond the steps' own work: {'met' if worst <= 3 else 'NOT met'} "
+            f"(worst median {worst:g})"
         )
     finally:
         await stack.stop()
     print()
     print(f"total time {time.perf_counter() - started:.1f}s; all servers stopped")
     print()
-    print(summary(measured, overhead, per_run, load_jobs, host))
+    print(summary_markdown(host, measured, overhead, per_run, load_jobs))
     return 0
 
 

@@ -3,16 +3,23 @@ response at once; no interceptor, auth, engine, ledger or warehouse.
 
 It serves the real service descriptor, so Envoy's JSON transcoder routes REST calls to it exactly as it
 does to the real service. The constant response is a real one captured from the service, so both
-servers serialize (and Envoy transcodes) the same bytes.
+servers serialize (and Envoy transcodes) the same bytes. The benchmark runs it in its own process
+(`python -m bench.echo`: the serialized response in hex on the first stdin line, the port on stdout,
+stops when stdin closes), so nothing of the real service shares its interpreter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 from grpc import aio
 
 from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
+
+START_SECONDS = 30.0  # the child must listen within this
+STOP_SECONDS = 10.0  # and exit within this once its stdin is closed
 
 
 class EchoPipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
@@ -50,3 +57,63 @@ class EchoServer:
     async def stop(self) -> None:
         """Stop at once."""
         await self.server.stop(0)
+
+
+async def _serve_until_stdin_closes() -> None:
+    response = pipeline_service_pb2.RunPipelineResponse.FromString(
+        bytes.fromhex(sys.stdin.readline().strip())
+    )
+    echo = await EchoServer.start(response)
+    sys.stdout.write(f"{echo.port}\n")
+    sys.stdout.flush()
+    await asyncio.to_thread(sys.stdin.read)  # returns when the parent closes our stdin (or dies)
+    await echo.stop()
+
+
+class EchoProcess:
+    """The echo server in its own process, so that nothing of the real service shares its interpreter."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.process.pid
+
+    @classmethod
+    async def start(cls, response: pipeline_service_pb2.RunPipelineResponse) -> EchoProcess:
+        """Start `python -m bench.echo` answering `response`; return once it listens."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.echo",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(response.SerializeToString().hex().encode() + b"\n")
+        await process.stdin.drain()
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), START_SECONDS)
+            port = int(line)
+        except (TimeoutError, ValueError):
+            process.kill()
+            await process.wait()
+            raise RuntimeError("the echo server did not start") from None
+        return cls(process, port)
+
+    async def stop(self) -> None:
+        """Close its stdin (it stops its server and exits); kill it if it does not."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_SECONDS)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_until_stdin_closes())

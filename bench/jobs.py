@@ -49,7 +49,7 @@ async def measure(
     async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
         for _ in range(runs):
-            await drain(service)
+            await drain(service, 5.0)
             before = wh.jobs_started
             request = pipeline_service_pb2.RunPipelineRequest(
                 org_slug=org_slug,
@@ -62,7 +62,7 @@ async def measure(
             )
             await stub.RunPipeline(request, metadata=(("x-api-key", api_key),), timeout=120)
             during = wh.jobs_started
-            await drain(service)
+            await drain(service, 5.0)
             calls.append(during - before)
             ledgers.append(wh.jobs_started - during)
     totals = [c + ledger for c, ledger in zip(calls, ledgers, strict=True)]

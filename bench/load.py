@@ -53,6 +53,7 @@ class CellResult:
     mean_ms: float
     timed_out: bool
     warmup_ok: int = 0
+    client_cpu_seconds: float = 0.0  # this process's CPU during the measured calls
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -157,9 +158,11 @@ async def measure(cell: Cell) -> CellResult:
         warm, _, _, _ = await _drive(
             call, concurrency=cell.concurrency, start=0, count=cell.warmup, deadline=deadline
         )
+        cpu_before = time.process_time()
         latencies, errors, seconds, timed_out = await _drive(
             call, concurrency=cell.concurrency, start=cell.warmup, count=cell.count, deadline=deadline
         )
+        client_cpu = time.process_time() - cpu_before
         latencies.sort()
         done = len(latencies)
         return CellResult(
@@ -174,6 +177,7 @@ async def measure(cell: Cell) -> CellResult:
             mean_ms=sum(latencies) / done if done else 0.0,
             timed_out=timed_out,
             warmup_ok=len(warm),
+            client_cpu_seconds=client_cpu,
             error_samples=sorted(set(errors))[:3],
         )
 
@@ -193,7 +197,7 @@ async def run_in_subprocess(cell: Cell) -> CellResult:
     )
     try:
         out, err = await asyncio.wait_for(
-            process.communicate(json.dumps(asdict(cell)).encode()), cell.deadline_seconds + 30
+            process.communicate(json.dumps(asdict(cell)).encode()), cell.deadline_seconds + 15
         )
     except TimeoutError:
         process.kill()

@@ -1,4 +1,5 @@
-"""The benchmark's local stack: emulator, real service, echo server and one Envoy in front of each.
+"""The benchmark's local stack: emulator, real service (in this process), echo server (in its own
+process) and one Envoy in front of each.
 
 Everything binds 127.0.0.1 on free ports and lives in a temporary folder; `Stack.stop` stops what was
 started, in reverse order, even after a partial start.
@@ -15,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.echo import EchoServer
+from bench.echo import EchoProcess
 from cloudact.pipeline.v1 import pipeline_service_pb2
 from server import app
 from server.localstack.emulator import Emulator
@@ -39,7 +40,7 @@ class Stack:
     emulator: Emulator | None = None
     service: app.Service | None = None
     envoy: Envoy | None = None
-    echo: EchoServer | None = None
+    echo: EchoProcess | None = None
     echo_envoy: Envoy | None = None
     org_slug: str = ""
     key: IssuedKey | None = None
@@ -66,7 +67,7 @@ class Stack:
             try:
                 if isinstance(part, Envoy | Emulator):
                     await asyncio.to_thread(part.stop)
-                elif isinstance(part, EchoServer | app.Service):
+                elif isinstance(part, EchoProcess | app.Service):
                     await part.stop()
             except Exception as exc:  # keep stopping the rest
                 print(f"  warning: stopping {name} failed: {type(exc).__name__}: {exc}")
@@ -118,7 +119,7 @@ async def start_stack(stack: Stack) -> None:
 
 async def start_echo(stack: Stack, response: pipeline_service_pb2.RunPipelineResponse) -> None:
     """Start the echo server answering `response` and an Envoy in front of it."""
-    echo = await EchoServer.start(response)
+    echo = await EchoProcess.start(response)
     stack.echo = echo
     stack.echo_envoy = await asyncio.to_thread(
         Envoy, grpc_port=echo.port, work_dir=stack.folder / "echo-envoy"
@@ -130,7 +131,7 @@ def new_stack() -> Stack:
     return Stack(folder=Path(tempfile.mkdtemp(prefix="pipeline-bench-")))
 
 
-async def drain(service: app.Service, max_seconds: float = 60.0) -> float:
+async def drain(service: app.Service, max_seconds: float = 20.0) -> float:
     """Wait until no run is active and the ledger has written everything; return the seconds waited."""
     loop = asyncio.get_running_loop()
     began = loop.time()

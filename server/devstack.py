@@ -6,9 +6,8 @@ import asyncio
 import json
 import logging
 import signal
-from pathlib import Path
-
 from datetime import UTC, datetime
+from pathlib import Path
 
 from server import app, saas
 from server.localstack import emulator

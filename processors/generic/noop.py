@@ -14,12 +14,11 @@ Useful as a barrier or placeholder step, and to measure the engine's own overhea
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.processor import StepContext
-from server.errors import FieldViolation, InvalidInputError
+from server.engine.processor import StepContext, Templated, parse_config
 
 
 class Config(BaseModel):
@@ -27,7 +26,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sleep_seconds: float | str = Field(0.0)
+    sleep_seconds: Annotated[float, Field(ge=0)] | Templated = 0.0
     outputs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -38,14 +37,9 @@ class Noop:
 
     async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
         """Sleep `sleep_seconds`, then return SUCCESS with `outputs`."""
-        try:
-            config = Config.model_validate(step_config)
-            seconds = float(config.sleep_seconds)
-        except (ValidationError, ValueError) as exc:
-            raise InvalidInputError("invalid noop config", [FieldViolation("config", str(exc))],
-                                    reason="INVALID_STEP_CONFIG") from exc
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+        config = parse_config(Config, step_config)
+        if isinstance(config.sleep_seconds, float) and config.sleep_seconds > 0:
+            await asyncio.sleep(config.sleep_seconds)
         return {"status": "SUCCESS", **config.outputs}
 
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.processor import StepContext
+from server.engine.processor import StepContext, Templated, parse_config
 from server.errors import FieldViolation, InvalidInputError
-from server.warehouse import sql
 from server.warehouse.rows import json_value
 
 Scalar = Literal["STRING", "DATE", "TIMESTAMP", "INT64", "NUMERIC", "BOOL"]
@@ -58,7 +57,7 @@ class Config(BaseModel):
 
     procedure: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     arguments: list[Argument] = Field(default_factory=list)
-    job_timeout: float | str = 300.0
+    job_timeout: Annotated[float, Field(gt=0)] | Templated = 300.0
 
 
 def _scalar(kind: Scalar, value: Any) -> Any:
@@ -111,13 +110,8 @@ class ProcedureExecutor:
 
     async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
         """CALL the procedure and return its rows and job statistics."""
-        try:
-            config = Config.model_validate(step_config)
-            job_timeout = float(config.job_timeout)
-        except (ValidationError, ValueError) as exc:
-            raise InvalidInputError("invalid procedure_executor config", [FieldViolation("config", str(exc))],
-                                    reason="INVALID_STEP_CONFIG") from exc
-        sql.check_name(config.procedure, "config.procedure")
+        config = parse_config(Config, step_config)
+        job_timeout = config.job_timeout if isinstance(config.job_timeout, float) else None
         args = [typed(a) for a in config.arguments]
         result = await context.warehouse.call_procedure(context.meta_dataset, config.procedure, args,
                                                         timeout=job_timeout)

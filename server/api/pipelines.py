@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import timestamp_pb2
 from grpc import aio
 
 from cloudact.pipeline.v1 import (
@@ -15,6 +14,7 @@ from cloudact.pipeline.v1 import (
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
 )
+from server.api.convert import timestamp
 from server.api.interceptor import org_principal, principal_name
 from server.api.paging import decode_token, encode_token, paginate
 from server.engine.manager import RunManager, RunRequest
@@ -38,13 +38,6 @@ def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
     )
 
 
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
 
 def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.PipelineRun:
     """The proto form of a run."""
@@ -53,13 +46,13 @@ def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.Pipeli
         pipeline=run.pipeline, pipeline_id=run.pipeline_id,
         state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{run.state}"),
         trigger=pipeline_run_pb2.Trigger.Value(f"TRIGGER_{run.trigger}"), triggered_by=run.triggered_by,
-        parameters=run.parameters, create_time=_timestamp(run.create_time), start_time=_timestamp(run.start_time),
-        end_time=_timestamp(run.end_time), reason=run.reason, error=run.error, request_id=run.request_id,
+        parameters=run.parameters, create_time=timestamp(run.create_time), start_time=timestamp(run.start_time),
+        end_time=timestamp(run.end_time), reason=run.reason, error=run.error, request_id=run.request_id,
         steps=[
             pipeline_run_pb2.StepRun(
                 step_id=s.step_id, ps_type=s.ps_type, state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{s.state}"),
                 attempts=s.attempts, duration_ms=s.duration_ms, rows_written=s.rows_written, error=s.error,
-                error_reason=s.error_reason, start_time=_timestamp(s.started_at), end_time=_timestamp(s.ended_at),
+                error_reason=s.error_reason, start_time=timestamp(s.started_at), end_time=timestamp(s.ended_at),
             )
             for s in run.steps.values()
         ] if with_steps else [],
@@ -69,7 +62,7 @@ def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.Pipeli
 def event_message(event: Event, run: Run) -> pipeline_run_pb2.RunEvent:
     """The proto form of a watched event; run-level events carry the whole run."""
     return pipeline_run_pb2.RunEvent(
-        run_id=run.run_id, time=_timestamp(event.at),
+        run_id=run.run_id, time=timestamp(event.at),
         run_state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{event.run_state}"), step_id=event.step_id,
         step_state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{event.step_state or 'UNSPECIFIED'}"),
         attempt=event.attempt, error=event.error, run=None if event.step_id else run_message(run),

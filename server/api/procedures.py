@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 from grpc import aio
 
 from cloudact.pipeline.v1 import procedure_pb2, procedure_service_pb2, procedure_service_pb2_grpc
+from server.api.convert import timestamp
 from server.api.interceptor import principal_name
 from server.api.paging import paginate
 from server.procedures import MigrationRun, ProcedureManager, ProcedureView
@@ -21,20 +21,13 @@ _OUTCOMES = {
 }
 
 
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
 
 def procedure_message(view: ProcedureView, *, with_definition: bool = False) -> procedure_pb2.Procedure:
     """The proto form of a deployed procedure."""
     r = view.routine
     return procedure_pb2.Procedure(
         name=r.name, dataset=r.dataset, full_name=r.full_name, domain=view.domain, checksum=view.checksum,
-        file_checksum=view.file_checksum, create_time=_timestamp(r.created), update_time=_timestamp(r.modified),
+        file_checksum=view.file_checksum, create_time=timestamp(r.created), update_time=timestamp(r.modified),
         definition=r.definition if with_definition else "",
     )
 
@@ -48,7 +41,7 @@ def execution_message(run: MigrationRun) -> procedure_pb2.MigrationExecution:
         rows.append(s)
     return procedure_pb2.MigrationExecution(
         name=run.name, dataset=run.dataset, checksum=run.checksum, dry_run=run.dry_run,
-        executed_by=run.executed_by, execute_time=_timestamp(run.executed_at), rows=rows,
+        executed_by=run.executed_by, execute_time=timestamp(run.executed_at), rows=rows,
     )
 
 

@@ -255,8 +255,8 @@ class RunManager:
             # The attempt that this event ends (none for steps that never ran an attempt).
             attempt_start = started.pop((step.step_id, event.attempt), None)
             if attempt_start is not None:
-                self._ledger.attempt(run, step, event.attempt, event.state, attempt_start, event.at, event.error,
-                                     event.error_reason, event.rows_written)
+                self._ledger.attempt(run, step, event.attempt, event.state, attempt_start, event.at,
+                                     event.error, event.error_reason, event.rows_written)
         if event.state in _STEP_TERMINAL:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
@@ -279,8 +279,9 @@ class RunManager:
     async def list(self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None,
                    limit: int) -> list[Run]:
         """Runs of the org, newest first, before the cursor: active and unflushed ones from memory too."""
-        if self._ledger.pending:
-            await self._ledger.flush()
+        # Always: with nothing buffered this still waits for a flush in progress, whose runs are neither
+        # active any more nor readable from the table yet.
+        await self._ledger.flush()
         stored = await self._ledger.finished_runs(org_slug, pipeline_key=pipeline_key, state=state, before=before,
                                          limit=limit)
         live = [r for r in self._active.values()

@@ -18,9 +18,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StringConstraints, ValidationError
 
 from server.errors import FieldViolation, InvalidInputError
 
@@ -80,6 +80,24 @@ class Processor(Protocol):
         ...
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# A config value that is still a template at load time (`"{{ start_date }}"`); resolved before the step runs.
+Templated = Annotated[str, StringConstraints(pattern=r"(\{\{|\{%)")]
+
+
+def parse_config(model: type[ModelT], step_config: dict[str, Any]) -> ModelT:
+    """Validate a step's resolved config with the processor's model; InvalidInputError names the fields."""
+    try:
+        return model.model_validate(step_config)
+    except ValidationError as exc:
+        raise InvalidInputError(
+            "invalid step config",
+            [FieldViolation("config." + ".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()],
+            reason="INVALID_STEP_CONFIG",
+        ) from exc
+
+
 def _module_name(ps_type: str) -> str:
     match = PS_TYPE.fullmatch(ps_type)
     if match is None:
@@ -125,11 +143,4 @@ class ProcessorRegistry:
         model = getattr(self.get(ps_type), "Config", None)
         if model is None or not (isinstance(model, type) and issubclass(model, BaseModel)):
             return
-        try:
-            model.model_validate(config)
-        except ValidationError as exc:
-            raise InvalidInputError(
-                f"invalid config for {ps_type}",
-                [FieldViolation("config." + ".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()],
-                reason="INVALID_STEP_CONFIG",
-            ) from exc
+        parse_config(model, config)

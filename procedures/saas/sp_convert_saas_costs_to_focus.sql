@@ -1,0 +1,384 @@
+-- Convert an org's amortized SaaS subscription costs (saas_subscription_plan_costs_daily) into the FOCUS 1.2
+-- cost table (cost_data_focus_1_2) for the window [p_start_date, p_end_date].
+--
+-- Replaces, in one MERGE, only the rows with x_SourceSystem = 'saas_subscription' and x_ChargeDate in the
+-- window; rows of other sources and of other days are never touched, and re-running a window gives the
+-- same rows. Reads the window's daily rows and the plans table (start date and tags only).
+--
+-- Arguments: p_dataset (org dataset, e.g. acme_local), p_start_date, p_end_date (inclusive UTC days),
+-- p_pipeline_id, p_run_id (lineage). Returns one row: dataset, window, purchase_rows, usage_rows,
+-- billed_cost, effective_cost (exact decimal strings; the emulator prints NUMERIC results with 3 decimals).
+--
+-- Model (prepaid recurring purchase, amortized):
+--   * Purchase row, one per billing period whose billing day falls in the window. The billing day is the
+--     period's first active day: period_start, or the plan's start_date when the service starts later.
+--     It carries what is invoiced (BilledCost = billed_charge) and EffectiveCost = 0 (it covers future
+--     days). ChargePeriod = the period's active days [first active day, first active day + active_days).
+--   * Usage row, one per daily row: BilledCost = 0, EffectiveCost = daily_cost, ChargePeriod = [day, day+1).
+--   So SUM(BilledCost) over any rows = invoiced charges and SUM(EffectiveCost) = amortized cost, never
+--   both for the same money. The Purchase row's List/ContractedCost equal the sum of its Usage rows'
+--   List/ContractedCost over the whole period (the amortized shares), so those columns are only additive
+--   within one ChargeCategory: filter ChargeCategory = 'Usage' (or 'Purchase') before summing them.
+--
+-- Amounts: every *UnitPrice x PricingQuantity equals its *Cost exactly (FOCUS requires it). Per unit:
+--   list unit   = list_charge / quantity, prorated by active_days / period_days (rounded to 1e-9);
+--   contracted unit = billed_charge / quantity (rounded to 1e-9; exact unless it has > 9 decimals).
+--   The Purchase row carries those units; each Usage row carries the day's share of them, split over
+--   the period's active days by cumulative rounding (day k gets round(U*k/a) - round(U*(k-1)/a)), so the
+--   days sum exactly to the Purchase row. ListCost over a period = list_charge x active/period days (per
+--   unit, times the quantity), never the full charge repeated. EffectiveCost is daily_cost as the daily
+--   table computed it; ContractedCost of a Usage row can differ from it by at most 1e-9 x quantity.
+--   The arithmetic runs on INT64 nano-units (quotient and remainder kept apart, so nothing overflows
+--   below 9.2e9 per period): the emulator evaluates NUMERIC division in FLOAT64.
+--
+-- Column mapping (P = Purchase row, U = Usage row; d = daily row; q = PricingQuantity):
+--   BilledCost                     P: billed_charge                         U: 0
+--   EffectiveCost                  P: 0                                     U: daily_cost
+--   ListUnitPrice                  P: list_charge / q x active/period days  U: the day's share of it
+--   ListCost                       ListUnitPrice x q
+--   ContractedUnitPrice            P: billed_charge / q                     U: the day's share of it
+--   ContractedCost                 ContractedUnitPrice x q
+--   PricingQuantity                q = seats (per_seat, at least 1), 1 (flat_fee)
+--   PricingUnit                    'Seat' (per_seat), 'Subscription' (flat_fee)
+--   ConsumedQuantity / ConsumedUnit  P: NULL / NULL                        U: q / PricingUnit
+--   ChargeCategory                 P: 'Purchase'                            U: 'Usage'
+--   ChargeFrequency                'Recurring' (both; FOCUS forbids only Usage-Based for Purchase)
+--   ChargeClass                    NULL (no corrections)
+--   ChargeDescription              P: '<Provider> <plan> <cycle> subscription, <q> seat(s)|flat fee, service <first> to <last>'
+--                                  U: '<Provider> <plan> <cycle> subscription, <q> seat(s)|flat fee, amortized share for <day>'
+--   ChargePeriodStart / End        P: first active day / + active_days      U: cost_date / + 1 day (00:00 UTC)
+--   BillingPeriodStart / End       calendar month (UTC) of x_ChargeDate: first day / first day of next month
+--   BillingCurrency                currency
+--   PricingCategory                'Standard'
+--   PricingCurrency                currency
+--   PricingCurrencyListUnitPrice / PricingCurrencyContractedUnitPrice / PricingCurrencyEffectiveCost
+--                                  = ListUnitPrice / ContractedUnitPrice / EffectiveCost (same currency)
+--   ProviderName, PublisherName, InvoiceIssuerName
+--                                  provider display name: a known spelling (OpenAI, GitHub, ...), the
+--                                  provider as given when it has capitals, else INITCAP with '_'/'-' as spaces
+--   ServiceName                    plan_name
+--   ServiceCategory                category when it is a FOCUS 1.2 value (case-insensitive), else 'Other'
+--   ServiceSubcategory             'Other (<ServiceCategory>)'
+--   BillingAccountId               contract_id, else subscription_id
+--   BillingAccountName             '<Provider> <BillingAccountId>'
+--   BillingAccountType             'Contract' (contract_id set), else 'Subscription'
+--   SubAccountId / Name / Type     subscription_id / '<Provider> <plan_name>' / 'Subscription'
+--   SkuId                          '<provider>/<plan_name>/<pricing_model>' (provider lowercased)
+--   SkuPriceId                     '<SkuId>/<billing_cycle>/<currency>'
+--   SkuMeter                       'Seats' (per_seat), 'Subscription' (flat_fee)
+--   SkuPriceDetails                {"x_BillingCycle": billing_cycle, "x_PricingModel": pricing_model}
+--   Tags                           the plan's tags JSON, {} when none (or the plan is gone)
+--   InvoiceId                      NULL (the provider's invoice id is not known)
+--   CommitmentDiscount* (7), CapacityReservationId/Status, ResourceId/Name/Type, RegionId/Name,
+--   AvailabilityZone               NULL (no commitment discounts, reservations, resources or regions)
+--   x_SourceSystem                 'saas_subscription'
+--   x_ChargeDate                   P: billing day (first active day)        U: cost_date
+--   x_SubscriptionId               subscription_id
+--   x_ServicePeriodStart / End     period_start / period_end (the billing period of the plan, inclusive)
+--   x_BillingCycle, x_PricingModel billing_cycle, pricing_model
+--   x_PipelineId, x_RunId          p_pipeline_id, p_run_id
+--   x_IngestedAt                   CURRENT_TIMESTAMP() (UTC)
+--
+-- Written for BigQuery and the bqemulator: no IF/WHILE/transactions in the body (the argument check is an
+-- ERROR() inside SET), no named USING parameters (positional `?`), NUMERIC casts as NUMERIC(38, 9), and
+-- every value computed in the MERGE source (the emulator types literals in MERGE ... VALUES as
+-- DECIMAL(18, 3)).
+CREATE OR REPLACE PROCEDURE `${project}.${dataset}.sp_convert_saas_costs_to_focus`(
+  p_dataset STRING, p_start_date DATE, p_end_date DATE, p_pipeline_id STRING, p_run_id STRING)
+BEGIN
+  DECLARE checked INT64;
+  SET checked = (SELECT IF(
+    p_dataset IS NULL OR NOT REGEXP_CONTAINS(p_dataset, r'^[A-Za-z_][A-Za-z0-9_]{0,1023}$'),
+    ERROR('sp_convert_saas_costs_to_focus: p_dataset must be a dataset name'),
+    IF(p_start_date IS NULL OR p_end_date IS NULL OR p_start_date > p_end_date,
+       ERROR('sp_convert_saas_costs_to_focus: p_start_date and p_end_date are required, start <= end'),
+       IF(p_pipeline_id IS NULL OR p_run_id IS NULL,
+          ERROR('sp_convert_saas_costs_to_focus: p_pipeline_id and p_run_id are required'), 1))));
+
+  EXECUTE IMMEDIATE FORMAT("""
+    MERGE `%s.cost_data_focus_1_2` AS T
+    USING (
+      WITH params AS (
+        SELECT ? AS start_date, ? AS end_date, ? AS pipeline_id, ? AS run_id
+      ),
+      plans AS (
+        SELECT subscription_id, MIN(start_date) AS start_date, MAX(TO_JSON_STRING(tags)) AS tags_json
+        FROM `%s.saas_subscription_plans`
+        GROUP BY subscription_id
+      ),
+      base AS (
+        SELECT
+          d.subscription_id, d.provider, d.plan_name, d.category, d.cost_date, d.daily_cost, d.currency,
+          d.billing_cycle, d.pricing_model, d.period_start, d.period_end, d.billed_charge,
+          NULLIF(TRIM(d.contract_id), '') AS contract_id,
+          GREATEST(d.period_days, 1) AS period_days,
+          LEAST(GREATEST(d.active_days, 1), GREATEST(d.period_days, 1)) AS active_days,
+          IF(d.pricing_model = 'per_seat', GREATEST(IFNULL(d.seats, 1), 1), 1) AS qty,
+          CAST(d.list_charge * 1000000000 AS INT64) AS list_nanos,
+          CAST(d.billed_charge * 1000000000 AS INT64) AS billed_nanos,
+          p.start_date AS plan_start,
+          IFNULL(p.tags_json, '{}') AS tags_json,
+          pr.pipeline_id, pr.run_id, pr.start_date AS window_start, pr.end_date AS window_end
+        FROM `%s.saas_subscription_plan_costs_daily` AS d
+        CROSS JOIN params AS pr
+        LEFT JOIN plans AS p ON p.subscription_id = d.subscription_id
+        WHERE d.cost_date BETWEEN pr.start_date AND pr.end_date
+      ),
+      described AS (
+        SELECT
+          b.*,
+          -- first active day of the period = billing day, clamped so the active days stay inside the period
+          LEAST(GREATEST(b.period_start, IFNULL(b.plan_start, b.period_start)),
+                DATE_SUB(b.period_end, INTERVAL (b.active_days - 1) DAY)) AS first_day,
+          CASE
+            WHEN REGEXP_CONTAINS(TRIM(b.provider), r'[A-Z]') THEN TRIM(b.provider)
+            WHEN LOWER(TRIM(b.provider)) = 'openai' THEN 'OpenAI'
+            WHEN LOWER(TRIM(b.provider)) = 'github' THEN 'GitHub'
+            WHEN LOWER(TRIM(b.provider)) = 'gitlab' THEN 'GitLab'
+            WHEN LOWER(TRIM(b.provider)) = 'hubspot' THEN 'HubSpot'
+            WHEN LOWER(TRIM(b.provider)) = 'linkedin' THEN 'LinkedIn'
+            WHEN LOWER(TRIM(b.provider)) = 'jetbrains' THEN 'JetBrains'
+            WHEN LOWER(TRIM(b.provider)) = 'mongodb' THEN 'MongoDB'
+            WHEN LOWER(TRIM(b.provider)) = 'pagerduty' THEN 'PagerDuty'
+            WHEN LOWER(TRIM(b.provider)) = 'docusign' THEN 'DocuSign'
+            WHEN LOWER(TRIM(b.provider)) = 'clickup' THEN 'ClickUp'
+            WHEN LOWER(TRIM(b.provider)) = 'servicenow' THEN 'ServiceNow'
+            WHEN LOWER(TRIM(b.provider)) = 'hashicorp' THEN 'HashiCorp'
+            WHEN LOWER(TRIM(b.provider)) = 'launchdarkly' THEN 'LaunchDarkly'
+            WHEN LOWER(TRIM(b.provider)) = 'elevenlabs' THEN 'ElevenLabs'
+            WHEN LOWER(TRIM(b.provider)) = 'chatgpt' THEN 'ChatGPT'
+            WHEN LOWER(TRIM(b.provider)) = 'youtube' THEN 'YouTube'
+            WHEN LOWER(TRIM(b.provider)) IN ('aws', 'ibm', 'sap', 'gcp') THEN UPPER(TRIM(b.provider))
+            ELSE INITCAP(REPLACE(REPLACE(TRIM(b.provider), '_', ' '), '-', ' '))
+          END AS provider_name,
+          CASE LOWER(TRIM(IFNULL(b.category, '')))
+            WHEN 'ai and machine learning' THEN 'AI and Machine Learning'
+            WHEN 'analytics' THEN 'Analytics'
+            WHEN 'business applications' THEN 'Business Applications'
+            WHEN 'compute' THEN 'Compute'
+            WHEN 'databases' THEN 'Databases'
+            WHEN 'developer tools' THEN 'Developer Tools'
+            WHEN 'multicloud' THEN 'Multicloud'
+            WHEN 'identity' THEN 'Identity'
+            WHEN 'integration' THEN 'Integration'
+            WHEN 'internet of things' THEN 'Internet of Things'
+            WHEN 'management and governance' THEN 'Management and Governance'
+            WHEN 'media' THEN 'Media'
+            WHEN 'migration' THEN 'Migration'
+            WHEN 'mobile' THEN 'Mobile'
+            WHEN 'networking' THEN 'Networking'
+            WHEN 'security' THEN 'Security'
+            WHEN 'storage' THEN 'Storage'
+            WHEN 'web' THEN 'Web'
+            ELSE 'Other'
+          END AS service_category,
+          IF(b.pricing_model = 'per_seat', 'Seat', 'Subscription') AS pricing_unit,
+          CONCAT(LOWER(TRIM(b.provider)), '/', b.plan_name, '/', b.pricing_model) AS sku_id
+        FROM base AS b
+      ),
+      units AS (
+        SELECT
+          x.*,
+          -- per-unit list price of the period, prorated: round(list_nanos * active / (period * qty))
+          DIV(x.list_nanos, x.period_days * x.qty) * x.active_days
+            + DIV(2 * MOD(x.list_nanos, x.period_days * x.qty) * x.active_days + x.period_days * x.qty,
+                  2 * x.period_days * x.qty) AS list_unit_nanos,
+          -- per-unit contracted price of the period: round(billed_nanos / qty)
+          DIV(2 * x.billed_nanos + x.qty, 2 * x.qty) AS contracted_unit_nanos,
+          DATE_DIFF(x.cost_date, x.first_day, DAY) + 1 AS day_index,
+          CONCAT(x.provider_name, ' ', x.plan_name, ' ', REPLACE(x.billing_cycle, '_', '-'), ' subscription, ',
+                 IF(x.pricing_model = 'per_seat',
+                    CONCAT(CAST(x.qty AS STRING), IF(x.qty = 1, ' seat', ' seats')), 'flat fee')) AS description
+        FROM described AS x
+      ),
+      usage_rows AS (
+        SELECT
+          u.*,
+          'Usage' AS charge_category,
+          u.cost_date AS charge_date,
+          u.cost_date AS charge_start,
+          DATE_ADD(u.cost_date, INTERVAL 1 DAY) AS charge_end,
+          CAST(0 AS NUMERIC(38, 9)) AS billed_cost,
+          u.daily_cost AS effective_cost,
+          -- the day's share of a per-unit amount U over a active days: round(U*k/a) - round(U*(k-1)/a),
+          -- with U = Q*a + R so that no product overflows
+          DIV(u.list_unit_nanos, u.active_days)
+            + DIV(2 * MOD(u.list_unit_nanos, u.active_days) * LEAST(GREATEST(u.day_index, 1), u.active_days)
+                  + u.active_days, 2 * u.active_days)
+            - DIV(2 * MOD(u.list_unit_nanos, u.active_days) * (LEAST(GREATEST(u.day_index, 1), u.active_days) - 1)
+                  + u.active_days, 2 * u.active_days) AS list_price_nanos,
+          DIV(u.contracted_unit_nanos, u.active_days)
+            + DIV(2 * MOD(u.contracted_unit_nanos, u.active_days) * LEAST(GREATEST(u.day_index, 1), u.active_days)
+                  + u.active_days, 2 * u.active_days)
+            - DIV(2 * MOD(u.contracted_unit_nanos, u.active_days) * (LEAST(GREATEST(u.day_index, 1), u.active_days) - 1)
+                  + u.active_days, 2 * u.active_days) AS contracted_price_nanos,
+          CAST(u.qty AS NUMERIC(38, 9)) AS consumed_quantity,
+          u.pricing_unit AS consumed_unit,
+          CONCAT(u.description, ', amortized share for ', CAST(u.cost_date AS STRING)) AS charge_description
+        FROM units AS u
+      ),
+      purchase_rows AS (
+        SELECT
+          u.*,
+          'Purchase' AS charge_category,
+          u.first_day AS charge_date,
+          u.first_day AS charge_start,
+          DATE_ADD(u.first_day, INTERVAL u.active_days DAY) AS charge_end,
+          u.billed_charge AS billed_cost,
+          CAST(0 AS NUMERIC(38, 9)) AS effective_cost,
+          u.list_unit_nanos AS list_price_nanos,
+          u.contracted_unit_nanos AS contracted_price_nanos,
+          CAST(NULL AS NUMERIC(38, 9)) AS consumed_quantity,
+          CAST(NULL AS STRING) AS consumed_unit,
+          CONCAT(u.description, ', service ', CAST(u.first_day AS STRING), ' to ',
+                 CAST(DATE_ADD(u.first_day, INTERVAL u.active_days - 1 DAY) AS STRING)) AS charge_description
+        FROM (
+          SELECT units.*, ROW_NUMBER() OVER (
+            PARTITION BY units.subscription_id, units.period_start ORDER BY units.cost_date) AS period_row
+          FROM units
+        ) AS u
+        -- one per billing period, kept when its billing day is in the window
+        WHERE u.period_row = 1 AND u.first_day BETWEEN u.window_start AND u.window_end
+      ),
+      focus_rows AS (
+        SELECT
+          r.*,
+          CAST(r.list_price_nanos AS NUMERIC(38, 9)) * CAST('0.000000001' AS NUMERIC(38, 9)) AS list_unit_price,
+          CAST(r.list_price_nanos * r.qty AS NUMERIC(38, 9)) * CAST('0.000000001' AS NUMERIC(38, 9)) AS list_cost,
+          CAST(r.contracted_price_nanos AS NUMERIC(38, 9)) * CAST('0.000000001' AS NUMERIC(38, 9))
+            AS contracted_unit_price,
+          CAST(r.contracted_price_nanos * r.qty AS NUMERIC(38, 9)) * CAST('0.000000001' AS NUMERIC(38, 9))
+            AS contracted_cost,
+          DATE_TRUNC(r.charge_date, MONTH) AS billing_month
+        FROM (
+          SELECT subscription_id, provider, plan_name, currency, billing_cycle, pricing_model, period_start,
+                 period_end, contract_id, qty, tags_json, pipeline_id, run_id, provider_name, service_category,
+                 pricing_unit, sku_id, charge_category, charge_date, charge_start, charge_end, billed_cost,
+                 effective_cost, list_price_nanos, contracted_price_nanos, consumed_quantity, consumed_unit,
+                 charge_description
+          FROM usage_rows
+          UNION ALL
+          SELECT subscription_id, provider, plan_name, currency, billing_cycle, pricing_model, period_start,
+                 period_end, contract_id, qty, tags_json, pipeline_id, run_id, provider_name, service_category,
+                 pricing_unit, sku_id, charge_category, charge_date, charge_start, charge_end, billed_cost,
+                 effective_cost, list_price_nanos, contracted_price_nanos, consumed_quantity, consumed_unit,
+                 charge_description
+          FROM purchase_rows
+        ) AS r
+      )
+      SELECT
+        CAST(NULL AS STRING) AS AvailabilityZone,
+        f.billed_cost AS BilledCost,
+        IFNULL(f.contract_id, f.subscription_id) AS BillingAccountId,
+        CONCAT(f.provider_name, ' ', IFNULL(f.contract_id, f.subscription_id)) AS BillingAccountName,
+        IF(f.contract_id IS NULL, 'Subscription', 'Contract') AS BillingAccountType,
+        f.currency AS BillingCurrency,
+        TIMESTAMP(DATE_ADD(f.billing_month, INTERVAL 1 MONTH)) AS BillingPeriodEnd,
+        TIMESTAMP(f.billing_month) AS BillingPeriodStart,
+        CAST(NULL AS STRING) AS CapacityReservationId,
+        CAST(NULL AS STRING) AS CapacityReservationStatus,
+        f.charge_category AS ChargeCategory,
+        CAST(NULL AS STRING) AS ChargeClass,
+        f.charge_description AS ChargeDescription,
+        'Recurring' AS ChargeFrequency,
+        TIMESTAMP(f.charge_end) AS ChargePeriodEnd,
+        TIMESTAMP(f.charge_start) AS ChargePeriodStart,
+        CAST(NULL AS STRING) AS CommitmentDiscountCategory,
+        CAST(NULL AS STRING) AS CommitmentDiscountId,
+        CAST(NULL AS STRING) AS CommitmentDiscountName,
+        CAST(NULL AS NUMERIC(38, 9)) AS CommitmentDiscountQuantity,
+        CAST(NULL AS STRING) AS CommitmentDiscountStatus,
+        CAST(NULL AS STRING) AS CommitmentDiscountType,
+        CAST(NULL AS STRING) AS CommitmentDiscountUnit,
+        f.consumed_quantity AS ConsumedQuantity,
+        f.consumed_unit AS ConsumedUnit,
+        f.contracted_cost AS ContractedCost,
+        f.contracted_unit_price AS ContractedUnitPrice,
+        f.effective_cost AS EffectiveCost,
+        CAST(NULL AS STRING) AS InvoiceId,
+        f.provider_name AS InvoiceIssuerName,
+        f.list_cost AS ListCost,
+        f.list_unit_price AS ListUnitPrice,
+        'Standard' AS PricingCategory,
+        f.currency AS PricingCurrency,
+        f.contracted_unit_price AS PricingCurrencyContractedUnitPrice,
+        f.effective_cost AS PricingCurrencyEffectiveCost,
+        f.list_unit_price AS PricingCurrencyListUnitPrice,
+        CAST(f.qty AS NUMERIC(38, 9)) AS PricingQuantity,
+        f.pricing_unit AS PricingUnit,
+        f.provider_name AS ProviderName,
+        f.provider_name AS PublisherName,
+        CAST(NULL AS STRING) AS RegionId,
+        CAST(NULL AS STRING) AS RegionName,
+        CAST(NULL AS STRING) AS ResourceId,
+        CAST(NULL AS STRING) AS ResourceName,
+        CAST(NULL AS STRING) AS ResourceType,
+        f.service_category AS ServiceCategory,
+        f.plan_name AS ServiceName,
+        CONCAT('Other (', f.service_category, ')') AS ServiceSubcategory,
+        f.sku_id AS SkuId,
+        IF(f.pricing_model = 'per_seat', 'Seats', 'Subscription') AS SkuMeter,
+        JSON_OBJECT('x_BillingCycle', f.billing_cycle, 'x_PricingModel', f.pricing_model) AS SkuPriceDetails,
+        CONCAT(f.sku_id, '/', f.billing_cycle, '/', f.currency) AS SkuPriceId,
+        f.subscription_id AS SubAccountId,
+        CONCAT(f.provider_name, ' ', f.plan_name) AS SubAccountName,
+        'Subscription' AS SubAccountType,
+        PARSE_JSON(f.tags_json) AS Tags,
+        'saas_subscription' AS x_SourceSystem,
+        f.charge_date AS x_ChargeDate,
+        f.subscription_id AS x_SubscriptionId,
+        f.period_start AS x_ServicePeriodStart,
+        f.period_end AS x_ServicePeriodEnd,
+        f.billing_cycle AS x_BillingCycle,
+        f.pricing_model AS x_PricingModel,
+        f.pipeline_id AS x_PipelineId,
+        f.run_id AS x_RunId,
+        CURRENT_TIMESTAMP() AS x_IngestedAt
+      FROM focus_rows AS f
+    ) AS S
+    ON FALSE
+    WHEN NOT MATCHED BY SOURCE
+      AND T.x_SourceSystem = 'saas_subscription' AND T.x_ChargeDate BETWEEN ? AND ? THEN DELETE
+    WHEN NOT MATCHED THEN INSERT (
+      AvailabilityZone, BilledCost, BillingAccountId, BillingAccountName, BillingAccountType, BillingCurrency,
+      BillingPeriodEnd, BillingPeriodStart, CapacityReservationId, CapacityReservationStatus, ChargeCategory,
+      ChargeClass, ChargeDescription, ChargeFrequency, ChargePeriodEnd, ChargePeriodStart,
+      CommitmentDiscountCategory, CommitmentDiscountId, CommitmentDiscountName, CommitmentDiscountQuantity,
+      CommitmentDiscountStatus, CommitmentDiscountType, CommitmentDiscountUnit, ConsumedQuantity, ConsumedUnit,
+      ContractedCost, ContractedUnitPrice, EffectiveCost, InvoiceId, InvoiceIssuerName, ListCost, ListUnitPrice,
+      PricingCategory, PricingCurrency, PricingCurrencyContractedUnitPrice, PricingCurrencyEffectiveCost,
+      PricingCurrencyListUnitPrice, PricingQuantity, PricingUnit, ProviderName, PublisherName, RegionId,
+      RegionName, ResourceId, ResourceName, ResourceType, ServiceCategory, ServiceName, ServiceSubcategory,
+      SkuId, SkuMeter, SkuPriceDetails, SkuPriceId, SubAccountId, SubAccountName, SubAccountType, Tags,
+      x_SourceSystem, x_ChargeDate, x_SubscriptionId, x_ServicePeriodStart, x_ServicePeriodEnd, x_BillingCycle,
+      x_PricingModel, x_PipelineId, x_RunId, x_IngestedAt)
+    VALUES (
+      S.AvailabilityZone, S.BilledCost, S.BillingAccountId, S.BillingAccountName, S.BillingAccountType,
+      S.BillingCurrency, S.BillingPeriodEnd, S.BillingPeriodStart, S.CapacityReservationId,
+      S.CapacityReservationStatus, S.ChargeCategory, S.ChargeClass, S.ChargeDescription, S.ChargeFrequency,
+      S.ChargePeriodEnd, S.ChargePeriodStart, S.CommitmentDiscountCategory, S.CommitmentDiscountId,
+      S.CommitmentDiscountName, S.CommitmentDiscountQuantity, S.CommitmentDiscountStatus,
+      S.CommitmentDiscountType, S.CommitmentDiscountUnit, S.ConsumedQuantity, S.ConsumedUnit, S.ContractedCost,
+      S.ContractedUnitPrice, S.EffectiveCost, S.InvoiceId, S.InvoiceIssuerName, S.ListCost, S.ListUnitPrice,
+      S.PricingCategory, S.PricingCurrency, S.PricingCurrencyContractedUnitPrice, S.PricingCurrencyEffectiveCost,
+      S.PricingCurrencyListUnitPrice, S.PricingQuantity, S.PricingUnit, S.ProviderName, S.PublisherName,
+      S.RegionId, S.RegionName, S.ResourceId, S.ResourceName, S.ResourceType, S.ServiceCategory, S.ServiceName,
+      S.ServiceSubcategory, S.SkuId, S.SkuMeter, S.SkuPriceDetails, S.SkuPriceId, S.SubAccountId,
+      S.SubAccountName, S.SubAccountType, S.Tags, S.x_SourceSystem, S.x_ChargeDate, S.x_SubscriptionId,
+      S.x_ServicePeriodStart, S.x_ServicePeriodEnd, S.x_BillingCycle, S.x_PricingModel, S.x_PipelineId,
+      S.x_RunId, S.x_IngestedAt)
+  """, p_dataset, p_dataset, p_dataset)
+  USING p_start_date, p_end_date, p_pipeline_id, p_run_id, p_start_date, p_end_date;
+
+  EXECUTE IMMEDIATE FORMAT("""
+    SELECT
+      ? AS dataset, ? AS start_date, ? AS end_date,
+      COUNTIF(ChargeCategory = 'Purchase') AS purchase_rows,
+      COUNTIF(ChargeCategory = 'Usage') AS usage_rows,
+      CAST(IFNULL(SUM(BilledCost), 0) AS STRING) AS billed_cost,
+      CAST(IFNULL(SUM(EffectiveCost), 0) AS STRING) AS effective_cost
+    FROM `%s.cost_data_focus_1_2`
+    WHERE x_SourceSystem = 'saas_subscription' AND x_ChargeDate BETWEEN ? AND ?
+  """, p_dataset)
+  USING p_dataset, p_start_date, p_end_date, p_start_date, p_end_date;
+END
