@@ -18,6 +18,7 @@ from typing import Any
 
 from grpc import aio
 
+from bench.stack import drain
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 from server import app
 from server.engine.processor import ProcessorRegistry, RunIdentity, StepContext
@@ -127,7 +128,8 @@ async def _floor_once(service: app.Service, org_slug: str) -> float:
 
 
 async def measure(service: app.Service, org_slug: str, api_key: str, repeats: int = 5) -> Overhead:
-    """One warm-up and `repeats` measured runs of each of the three ways."""
+    """One warm-up and `repeats` measured runs of each of the three ways, the ledger drained before each
+    RunPipeline (and before the other two ways) so no earlier run's flush is timed."""
     per_step = 1000.0 / STEPS
     walls: list[float] = []
     servers: list[float] = []
@@ -135,11 +137,13 @@ async def measure(service: app.Service, org_slug: str, api_key: str, repeats: in
     async with aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
         for n in range(repeats + 1):
+            await drain(service, 10.0)  # the previous run's ledger flush must not land in this one
             wall, server, state = await _rpc_once(stub, org_slug, api_key, n)
             states.append(state)
             if n:
                 walls.append(wall)
                 servers.append(server)
+    await drain(service, 10.0)
     runner = StepRunner(
         ProcessorRegistry(),
         global_limit=asyncio.Semaphore(service.settings.max_concurrent_steps),

@@ -88,7 +88,7 @@ CREATE OR REPLACE PROCEDURE `${project}.${dataset}.sp_convert_saas_costs_to_focu
 BEGIN
   DECLARE checked INT64;
   SET checked = (SELECT IF(
-    p_dataset IS NULL OR NOT REGEXP_CONTAINS(p_dataset, r'^[A-Za-z_][A-Za-z0-9_]{0,1023}$'),
+    p_dataset IS NULL OR p_dataset = '' OR REGEXP_CONTAINS(p_dataset, r'[^A-Za-z0-9_]'),
     ERROR('sp_convert_saas_costs_to_focus: p_dataset must be a dataset name'),
     IF(p_start_date IS NULL OR p_end_date IS NULL OR p_start_date > p_end_date,
        ERROR('sp_convert_saas_costs_to_focus: p_start_date and p_end_date are required, start <= end'),
@@ -102,9 +102,13 @@ BEGIN
         SELECT ? AS start_date, ? AS end_date, ? AS pipeline_id, ? AS run_id
       ),
       plans AS (
-        SELECT subscription_id, MIN(start_date) AS start_date, MAX(TO_JSON_STRING(tags)) AS tags_json
-        FROM `%s.saas_subscription_plans`
-        GROUP BY subscription_id
+        SELECT ranked.subscription_id, ranked.start_date, ranked.tags
+        FROM (
+          SELECT subscription_id, start_date, tags,
+                 ROW_NUMBER() OVER (PARTITION BY subscription_id ORDER BY x_loaded_at DESC) AS plan_row
+          FROM `%s.saas_subscription_plans`
+        ) AS ranked
+        WHERE ranked.plan_row = 1
       ),
       base AS (
         SELECT
@@ -117,7 +121,7 @@ BEGIN
           CAST(d.list_charge * 1000000000 AS INT64) AS list_nanos,
           CAST(d.billed_charge * 1000000000 AS INT64) AS billed_nanos,
           p.start_date AS plan_start,
-          IFNULL(p.tags_json, '{}') AS tags_json,
+          IFNULL(p.tags, PARSE_JSON('{}')) AS tags,
           pr.pipeline_id, pr.run_id, pr.start_date AS window_start, pr.end_date AS window_end
         FROM `%s.saas_subscription_plan_costs_daily` AS d
         CROSS JOIN params AS pr
@@ -127,9 +131,9 @@ BEGIN
       described AS (
         SELECT
           b.*,
-          -- first active day of the period = billing day, clamped so the active days stay inside the period
+          -- first active day of the period = billing day, clamped to keep the active days inside the period
           LEAST(GREATEST(b.period_start, IFNULL(b.plan_start, b.period_start)),
-                DATE_SUB(b.period_end, INTERVAL (b.active_days - 1) DAY)) AS first_day,
+                DATE(TIMESTAMP_SUB(TIMESTAMP(b.period_end), INTERVAL (b.active_days - 1) DAY))) AS first_day,
           CASE
             WHEN REGEXP_CONTAINS(TRIM(b.provider), r'[A-Z]') THEN TRIM(b.provider)
             WHEN LOWER(TRIM(b.provider)) = 'openai' THEN 'OpenAI'
@@ -179,11 +183,11 @@ BEGIN
       units AS (
         SELECT
           x.*,
-          -- per-unit list price of the period, prorated: round(list_nanos * active / (period * qty))
+          -- per-unit list price of the period, prorated: round(list_nanos * active_days, period_days * qty)
           DIV(x.list_nanos, x.period_days * x.qty) * x.active_days
             + DIV(2 * MOD(x.list_nanos, x.period_days * x.qty) * x.active_days + x.period_days * x.qty,
                   2 * x.period_days * x.qty) AS list_unit_nanos,
-          -- per-unit contracted price of the period: round(billed_nanos / qty)
+          -- per-unit contracted price of the period: round(billed_nanos, qty)
           DIV(2 * x.billed_nanos + x.qty, 2 * x.qty) AS contracted_unit_nanos,
           DATE_DIFF(x.cost_date, x.first_day, DAY) + 1 AS day_index,
           CONCAT(x.provider_name, ' ', x.plan_name, ' ', REPLACE(x.billing_cycle, '_', '-'), ' subscription, ',
@@ -196,11 +200,11 @@ BEGIN
           u.*,
           'Usage' AS charge_category,
           u.cost_date AS charge_date,
-          u.cost_date AS charge_start,
-          DATE_ADD(u.cost_date, INTERVAL 1 DAY) AS charge_end,
+          TIMESTAMP(u.cost_date) AS charge_start,
+          TIMESTAMP_ADD(TIMESTAMP(u.cost_date), INTERVAL 1 DAY) AS charge_end,
           CAST(0 AS NUMERIC(38, 9)) AS billed_cost,
           u.daily_cost AS effective_cost,
-          -- the day's share of a per-unit amount U over a active days: round(U*k/a) - round(U*(k-1)/a),
+          -- the share of day k of a per-unit amount U over a active days: round(U*k, a) - round(U*(k-1), a),
           -- with U = Q*a + R so that no product overflows
           DIV(u.list_unit_nanos, u.active_days)
             + DIV(2 * MOD(u.list_unit_nanos, u.active_days) * LEAST(GREATEST(u.day_index, 1), u.active_days)
@@ -222,8 +226,8 @@ BEGIN
           u.*,
           'Purchase' AS charge_category,
           u.first_day AS charge_date,
-          u.first_day AS charge_start,
-          DATE_ADD(u.first_day, INTERVAL u.active_days DAY) AS charge_end,
+          TIMESTAMP(u.first_day) AS charge_start,
+          TIMESTAMP_ADD(TIMESTAMP(u.first_day), INTERVAL u.active_days DAY) AS charge_end,
           u.billed_charge AS billed_cost,
           CAST(0 AS NUMERIC(38, 9)) AS effective_cost,
           u.list_unit_nanos AS list_price_nanos,
@@ -231,7 +235,8 @@ BEGIN
           CAST(NULL AS NUMERIC(38, 9)) AS consumed_quantity,
           CAST(NULL AS STRING) AS consumed_unit,
           CONCAT(u.description, ', service ', CAST(u.first_day AS STRING), ' to ',
-                 CAST(DATE_ADD(u.first_day, INTERVAL u.active_days - 1 DAY) AS STRING)) AS charge_description
+                 CAST(DATE(TIMESTAMP_ADD(TIMESTAMP(u.first_day), INTERVAL (u.active_days - 1) DAY)) AS STRING))
+            AS charge_description
         FROM (
           SELECT units.*, ROW_NUMBER() OVER (
             PARTITION BY units.subscription_id, units.period_start ORDER BY units.cost_date) AS period_row
@@ -249,17 +254,18 @@ BEGIN
             AS contracted_unit_price,
           CAST(r.contracted_price_nanos * r.qty AS NUMERIC(38, 9)) * CAST('0.000000001' AS NUMERIC(38, 9))
             AS contracted_cost,
-          DATE_TRUNC(r.charge_date, MONTH) AS billing_month
+          TIMESTAMP(DATE_TRUNC(r.charge_date, MONTH)) AS billing_period_start,
+          TIMESTAMP_ADD(TIMESTAMP(LAST_DAY(r.charge_date, MONTH)), INTERVAL 1 DAY) AS billing_period_end
         FROM (
           SELECT subscription_id, provider, plan_name, currency, billing_cycle, pricing_model, period_start,
-                 period_end, contract_id, qty, tags_json, pipeline_id, run_id, provider_name, service_category,
+                 period_end, contract_id, qty, tags, pipeline_id, run_id, provider_name, service_category,
                  pricing_unit, sku_id, charge_category, charge_date, charge_start, charge_end, billed_cost,
                  effective_cost, list_price_nanos, contracted_price_nanos, consumed_quantity, consumed_unit,
                  charge_description
           FROM usage_rows
           UNION ALL
           SELECT subscription_id, provider, plan_name, currency, billing_cycle, pricing_model, period_start,
-                 period_end, contract_id, qty, tags_json, pipeline_id, run_id, provider_name, service_category,
+                 period_end, contract_id, qty, tags, pipeline_id, run_id, provider_name, service_category,
                  pricing_unit, sku_id, charge_category, charge_date, charge_start, charge_end, billed_cost,
                  effective_cost, list_price_nanos, contracted_price_nanos, consumed_quantity, consumed_unit,
                  charge_description
@@ -273,16 +279,16 @@ BEGIN
         CONCAT(f.provider_name, ' ', IFNULL(f.contract_id, f.subscription_id)) AS BillingAccountName,
         IF(f.contract_id IS NULL, 'Subscription', 'Contract') AS BillingAccountType,
         f.currency AS BillingCurrency,
-        TIMESTAMP(DATE_ADD(f.billing_month, INTERVAL 1 MONTH)) AS BillingPeriodEnd,
-        TIMESTAMP(f.billing_month) AS BillingPeriodStart,
+        f.billing_period_end AS BillingPeriodEnd,
+        f.billing_period_start AS BillingPeriodStart,
         CAST(NULL AS STRING) AS CapacityReservationId,
         CAST(NULL AS STRING) AS CapacityReservationStatus,
         f.charge_category AS ChargeCategory,
         CAST(NULL AS STRING) AS ChargeClass,
         f.charge_description AS ChargeDescription,
         'Recurring' AS ChargeFrequency,
-        TIMESTAMP(f.charge_end) AS ChargePeriodEnd,
-        TIMESTAMP(f.charge_start) AS ChargePeriodStart,
+        f.charge_end AS ChargePeriodEnd,
+        f.charge_start AS ChargePeriodStart,
         CAST(NULL AS STRING) AS CommitmentDiscountCategory,
         CAST(NULL AS STRING) AS CommitmentDiscountId,
         CAST(NULL AS STRING) AS CommitmentDiscountName,
@@ -323,7 +329,7 @@ BEGIN
         f.subscription_id AS SubAccountId,
         CONCAT(f.provider_name, ' ', f.plan_name) AS SubAccountName,
         'Subscription' AS SubAccountType,
-        PARSE_JSON(f.tags_json) AS Tags,
+        f.tags AS Tags,
         'saas_subscription' AS x_SourceSystem,
         f.charge_date AS x_ChargeDate,
         f.subscription_id AS x_SubscriptionId,

@@ -255,7 +255,9 @@ class RunManager:
             # The attempt that this event ends (none for steps that never ran an attempt).
             attempt_start = started.pop((step.step_id, event.attempt), None)
             if attempt_start is not None:
-                self._ledger.attempt(run, step, event.attempt, event.state, attempt_start, event.at,
+                # A retried attempt ended in a transient failure: the attempt row says FAILED.
+                state = "FAILED" if event.state == "RETRYING" else event.state
+                self._ledger.attempt(run, step, event.attempt, state, attempt_start, event.at,
                                      event.error, event.error_reason, event.rows_written)
         if event.state in _STEP_TERMINAL:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
