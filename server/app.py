@@ -43,8 +43,10 @@ POLICIES: dict[str, Policy] = {
     f"/{PIPELINE_SERVICE}/WatchPipelineRun": Policy(Access.ORG, "pipelines:read"),
     f"/{PIPELINE_SERVICE}/RunPipeline": Policy(Access.ORG, "pipelines:run"),
     f"/{PIPELINE_SERVICE}/CancelPipelineRun": Policy(Access.ORG, "pipelines:run"),
-    **{f"/{PROCEDURE_SERVICE}/{m}": _ROOT for m in
-       ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")},
+    **{
+        f"/{PROCEDURE_SERVICE}/{m}": _ROOT
+        for m in ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")
+    },
 }
 
 
@@ -60,8 +62,10 @@ def check_policies() -> None:
 def build_warehouse(settings: Settings) -> BigQueryWarehouse:
     """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere)."""
     return BigQueryWarehouse(
-        project=settings.gcp_project_id, location=settings.bigquery_location,
-        endpoint=settings.bigquery_endpoint, job_timeout=settings.bigquery_job_timeout_seconds,
+        project=settings.gcp_project_id,
+        location=settings.bigquery_location,
+        endpoint=settings.bigquery_endpoint,
+        job_timeout=settings.bigquery_job_timeout_seconds,
         retry_deadline=settings.bigquery_retry_deadline_seconds,
     )
 
@@ -89,8 +93,9 @@ class Service:
         await self.warehouse.close()
 
 
-async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = None,
-                bootstrap: bool = True) -> Service:
+async def start(
+    settings: Settings, *, warehouse: BigQueryWarehouse | None = None, bootstrap: bool = True
+) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
     check_policies()
     registry = ProcessorRegistry()
@@ -102,15 +107,22 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
     orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
     procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
     authenticator = Authenticator(
-        root_key=settings.ca_root_api_key.get_secret_value(), lookup=orgs.find_by_key_hash,
-        ttl=settings.auth_cache_ttl_seconds, failures_per_minute=settings.auth_failures_per_minute,
+        root_key=settings.ca_root_api_key.get_secret_value(),
+        lookup=orgs.find_by_key_hash,
+        ttl=settings.auth_cache_ttl_seconds,
+        failures_per_minute=settings.auth_failures_per_minute,
     )
     runs = RunManager(
         catalog=catalog,
-        runner=StepRunner(registry, global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
-                          per_run_limit=settings.max_parallel_steps_per_run),
+        runner=StepRunner(
+            registry,
+            global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
+            per_run_limit=settings.max_parallel_steps_per_run,
+        ),
         ledger=Ledger(warehouse, settings.meta_dataset, interval=settings.ledger_flush_seconds),
-        quotas=Quotas(), warehouse=warehouse, meta_dataset=settings.meta_dataset,
+        quotas=Quotas(),
+        warehouse=warehouse,
+        meta_dataset=settings.meta_dataset,
     )
     await runs.start()
     server = aio.server(
@@ -122,7 +134,8 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
     )
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
@@ -130,5 +143,6 @@ async def start(settings: Settings, *, warehouse: BigQueryWarehouse | None = Non
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics_port = metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port else 0
     log.info("gRPC server listening", extra={"fields": {"address": f"{settings.grpc_host}:{port}"}})
-    return Service(settings, warehouse, server, health_servicer, port, orgs, procedures, catalog, runs,
-                   metrics_port)
+    return Service(
+        settings, warehouse, server, health_servicer, port, orgs, procedures, catalog, runs, metrics_port
+    )

@@ -74,7 +74,8 @@ class FailureThrottle:
         times = self._recent(client)
         if len(times) >= self._limit:
             raise ThrottledError(
-                "too many failed authentication attempts", reason="AUTH_THROTTLED",
+                "too many failed authentication attempts",
+                reason="AUTH_THROTTLED",
                 retry_after=max(1.0, times[0] + self._window - self._clock()),
             )
 
@@ -86,8 +87,15 @@ class FailureThrottle:
 class Authenticator:
     """Checks the credentials of one call against a method's policy."""
 
-    def __init__(self, *, root_key: str, lookup: KeyLookup, ttl: float, failures_per_minute: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        root_key: str,
+        lookup: KeyLookup,
+        ttl: float,
+        failures_per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._root_key = root_key.encode()
         self._lookup = lookup
         self._ttl = ttl
@@ -112,10 +120,14 @@ class Authenticator:
         presented = metadata.get("x-ca-root-key")
         if presented is None:
             if "x-api-key" in metadata:
-                raise PermissionDeniedError("this call needs the root key, not an org API key",
-                                            reason="ROOT_KEY_REQUIRED")
-            raise UnauthenticatedError("missing X-CA-Root-Key header", reason="ROOT_KEY_MISSING",
-                                       metadata={"header": "X-CA-Root-Key"})
+                raise PermissionDeniedError(
+                    "this call needs the root key, not an org API key", reason="ROOT_KEY_REQUIRED"
+                )
+            raise UnauthenticatedError(
+                "missing X-CA-Root-Key header",
+                reason="ROOT_KEY_MISSING",
+                metadata={"header": "X-CA-Root-Key"},
+            )
         if not self._root_key or not hmac.compare_digest(presented.encode(), self._root_key):
             raise UnauthenticatedError("invalid root key", reason="ROOT_KEY_INVALID")
         return RootPrincipal()
@@ -124,16 +136,21 @@ class Authenticator:
         presented = metadata.get("x-api-key")
         if presented is None:
             if "x-ca-root-key" in metadata:
-                raise PermissionDeniedError("this call needs an org API key, not the root key",
-                                            reason="ORG_KEY_REQUIRED")
-            raise UnauthenticatedError("missing X-API-Key header", reason="API_KEY_MISSING",
-                                       metadata={"header": "X-API-Key"})
+                raise PermissionDeniedError(
+                    "this call needs an org API key, not the root key", reason="ORG_KEY_REQUIRED"
+                )
+            raise UnauthenticatedError(
+                "missing X-API-Key header", reason="API_KEY_MISSING", metadata={"header": "X-API-Key"}
+            )
         org = await self._verified(hash_key(presented))
         if org is None:
             raise UnauthenticatedError("invalid, revoked or expired API key", reason="API_KEY_INVALID")
         if policy.scope and policy.scope not in org.scopes:
-            raise PermissionDeniedError(f"API key lacks scope {policy.scope}", reason="SCOPE_MISSING",
-                                        metadata={"scope": policy.scope})
+            raise PermissionDeniedError(
+                f"API key lacks scope {policy.scope}",
+                reason="SCOPE_MISSING",
+                metadata={"scope": policy.scope},
+            )
         return org
 
     async def _verified(self, key_hash: str) -> OrgContext | None:
@@ -152,5 +169,6 @@ class Authenticator:
 def check_org(principal: Principal, org_slug: str) -> None:
     """Refuse an org key whose org differs from the org named in the request."""
     if isinstance(principal, OrgContext) and principal.org_slug != org_slug:
-        raise PermissionDeniedError("API key does not belong to this org", reason="ORG_MISMATCH",
-                                    metadata={"org_slug": org_slug})
+        raise PermissionDeniedError(
+            "API key does not belong to this org", reason="ORG_MISMATCH", metadata={"org_slug": org_slug}
+        )

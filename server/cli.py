@@ -57,11 +57,21 @@ async def org_create(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
         orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
         dataset, key = await orgs.create_org(
-            args.slug, company_name=args.company or "", admin_email=args.email or "",
-            currency=args.currency, fiscal_year_start_month=args.fiscal_year_start_month,
+            args.slug,
+            company_name=args.company or "",
+            admin_email=args.email or "",
+            currency=args.currency,
+            fiscal_year_start_month=args.fiscal_year_start_month,
         )
-    _print({"org_slug": key.org_slug, "dataset": dataset, "api_key": key.api_key,
-            "api_key_id": key.org_api_key_id, "scopes": list(key.scopes)})
+    _print(
+        {
+            "org_slug": key.org_slug,
+            "dataset": dataset,
+            "api_key": key.api_key,
+            "api_key_id": key.org_api_key_id,
+            "scopes": list(key.scopes),
+        }
+    )
 
 
 async def key_create(settings: Settings, args: argparse.Namespace) -> None:
@@ -69,13 +79,22 @@ async def key_create(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
         orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
         key = await orgs.create_key(args.slug, tuple(args.scope or DEFAULT_SCOPES), expires)
-    _print({"org_slug": key.org_slug, "api_key": key.api_key, "api_key_id": key.org_api_key_id,
-            "scopes": list(key.scopes), "expires_at": expires})
+    _print(
+        {
+            "org_slug": key.org_slug,
+            "api_key": key.api_key,
+            "api_key_id": key.org_api_key_id,
+            "scopes": list(key.scopes),
+            "expires_at": expires,
+        }
+    )
 
 
 async def key_revoke(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
-        await OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir).revoke_key(args.key_id)
+        await OrgRepository(
+            wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir
+        ).revoke_key(args.key_id)
     _print({"revoked": args.key_id, "effective_within_seconds": settings.auth_cache_ttl_seconds})
 
 
@@ -121,7 +140,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("dev", help="run the local stack in the foreground").set_defaults(run=dev)
     commands.add_parser("serve", help="run the gRPC server").set_defaults(run=serve)
 
-    org = commands.add_parser("org", help="orgs and API keys").add_subparsers(dest="org_command", required=True)
+    org = commands.add_parser("org", help="orgs and API keys").add_subparsers(
+        dest="org_command", required=True
+    )
     create = org.add_parser("create", help="create an org")
     create.add_argument("slug")
     create.add_argument("--company")
@@ -132,19 +153,25 @@ def parser() -> argparse.ArgumentParser:
     keys = org.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="issue a key")
     kc.add_argument("slug")
-    kc.add_argument("--scope", action="append", help="repeat for several; default pipelines:read, pipelines:run")
+    kc.add_argument(
+        "--scope", action="append", help="repeat for several; default pipelines:read, pipelines:run"
+    )
     kc.add_argument("--expires-in-days", type=int)
     kc.set_defaults(run=key_create)
     kr = keys.add_parser("revoke", help="revoke a key")
     kr.add_argument("key_id")
     kr.set_defaults(run=key_revoke)
 
-    configs = commands.add_parser("configs", help="pipeline configs").add_subparsers(dest="cfg", required=True)
+    configs = commands.add_parser("configs", help="pipeline configs").add_subparsers(
+        dest="cfg", required=True
+    )
     validate = configs.add_parser("validate", help="validate configs")
     validate.add_argument("files", nargs="*")
     validate.set_defaults(run=configs_validate)
 
-    saas_cmd = commands.add_parser("saas", help="SaaS subscription plans").add_subparsers(dest="saas", required=True)
+    saas_cmd = commands.add_parser("saas", help="SaaS subscription plans").add_subparsers(
+        dest="saas", required=True
+    )
     imp = saas_cmd.add_parser("import", help="load plans from CSV or JSON lines (all or nothing)")
     imp.add_argument("org")
     imp.add_argument("file")
@@ -165,9 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         command: Callable[[Settings, argparse.Namespace], Coroutine[None, None, None]] = args.run
         asyncio.run(command(settings, args))
     except ServiceError as exc:
-        _print({"error": exc.reason, "message": exc.message,
-                "violations": [{"field": v.field, "description": v.description}
-                               for v in getattr(exc, "violations", [])]})
+        _print(
+            {
+                "error": exc.reason,
+                "message": exc.message,
+                "violations": [
+                    {"field": v.field, "description": v.description} for v in getattr(exc, "violations", [])
+                ],
+            }
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -47,11 +47,20 @@ async def demo_org(orgs: OrgRepository, state: Path) -> dict[str, str]:
             demo: dict[str, str] = json.loads(path.read_text())
         else:
             key = await orgs.create_key(DEMO_ORG)
-            demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key,
-                    "api_key_id": key.org_api_key_id}
+            demo = {
+                "org_slug": DEMO_ORG,
+                "dataset": dataset,
+                "api_key": key.api_key,
+                "api_key_id": key.org_api_key_id,
+            }
     else:
         dataset, key = await orgs.create_org(DEMO_ORG, company_name="Demo Org")
-        demo = {"org_slug": DEMO_ORG, "dataset": dataset, "api_key": key.api_key, "api_key_id": key.org_api_key_id}
+        demo = {
+            "org_slug": DEMO_ORG,
+            "dataset": dataset,
+            "api_key": key.api_key,
+            "api_key_id": key.org_api_key_id,
+        }
     plans = orgs.warehouse.table_ref(dataset, saas.PLANS_TABLE)
     if not (await orgs.warehouse.query(f"SELECT COUNT(*) AS n FROM {plans}"))[0]["n"]:
         await saas.import_plans(orgs.warehouse, dataset, saas.demo_plans(datetime.now(UTC).date()))
@@ -69,23 +78,24 @@ def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
 Pipeline Service is running (Ctrl-C stops everything)
   gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
   metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics
-  demo org {demo['org_slug']}   dataset {demo['dataset']}
-  API key  {demo['api_key']}
+  demo org {demo["org_slug"]}   dataset {demo["dataset"]}
+  API key  {demo["api_key"]}
 
 Try:
-  export KEY={demo['api_key']} ROOT={root}
+  export KEY={demo["api_key"]} ROOT={root}
   curl -s {rest}/api/v1/pipelines -H "X-API-Key: $KEY"
-  curl -s -X POST {rest}/api/v1/pipelines/run/{demo['org_slug']}/saas_subscription/costs/saas_cost \
+  curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/saas_subscription/costs/saas_cost \
        -H "X-API-Key: $KEY" -d '{{}}'
   curl -s "{rest}/api/v1/pipelines/runs?page_size=5" -H "X-API-Key: $KEY"
   .venv/bin/pipeline-service query "SELECT subscription_id, SUM(daily_cost) AS cost \
-       FROM {demo['dataset']}.saas_subscription_plan_costs_daily GROUP BY 1 ORDER BY 1"
+       FROM {demo["dataset"]}.saas_subscription_plan_costs_daily GROUP BY 1 ORDER BY 1"
   curl -s {rest}/api/v1/procedures -H "X-CA-Root-Key: $ROOT"
   curl -s -X POST {rest}/api/v1/procedures/sync -H "X-CA-Root-Key: $ROOT" -d '{{}}'
-  curl -s -X POST "{rest}/api/v1/migrations/normalize_saas_plan_values/execute?dry_run=true&dataset={demo['dataset']}" \\
-       -H "X-CA-Root-Key: $ROOT"
+  curl -s -X POST -H "X-CA-Root-Key: $ROOT" \\
+       "{rest}/api/v1/migrations/normalize_saas_plan_values/execute?dry_run=true&dataset={demo["dataset"]}"
   .venv/bin/grpcurl -plaintext {grpc_addr} list
-  .venv/bin/grpcurl -plaintext -H "x-api-key: $KEY" {grpc_addr} cloudact.pipeline.v1.PipelineService/ListPipelines
+  .venv/bin/grpcurl -plaintext -H "x-api-key: $KEY" {grpc_addr} \\
+       cloudact.pipeline.v1.PipelineService/ListPipelines
   .venv/bin/grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
 """
 
@@ -102,8 +112,11 @@ async def run_local_stack(settings: Settings) -> None:
                 log.warning("procedures failed to sync: %s", failed)
             demo = await demo_org(service.orgs, settings.state_dir)
             envoy = await asyncio.to_thread(
-                Envoy, grpc_port=service.port, rest_port=settings.envoy_port,
-                admin_port=settings.envoy_admin_port, work_dir=settings.state_dir / "envoy",
+                Envoy,
+                grpc_port=service.port,
+                rest_port=settings.envoy_port,
+                admin_port=settings.envoy_admin_port,
+                work_dir=settings.state_dir / "envoy",
             )
             print(banner(settings, demo, envoy.rest_url), flush=True)
             await _wait_for_signal()

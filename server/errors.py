@@ -104,8 +104,14 @@ class ThrottledError(ServiceError):
 
     default_reason = "RATE_LIMITED"
 
-    def __init__(self, message: str, *, retry_after: float, reason: str | None = None,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
 

@@ -26,21 +26,36 @@ EVENTS = "pipeline_run_events"
 
 
 def _identity(run: Run) -> str:
-    return json.dumps({
-        "pipeline_key": run.pipeline_key, "pipeline_id": run.pipeline_id, "trigger": run.trigger,
-        "triggered_by": run.triggered_by, "parameters": run.parameters, "request_id": run.request_id,
-        "create_time": run.create_time.isoformat(),
-    })
+    return json.dumps(
+        {
+            "pipeline_key": run.pipeline_key,
+            "pipeline_id": run.pipeline_id,
+            "trigger": run.trigger,
+            "triggered_by": run.triggered_by,
+            "parameters": run.parameters,
+            "request_id": run.request_id,
+            "create_time": run.create_time.isoformat(),
+        }
+    )
 
 
 def run_row(run: Run) -> dict[str, Any]:
     """The `pipeline_runs` row of a finished run."""
     return {
-        "run_id": run.run_id, "org_slug": run.org_slug, "pipeline_key": run.pipeline_key,
-        "pipeline_id": run.pipeline_id, "state": run.state, "trigger": run.trigger,
-        "triggered_by": run.triggered_by, "parameters": json.dumps(run.parameters),
-        "request_id": run.request_id, "create_time": run.create_time, "start_time": run.start_time,
-        "end_time": run.end_time, "reason": run.reason, "error": run.error,
+        "run_id": run.run_id,
+        "org_slug": run.org_slug,
+        "pipeline_key": run.pipeline_key,
+        "pipeline_id": run.pipeline_id,
+        "state": run.state,
+        "trigger": run.trigger,
+        "triggered_by": run.triggered_by,
+        "parameters": json.dumps(run.parameters),
+        "request_id": run.request_id,
+        "create_time": run.create_time,
+        "start_time": run.start_time,
+        "end_time": run.end_time,
+        "reason": run.reason,
+        "error": run.error,
         "steps": json.dumps([s.as_json() for s in run.steps.values()]),
     }
 
@@ -48,11 +63,20 @@ def run_row(run: Run) -> dict[str, Any]:
 def run_from_row(row: Row) -> Run:
     """A finished run read back from `pipeline_runs`."""
     run = Run(
-        run_id=row["run_id"], org_slug=row["org_slug"], pipeline_key=row["pipeline_key"],
-        pipeline_id=row["pipeline_id"], trigger=row["trigger"], triggered_by=row["triggered_by"] or "",
-        parameters=json.loads(row["parameters"] or "{}"), request_id=row["request_id"] or "",
-        create_time=row["create_time"], state=row["state"], start_time=row["start_time"],
-        end_time=row["end_time"], reason=row["reason"] or "", error=row["error"] or "",
+        run_id=row["run_id"],
+        org_slug=row["org_slug"],
+        pipeline_key=row["pipeline_key"],
+        pipeline_id=row["pipeline_id"],
+        trigger=row["trigger"],
+        triggered_by=row["triggered_by"] or "",
+        parameters=json.loads(row["parameters"] or "{}"),
+        request_id=row["request_id"] or "",
+        create_time=row["create_time"],
+        state=row["state"],
+        start_time=row["start_time"],
+        end_time=row["end_time"],
+        reason=row["reason"] or "",
+        error=row["error"] or "",
     )
     run.steps = {s["step_id"]: StepView.from_json(s) for s in json.loads(row["steps"] or "[]")}
     return run
@@ -73,28 +97,67 @@ class Ledger:
     def _t(self, table: str) -> str:
         return self._wh.table_ref(self._dataset, table)
 
-    def transition(self, run: Run, from_state: str, to_state: str, *, step: StepView | None = None,
-                   attempt: int = 0, reason: str = "", error: str = "") -> None:
+    def transition(
+        self,
+        run: Run,
+        from_state: str,
+        to_state: str,
+        *,
+        step: StepView | None = None,
+        attempt: int = 0,
+        reason: str = "",
+        error: str = "",
+    ) -> None:
         """Buffer one run or step transition."""
-        self._events.append({
-            "run_id": run.run_id, "org_slug": run.org_slug,
-            "kind": "STEP_TRANSITION" if step else "RUN_TRANSITION",
-            "step_id": step.step_id if step else None, "ps_type": step.ps_type if step else None,
-            "attempt": attempt or None, "from_state": from_state or None, "to_state": to_state,
-            "reason": reason or None, "error": error or None, "at": datetime.now(UTC),
-            "run": _identity(run) if to_state == "PENDING" and step is None else None,
-        })
+        self._events.append(
+            {
+                "run_id": run.run_id,
+                "org_slug": run.org_slug,
+                "kind": "STEP_TRANSITION" if step else "RUN_TRANSITION",
+                "step_id": step.step_id if step else None,
+                "ps_type": step.ps_type if step else None,
+                "attempt": attempt or None,
+                "from_state": from_state or None,
+                "to_state": to_state,
+                "reason": reason or None,
+                "error": error or None,
+                "at": datetime.now(UTC),
+                "run": _identity(run) if to_state == "PENDING" and step is None else None,
+            }
+        )
 
-    def attempt(self, run: Run, step: StepView, attempt: int, state: str, started_at: datetime,
-                ended_at: datetime | None, error: str, error_reason: str, rows_written: int) -> None:
+    def attempt(
+        self,
+        run: Run,
+        step: StepView,
+        attempt: int,
+        state: str,
+        started_at: datetime,
+        ended_at: datetime | None,
+        error: str,
+        error_reason: str,
+        rows_written: int,
+    ) -> None:
         """Buffer one STEP_ATTEMPT row."""
         duration = int((ended_at - started_at).total_seconds() * 1000) if ended_at else None
-        self._events.append({
-            "run_id": run.run_id, "org_slug": run.org_slug, "kind": "STEP_ATTEMPT", "step_id": step.step_id,
-            "ps_type": step.ps_type, "attempt": attempt, "to_state": state, "error": error or None,
-            "error_reason": error_reason or None, "started_at": started_at, "ended_at": ended_at,
-            "duration_ms": duration, "rows_written": rows_written, "at": datetime.now(UTC),
-        })
+        self._events.append(
+            {
+                "run_id": run.run_id,
+                "org_slug": run.org_slug,
+                "kind": "STEP_ATTEMPT",
+                "step_id": step.step_id,
+                "ps_type": step.ps_type,
+                "attempt": attempt,
+                "to_state": state,
+                "error": error or None,
+                "error_reason": error_reason or None,
+                "started_at": started_at,
+                "ended_at": ended_at,
+                "duration_ms": duration,
+                "rows_written": rows_written,
+                "at": datetime.now(UTC),
+            }
+        )
 
     def finished(self, run: Run) -> None:
         """Buffer the `pipeline_runs` row of a run that reached a terminal state."""
@@ -148,18 +211,22 @@ class Ledger:
         """A finished run of `org_slug`, or None."""
         rows = await self._wh.query(
             f"SELECT * FROM {self._t(RUNS)} WHERE org_slug = @org AND run_id = @id LIMIT 1",
-            {"org": org_slug, "id": run_id})
+            {"org": org_slug, "id": run_id},
+        )
         return run_from_row(rows[0]) if rows else None
 
     async def find_request(self, org_slug: str, request_id: str) -> Run | None:
         """The finished run that an earlier call with this request id created."""
         rows = await self._wh.query(
             f"SELECT * FROM {self._t(RUNS)} WHERE org_slug = @org AND request_id = @rid "
-            "ORDER BY create_time LIMIT 1", {"org": org_slug, "rid": request_id})
+            "ORDER BY create_time LIMIT 1",
+            {"org": org_slug, "rid": request_id},
+        )
         return run_from_row(rows[0]) if rows else None
 
-    async def finished_runs(self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None,
-                   limit: int) -> list[Run]:
+    async def finished_runs(
+        self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None, limit: int
+    ) -> list[Run]:
         """Finished runs of an org, newest first, strictly before the (create_time, run_id) cursor."""
         where = ["org_slug = @org"]
         params: dict[str, Any] = {"org": org_slug, "limit": limit}
@@ -174,7 +241,9 @@ class Ledger:
             params.update(t=before[0], id=before[1])
         rows = await self._wh.query(
             f"SELECT * FROM {self._t(RUNS)} WHERE {' AND '.join(where)} "
-            "ORDER BY create_time DESC, run_id DESC LIMIT @limit", params)
+            "ORDER BY create_time DESC, run_id DESC LIMIT @limit",
+            params,
+        )
         return [run_from_row(r) for r in rows]
 
     async def counts(self, month_start: datetime, day_start: datetime) -> dict[str, tuple[int, int]]:
@@ -182,7 +251,8 @@ class Ledger:
         rows = await self._wh.query(
             f"SELECT org_slug, COUNT(*) AS month, COUNTIF(at >= @day) AS day FROM {self._t(EVENTS)} "
             "WHERE kind = 'RUN_TRANSITION' AND to_state = 'PENDING' AND at >= @month GROUP BY org_slug",
-            {"month": month_start, "day": day_start})
+            {"month": month_start, "day": day_start},
+        )
         return {r["org_slug"]: (int(r["month"]), int(r["day"])) for r in rows}
 
     async def recover_interrupted(self) -> list[str]:
@@ -190,18 +260,25 @@ class Ledger:
         rows = await self._wh.query(
             f"SELECT e.run_id, e.org_slug, e.run FROM {self._t(EVENTS)} AS e "
             f"LEFT JOIN {self._t(RUNS)} AS r ON r.run_id = e.run_id "
-            "WHERE e.kind = 'RUN_TRANSITION' AND e.to_state = 'PENDING' AND r.run_id IS NULL")
+            "WHERE e.kind = 'RUN_TRANSITION' AND e.to_state = 'PENDING' AND r.run_id IS NULL"
+        )
         now = datetime.now(UTC)
         closed = []
         for row in rows:
             identity = json.loads(row["run"] or "{}")
             run = Run(
-                run_id=row["run_id"], org_slug=row["org_slug"], pipeline_key=identity.get("pipeline_key", "?/?/?"),
-                pipeline_id=identity.get("pipeline_id", ""), trigger=identity.get("trigger", "API"),
-                triggered_by=identity.get("triggered_by", ""), parameters=identity.get("parameters", {}),
+                run_id=row["run_id"],
+                org_slug=row["org_slug"],
+                pipeline_key=identity.get("pipeline_key", "?/?/?"),
+                pipeline_id=identity.get("pipeline_id", ""),
+                trigger=identity.get("trigger", "API"),
+                triggered_by=identity.get("triggered_by", ""),
+                parameters=identity.get("parameters", {}),
                 request_id=identity.get("request_id", ""),
                 create_time=datetime.fromisoformat(identity.get("create_time", now.isoformat())),
-                state="FAILED", end_time=now, reason="INTERRUPTED",
+                state="FAILED",
+                end_time=now,
+                reason="INTERRUPTED",
                 error="the service stopped while the run was active",
             )
             self.transition(run, "RUNNING", "FAILED", reason="INTERRUPTED", error=run.error)

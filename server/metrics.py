@@ -5,11 +5,19 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RUNS_STARTED = Counter("pipeline_runs_started_total", "Runs accepted", ["pipeline"])
-RUNS_FINISHED = Counter("pipeline_runs_finished_total", "Runs that reached a terminal state", ["pipeline", "state"])
+RUNS_FINISHED = Counter(
+    "pipeline_runs_finished_total", "Runs that reached a terminal state", ["pipeline", "state"]
+)
 RUNS_ACTIVE = Gauge("pipeline_runs_active", "Runs currently active in this process")
-STEP_SECONDS = Histogram("pipeline_step_duration_seconds", "Step wall time over all attempts", ["ps_type", "state"],
-                         buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800))
-QUOTA_REJECTIONS = Counter("pipeline_quota_rejections_total", "RunPipeline calls refused by a quota", ["reason"])
+STEP_SECONDS = Histogram(
+    "pipeline_step_duration_seconds",
+    "Step wall time over all attempts",
+    ["ps_type", "state"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800),
+)
+QUOTA_REJECTIONS = Counter(
+    "pipeline_quota_rejections_total", "RunPipeline calls refused by a quota", ["reason"]
+)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -78,8 +78,9 @@ class Plan:
 class OrgRepository:
     """Reads and writes orgs and keys in the meta tables."""
 
-    def __init__(self, warehouse: BigQueryWarehouse, meta_dataset: str, dataset_suffix: str,
-                 schemas_dir: Path) -> None:
+    def __init__(
+        self, warehouse: BigQueryWarehouse, meta_dataset: str, dataset_suffix: str, schemas_dir: Path
+    ) -> None:
         self._wh = warehouse
         self._meta = meta_dataset
         self._suffix = dataset_suffix
@@ -111,17 +112,27 @@ class OrgRepository:
         )
         return bool(rows[0]["n"])
 
-    async def create_org(self, org_slug: str, *, company_name: str = "", admin_email: str = "",
-                         currency: str = "USD", fiscal_year_start_month: int = 1,
-                         plan: Plan | None = None) -> tuple[str, IssuedKey]:
+    async def create_org(
+        self,
+        org_slug: str,
+        *,
+        company_name: str = "",
+        admin_email: str = "",
+        currency: str = "USD",
+        fiscal_year_start_month: int = 1,
+        plan: Plan | None = None,
+    ) -> tuple[str, IssuedKey]:
         """Create profile, subscription, dataset with its tables and a first key; return (dataset, key)."""
         check_org_slug(org_slug)
         if not 1 <= fiscal_year_start_month <= 12:
-            raise InvalidInputError("fiscal year start month must be 1-12",
-                                    [FieldViolation("fiscal_year_start_month", "must be 1-12")])
+            raise InvalidInputError(
+                "fiscal year start month must be 1-12",
+                [FieldViolation("fiscal_year_start_month", "must be 1-12")],
+            )
         if await self.exists(org_slug):
-            raise AlreadyExistsError(f"org {org_slug!r} exists", reason="ORG_EXISTS",
-                                     metadata={"org_slug": org_slug})
+            raise AlreadyExistsError(
+                f"org {org_slug!r} exists", reason="ORG_EXISTS", metadata={"org_slug": org_slug}
+            )
         plan = plan or Plan()
         now = datetime.now(UTC)
         dataset = await self.ensure_org_tables(org_slug)
@@ -129,25 +140,42 @@ class OrgRepository:
             f"INSERT INTO {self._t('org_profiles')} (org_slug, company_name, admin_email, org_dataset_id, "
             "status, default_currency, fiscal_year_start_month, created_at, updated_at) "
             "VALUES (@org, @company, @email, @dataset, 'ACTIVE', @currency, @fy, @now, @now)",
-            {"org": org_slug, "company": company_name or org_slug, "email": admin_email, "dataset": dataset,
-             "currency": currency, "fy": fiscal_year_start_month, "now": now},
+            {
+                "org": org_slug,
+                "company": company_name or org_slug,
+                "email": admin_email,
+                "dataset": dataset,
+                "currency": currency,
+                "fy": fiscal_year_start_month,
+                "now": now,
+            },
         )
         await self._wh.query(
             f"INSERT INTO {self._t('org_subscriptions')} (subscription_id, org_slug, plan_name, status, "
             "daily_limit, monthly_limit, concurrent_limit, requests_per_minute, created_at, ends_at) "
             "VALUES (@id, @org, @plan, 'ACTIVE', @daily, @monthly, @concurrent, @rpm, @now, NULL)",
-            {"id": f"sub_{uuid.uuid4().hex[:16]}", "org": org_slug, "plan": plan.name,
-             "daily": plan.daily_limit, "monthly": plan.monthly_limit,
-             "concurrent": plan.concurrent_limit, "rpm": plan.requests_per_minute, "now": now},
+            {
+                "id": f"sub_{uuid.uuid4().hex[:16]}",
+                "org": org_slug,
+                "plan": plan.name,
+                "daily": plan.daily_limit,
+                "monthly": plan.monthly_limit,
+                "concurrent": plan.concurrent_limit,
+                "rpm": plan.requests_per_minute,
+                "now": now,
+            },
         )
         return dataset, await self.create_key(org_slug)
 
-    async def create_key(self, org_slug: str, scopes: tuple[str, ...] = DEFAULT_SCOPES,
-                         expires_at: datetime | None = None) -> IssuedKey:
+    async def create_key(
+        self, org_slug: str, scopes: tuple[str, ...] = DEFAULT_SCOPES, expires_at: datetime | None = None
+    ) -> IssuedKey:
         """Issue a new key for an existing org."""
         unknown = sorted(set(scopes) - KNOWN_SCOPES)
         if unknown:
-            raise InvalidInputError(f"unknown scopes {unknown}", [FieldViolation("scopes", ", ".join(unknown))])
+            raise InvalidInputError(
+                f"unknown scopes {unknown}", [FieldViolation("scopes", ", ".join(unknown))]
+            )
         if not await self.exists(org_slug):
             raise NotFoundError(f"org {org_slug!r} not found", reason="ORG_NOT_FOUND")
         api_key = "ca_" + secrets.token_urlsafe(32)
@@ -156,9 +184,15 @@ class OrgRepository:
             f"INSERT INTO {self._t('org_api_keys')} (org_api_key_id, org_slug, org_api_key_hash, key_prefix, "
             "scopes, is_active, created_at, expires_at, revoked_at) "
             "VALUES (@id, @org, @hash, @prefix, @scopes, TRUE, @now, @expires, NULL)",
-            {"id": key_id, "org": org_slug, "hash": hash_key(api_key), "prefix": api_key[:7],
-             "scopes": Typed("ARRAY<STRING>", list(scopes)), "now": datetime.now(UTC),
-             "expires": Typed("TIMESTAMP", expires_at)},
+            {
+                "id": key_id,
+                "org": org_slug,
+                "hash": hash_key(api_key),
+                "prefix": api_key[:7],
+                "scopes": Typed("ARRAY<STRING>", list(scopes)),
+                "now": datetime.now(UTC),
+                "expires": Typed("TIMESTAMP", expires_at),
+            },
         )
         return IssuedKey(org_slug, key_id, api_key, tuple(scopes))
 
@@ -190,8 +224,12 @@ class OrgRepository:
             return None
         r = rows[0]
         return OrgContext(
-            org_slug=r["org_slug"], org_api_key_id=r["org_api_key_id"], dataset=r["org_dataset_id"],
-            scopes=frozenset(r["scopes"] or ()), daily_limit=int(r["daily_limit"]),
-            monthly_limit=int(r["monthly_limit"]), concurrent_limit=int(r["concurrent_limit"]),
+            org_slug=r["org_slug"],
+            org_api_key_id=r["org_api_key_id"],
+            dataset=r["org_dataset_id"],
+            scopes=frozenset(r["scopes"] or ()),
+            daily_limit=int(r["daily_limit"]),
+            monthly_limit=int(r["monthly_limit"]),
+            concurrent_limit=int(r["concurrent_limit"]),
             requests_per_minute=int(r["requests_per_minute"] or 60),
         )

@@ -87,7 +87,9 @@ def read_files(folder: Path) -> list[ProcedureFile]:
     for path in sorted(folder.glob("*/*.sql")):
         name = sql.check_name(path.stem, str(path))
         if name in files:
-            raise InvalidInputError(f"procedure {name} is defined twice", [FieldViolation(str(path), "duplicate")])
+            raise InvalidInputError(
+                f"procedure {name} is defined twice", [FieldViolation(str(path), "duplicate")]
+            )
         files[name] = ProcedureFile(name, path.parent.name, path, path.read_text())
     return sorted(files.values(), key=lambda f: f.name)
 
@@ -112,24 +114,33 @@ class ProcedureManager:
         try:
             body = string.Template(file.source).substitute(project=self._wh.project, dataset=self._dataset)
         except (KeyError, ValueError) as exc:
-            raise TerminalError(f"{file.path.name}: only ${{project}} and ${{dataset}} may follow a $ ({exc})",
-                                reason="PROCEDURE_TEMPLATE_INVALID") from exc
+            raise TerminalError(
+                f"{file.path.name}: only ${{project}} and ${{dataset}} may follow a $ ({exc})",
+                reason="PROCEDURE_TEMPLATE_INVALID",
+            ) from exc
         declared = re.search(r"CREATE\s+OR\s+REPLACE\s+PROCEDURE\s+`?[\w.-]+\.(\w+)`?\s*\(", body, re.I)
         if declared is None or declared.group(1) != file.name:
-            raise TerminalError(f"{file.path.name} must CREATE OR REPLACE PROCEDURE ${{project}}.${{dataset}}."
-                                f"{file.name}", reason="PROCEDURE_NAME_MISMATCH")
+            raise TerminalError(
+                f"{file.path.name} must CREATE OR REPLACE PROCEDURE ${{project}}.${{dataset}}.{file.name}",
+                reason="PROCEDURE_NAME_MISMATCH",
+            )
         return body
 
     async def _checksums(self) -> dict[str, str]:
         rows = await self._wh.query(f"SELECT procedure_name, checksum FROM {self._t('procedure_sync_state')}")
         return {r["procedure_name"]: r["checksum"] for r in rows}
 
-    async def sync(self, *, force: bool = False, names: Sequence[str] = (), domain: str = "") -> list[SyncResult]:
+    async def sync(
+        self, *, force: bool = False, names: Sequence[str] = (), domain: str = ""
+    ) -> list[SyncResult]:
         """Deploy the selected files; one result per file."""
         files = self.files()
         known = {f.name for f in files}
-        missing = [FieldViolation(f"names[{i}]", f"no procedure file named {n!r}")
-                   for i, n in enumerate(names) if n not in known]
+        missing = [
+            FieldViolation(f"names[{i}]", f"no procedure file named {n!r}")
+            for i, n in enumerate(names)
+            if n not in known
+        ]
         if domain and domain not in {f.domain for f in files}:
             missing.append(FieldViolation("domain", f"no folder procedures/{domain}"))
         if missing:
@@ -140,22 +151,32 @@ class ProcedureManager:
         results: list[SyncResult] = []
         try:
             for file in chosen:
-                results.append(await self._sync_one(file, file.name in deployed, recorded.get(file.name), force))
+                results.append(
+                    await self._sync_one(file, file.name in deployed, recorded.get(file.name), force)
+                )
         finally:  # record what was deployed even if a transient error stops the sync half-way
             await self._record_synced([r for r in results if r.outcome in ("created", "updated")])
         return results
 
     async def _record_synced(self, done: list[SyncResult]) -> None:
         if done:
-            await self._wh.query(f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name IN UNNEST(@n)",
-                                 {"n": [r.name for r in done]})
+            await self._wh.query(
+                f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name IN UNNEST(@n)",
+                {"n": [r.name for r in done]},
+            )
             now = datetime.now(UTC)
-            await self._wh.load_rows(self._dataset, "procedure_sync_state", [
-                {"procedure_name": r.name, "domain": r.domain, "checksum": r.checksum, "synced_at": now}
-                for r in done
-            ])
+            await self._wh.load_rows(
+                self._dataset,
+                "procedure_sync_state",
+                [
+                    {"procedure_name": r.name, "domain": r.domain, "checksum": r.checksum, "synced_at": now}
+                    for r in done
+                ],
+            )
 
-    async def _sync_one(self, file: ProcedureFile, exists: bool, recorded: str | None, force: bool) -> SyncResult:
+    async def _sync_one(
+        self, file: ProcedureFile, exists: bool, recorded: str | None, force: bool
+    ) -> SyncResult:
         if exists and recorded == file.checksum and not force:
             return SyncResult(file.name, file.domain, "unchanged", file.checksum)
         try:
@@ -180,7 +201,9 @@ class ProcedureManager:
         """Drop a procedure and forget its checksum; return its full name."""
         routine = await self._routine(name)
         await self._wh.delete_routine(self._dataset, name)
-        await self._wh.query(f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name = @n", {"n": name})
+        await self._wh.query(
+            f"DELETE FROM {self._t('procedure_sync_state')} WHERE procedure_name = @n", {"n": name}
+        )
         return routine.full_name
 
     async def _routine(self, name: str) -> RoutineInfo:
@@ -188,17 +211,25 @@ class ProcedureManager:
         try:
             return await self._wh.get_routine(self._dataset, name)
         except NotFoundError as exc:
-            raise NotFoundError(f"procedure {name!r} not found", reason="PROCEDURE_NOT_FOUND",
-                                metadata={"name": name}) from exc
+            raise NotFoundError(
+                f"procedure {name!r} not found", reason="PROCEDURE_NOT_FOUND", metadata={"name": name}
+            ) from exc
 
     @staticmethod
-    def _view(routine: RoutineInfo, recorded: dict[str, str], files: dict[str, ProcedureFile]) -> ProcedureView:
+    def _view(
+        routine: RoutineInfo, recorded: dict[str, str], files: dict[str, ProcedureFile]
+    ) -> ProcedureView:
         file = files.get(routine.name)
-        return ProcedureView(routine, file.domain if file else "", recorded.get(routine.name, ""),
-                             file.checksum if file else "")
+        return ProcedureView(
+            routine,
+            file.domain if file else "",
+            recorded.get(routine.name, ""),
+            file.checksum if file else "",
+        )
 
-    async def execute_migration(self, name: str, dataset: str, *, dry_run: bool, force: bool,
-                                executed_by: str) -> tuple[MigrationRun, bool]:
+    async def execute_migration(
+        self, name: str, dataset: str, *, dry_run: bool, force: bool, executed_by: str
+    ) -> tuple[MigrationRun, bool]:
         """Run a migration; return (execution, already_applied)."""
         violations = []
         if not sql.NAME.fullmatch(name):
@@ -209,23 +240,37 @@ class ProcedureManager:
             raise InvalidInputError("invalid migration request", violations)
         file = next((f for f in self.files() if f.name == name and f.domain == MIGRATIONS), None)
         if file is None:
-            raise NotFoundError(f"no migration {name!r} in procedures/{MIGRATIONS}", reason="MIGRATION_NOT_FOUND",
-                                metadata={"name": name})
+            raise NotFoundError(
+                f"no migration {name!r} in procedures/{MIGRATIONS}",
+                reason="MIGRATION_NOT_FOUND",
+                metadata={"name": name},
+            )
         recorded = (await self._checksums()).get(name)
         if recorded is None:
-            raise NotFoundError(f"migration {name!r} is not deployed; run procedure sync first",
-                                reason="MIGRATION_NOT_DEPLOYED", metadata={"name": name})
+            raise NotFoundError(
+                f"migration {name!r} is not deployed; run procedure sync first",
+                reason="MIGRATION_NOT_DEPLOYED",
+                metadata={"name": name},
+            )
         if not await self._wh.dataset_exists(dataset):
-            raise NotFoundError(f"dataset {dataset!r} not found", reason="DATASET_NOT_FOUND",
-                                metadata={"dataset": dataset})
+            raise NotFoundError(
+                f"dataset {dataset!r} not found", reason="DATASET_NOT_FOUND", metadata={"dataset": dataset}
+            )
         async with self._locks.setdefault((name, dataset), asyncio.Lock()):
             if not dry_run and not force:
                 earlier = await self._applied(name, dataset, recorded)
                 if earlier is not None:
                     return earlier, True
             result = await self._wh.call_procedure(self._dataset, name, [dataset, dry_run])
-            run = MigrationRun(name, dataset, recorded, dry_run, executed_by, datetime.now(UTC),
-                               [json_value(r) for r in result.rows])
+            run = MigrationRun(
+                name,
+                dataset,
+                recorded,
+                dry_run,
+                executed_by,
+                datetime.now(UTC),
+                [json_value(r) for r in result.rows],
+            )
             await self._record(run)
             return run, False
 
@@ -234,25 +279,43 @@ class ProcedureManager:
         rows = await self._wh.query(
             f"SELECT * FROM {self._t('migration_history')} WHERE migration_name = @n AND dataset = @d "
             "AND checksum = @c AND NOT dry_run ORDER BY executed_at DESC LIMIT 1",
-            {"n": name, "d": dataset, "c": checksum})
-        return [self._run_of(r) for r in rows][0] if rows else None
+            {"n": name, "d": dataset, "c": checksum},
+        )
+        return self._run_of(rows[0]) if rows else None
 
     @staticmethod
     def _run_of(row: Row) -> MigrationRun:
-        return MigrationRun(row["migration_name"], row["dataset"], row["checksum"], row["dry_run"],
-                            row["executed_by"], row["executed_at"], json.loads(row["result_rows"] or "[]"))
+        return MigrationRun(
+            row["migration_name"],
+            row["dataset"],
+            row["checksum"],
+            row["dry_run"],
+            row["executed_by"],
+            row["executed_at"],
+            json.loads(row["result_rows"] or "[]"),
+        )
 
     async def _record(self, run: MigrationRun) -> None:
         await self._wh.query(
             f"INSERT INTO {self._t('migration_history')} (execution_id, migration_name, dataset, checksum, "
             "dry_run, executed_by, executed_at, result_rows) VALUES (@id, @n, @d, @c, @dry, @by, @at, @rows)",
-            {"id": uuid.uuid4().hex, "n": run.name, "d": run.dataset, "c": run.checksum, "dry": run.dry_run,
-             "by": run.executed_by, "at": run.executed_at, "rows": json.dumps(run.rows)},
+            {
+                "id": uuid.uuid4().hex,
+                "n": run.name,
+                "d": run.dataset,
+                "c": run.checksum,
+                "dry": run.dry_run,
+                "by": run.executed_by,
+                "at": run.executed_at,
+                "rows": json.dumps(run.rows),
+            },
         )
 
     async def history(self, name: str, dataset: str) -> list[MigrationRun]:
         """Every recorded execution of `name` on `dataset`, oldest first."""
         rows = await self._wh.query(
             f"SELECT * FROM {self._t('migration_history')} WHERE migration_name = @n AND dataset = @d "
-            "ORDER BY executed_at", {"n": name, "d": dataset})
+            "ORDER BY executed_at",
+            {"n": name, "d": dataset},
+        )
         return [self._run_of(r) for r in rows]

@@ -91,7 +91,9 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if line.strip():
             data = _json(number, "", line)
             if not isinstance(data, dict):
-                raise InvalidInputError(f"line {number}: not a JSON object", [FieldViolation(f"line {number}", "not an object")])
+                raise InvalidInputError(
+                    f"line {number}: not a JSON object", [FieldViolation(f"line {number}", "not an object")]
+                )
             records.append((number, data))
     return records
 
@@ -101,15 +103,21 @@ def _json(line: int, column: str, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         where = f"line {line}" + (f", column {column}" if column else "")
-        raise InvalidInputError(f"{where}: invalid JSON ({exc.msg})", [FieldViolation(where, "invalid JSON")],
-                                reason="INVALID_PLAN") from exc
+        raise InvalidInputError(
+            f"{where}: invalid JSON ({exc.msg})",
+            [FieldViolation(where, "invalid JSON")],
+            reason="INVALID_PLAN",
+        ) from exc
 
 
 def parse_plans(path: Path) -> list[SaasPlan]:
     """Validate every row of a CSV or JSON-lines file; raise naming each bad line and column."""
     if path.suffix.lower() not in (".csv", ".json", ".jsonl", ".ndjson"):
-        raise InvalidInputError("plans file must be .csv or .json/.jsonl (one object per line)",
-                                [FieldViolation("file", path.suffix)], reason="INVALID_PLAN")
+        raise InvalidInputError(
+            "plans file must be .csv or .json/.jsonl (one object per line)",
+            [FieldViolation("file", path.suffix)],
+            reason="INVALID_PLAN",
+        )
     plans: list[SaasPlan] = []
     violations: list[FieldViolation] = []
     seen: dict[str, int] = {}
@@ -122,14 +130,20 @@ def parse_plans(path: Path) -> list[SaasPlan]:
                 violations.append(FieldViolation(f"line {line}, column {column}", error["msg"]))
             continue
         if plan.subscription_id in seen:
-            violations.append(FieldViolation(f"line {line}, column subscription_id",
-                                             f"duplicate of line {seen[plan.subscription_id]}"))
+            violations.append(
+                FieldViolation(
+                    f"line {line}, column subscription_id", f"duplicate of line {seen[plan.subscription_id]}"
+                )
+            )
         seen[plan.subscription_id] = line
         plans.append(plan)
     if violations:
         first = violations[0]
-        raise InvalidInputError(f"{len(violations)} problem(s), nothing imported; first: {first.field}: "
-                                f"{first.description}", violations, reason="INVALID_PLAN")
+        raise InvalidInputError(
+            f"{len(violations)} problem(s), nothing imported; first: {first.field}: {first.description}",
+            violations,
+            reason="INVALID_PLAN",
+        )
     return plans
 
 
@@ -137,8 +151,10 @@ async def import_plans(warehouse: BigQueryWarehouse, dataset: str, plans: list[S
     """Replace plans with the same ids and load the rest: one DELETE and one load job."""
     if not plans:
         return 0
-    await warehouse.query(f"DELETE FROM {warehouse.table_ref(dataset, PLANS_TABLE)} WHERE subscription_id IN "
-                          "UNNEST(@ids)", {"ids": [p.subscription_id for p in plans]})
+    await warehouse.query(
+        f"DELETE FROM {warehouse.table_ref(dataset, PLANS_TABLE)} WHERE subscription_id IN UNNEST(@ids)",
+        {"ids": [p.subscription_id for p in plans]},
+    )
     now = datetime.now(UTC)
     return await warehouse.load_rows(dataset, PLANS_TABLE, [p.row(now) for p in plans])
 
@@ -149,30 +165,137 @@ def demo_plans(today: date) -> list[SaasPlan]:
     month_start = today.replace(day=1)
     year_ago = date(today.year - 1, today.month, 1)
 
-    def plan(sid: str, provider: str, name: str, category: str, cycle: str, model: str, price: str,
-             start: date, **extra: Any) -> SaasPlan:
-        return SaasPlan.model_validate({
-            "subscription_id": sid, "provider": provider, "plan_name": name, "category": category,
-            "status": extra.pop("status", "active"), "start_date": start, "billing_cycle": cycle,
-            "pricing_model": model, "unit_price": price, "currency": "USD", **extra})
+    def plan(
+        sid: str,
+        provider: str,
+        name: str,
+        category: str,
+        cycle: str,
+        model: str,
+        price: str,
+        start: date,
+        **extra: Any,
+    ) -> SaasPlan:
+        return SaasPlan.model_validate(
+            {
+                "subscription_id": sid,
+                "provider": provider,
+                "plan_name": name,
+                "category": category,
+                "status": extra.pop("status", "active"),
+                "start_date": start,
+                "billing_cycle": cycle,
+                "pricing_model": model,
+                "unit_price": price,
+                "currency": "USD",
+                **extra,
+            }
+        )
 
     return [
-        plan("demo-slack", "slack", "Business+", "Business Applications", "monthly", "per_seat", "12.500000000",
-             year_ago, seats=25, contract_id="C-SLACK-1"),
-        plan("demo-github", "github", "Enterprise", "Developer Tools", "annual", "per_seat", "231.000000000",
-             year_ago.replace(day=15), seats=12, discount_type="percent", discount_value="10"),
-        plan("demo-figma", "figma", "Organization", "Developer Tools", "quarterly", "per_seat", "135.000000000",
-             year_ago, seats=4, discount_type="fixed", discount_value="25.500000000"),
-        plan("demo-notion", "notion", "Team", "Business Applications", "semi_annual", "flat_fee", "600.000000000",
-             year_ago, billing_anchor_day=31),
-        plan("demo-linear", "linear", "Standard", "Developer Tools", "weekly", "flat_fee", "19.990000000",
-             month_start - timedelta(days=40)),
-        plan("demo-zoom", "zoom", "Pro", "Business Applications", "monthly", "flat_fee", "149.900000000",
-             year_ago, status="cancelled", end_date=month_start + timedelta(days=9)),
-        plan("demo-datadog", "datadog", "Pro", "Management and Governance", "monthly", "per_seat", "15.000000000",
-             month_start + timedelta(days=min(14, (today - month_start).days)), seats=10),
-        plan("demo-openai-team", "openai", "ChatGPT Team", "AI and Machine Learning", "monthly", "per_seat",
-             "30.000000000", year_ago, seats=0, tags={"team": "research"}),
-        plan("demo-jira", "atlassian", "Jira Premium", "Developer Tools", "annual", "flat_fee", "9999.999999999",
-             today + timedelta(days=30), status="pending"),
+        plan(
+            "demo-slack",
+            "slack",
+            "Business+",
+            "Business Applications",
+            "monthly",
+            "per_seat",
+            "12.500000000",
+            year_ago,
+            seats=25,
+            contract_id="C-SLACK-1",
+        ),
+        plan(
+            "demo-github",
+            "github",
+            "Enterprise",
+            "Developer Tools",
+            "annual",
+            "per_seat",
+            "231.000000000",
+            year_ago.replace(day=15),
+            seats=12,
+            discount_type="percent",
+            discount_value="10",
+        ),
+        plan(
+            "demo-figma",
+            "figma",
+            "Organization",
+            "Developer Tools",
+            "quarterly",
+            "per_seat",
+            "135.000000000",
+            year_ago,
+            seats=4,
+            discount_type="fixed",
+            discount_value="25.500000000",
+        ),
+        plan(
+            "demo-notion",
+            "notion",
+            "Team",
+            "Business Applications",
+            "semi_annual",
+            "flat_fee",
+            "600.000000000",
+            year_ago,
+            billing_anchor_day=31,
+        ),
+        plan(
+            "demo-linear",
+            "linear",
+            "Standard",
+            "Developer Tools",
+            "weekly",
+            "flat_fee",
+            "19.990000000",
+            month_start - timedelta(days=40),
+        ),
+        plan(
+            "demo-zoom",
+            "zoom",
+            "Pro",
+            "Business Applications",
+            "monthly",
+            "flat_fee",
+            "149.900000000",
+            year_ago,
+            status="cancelled",
+            end_date=month_start + timedelta(days=9),
+        ),
+        plan(
+            "demo-datadog",
+            "datadog",
+            "Pro",
+            "Management and Governance",
+            "monthly",
+            "per_seat",
+            "15.000000000",
+            month_start + timedelta(days=min(14, (today - month_start).days)),
+            seats=10,
+        ),
+        plan(
+            "demo-openai-team",
+            "openai",
+            "ChatGPT Team",
+            "AI and Machine Learning",
+            "monthly",
+            "per_seat",
+            "30.000000000",
+            year_ago,
+            seats=0,
+            tags={"team": "research"},
+        ),
+        plan(
+            "demo-jira",
+            "atlassian",
+            "Jira Premium",
+            "Developer Tools",
+            "annual",
+            "flat_fee",
+            "9999.999999999",
+            today + timedelta(days=30),
+            status="pending",
+        ),
     ]

@@ -30,8 +30,13 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     # Persistent mode on a temporary folder: the ephemeral (in-memory) mode loses tables between
     # connections of the emulator.
     folder = tmp_path_factory.mktemp("emulator")
-    emu = Emulator(rest_port=free_port(), grpc_port=free_port(), project="test-project",
-                   data_dir=folder / "data", log_path=folder / "bqemulator.log")
+    emu = Emulator(
+        rest_port=free_port(),
+        grpc_port=free_port(),
+        project="test-project",
+        data_dir=folder / "data",
+        log_path=folder / "bqemulator.log",
+    )
     yield emu
     emu.stop()
 
@@ -39,10 +44,17 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 @pytest.fixture(scope="session")
 def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(
-        pipeline_env="local", gcp_project_id="test-project", bigquery_endpoint=emulator.endpoint,
-        meta_dataset="organizations", grpc_port=0, grpc_grace_seconds=1.0,
-        ca_root_api_key=ROOT_KEY, auth_cache_ttl_seconds=0.5, auth_failures_per_minute=10_000,
-        bigquery_retry_deadline_seconds=5.0, configs_dir=DATA / "configs",
+        pipeline_env="local",
+        gcp_project_id="test-project",
+        bigquery_endpoint=emulator.endpoint,
+        meta_dataset="organizations",
+        grpc_port=0,
+        grpc_grace_seconds=1.0,
+        ca_root_api_key=ROOT_KEY,
+        auth_cache_ttl_seconds=0.5,
+        auth_failures_per_minute=10_000,
+        bigquery_retry_deadline_seconds=5.0,
+        configs_dir=DATA / "configs",
         state_dir=tmp_path_factory.mktemp("state"),
     )
 

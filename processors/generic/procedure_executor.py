@@ -34,8 +34,18 @@ from server.warehouse.rows import json_value
 
 Scalar = Literal["STRING", "DATE", "TIMESTAMP", "INT64", "NUMERIC", "BOOL"]
 ArgType = Literal[
-    "STRING", "DATE", "TIMESTAMP", "INT64", "NUMERIC", "BOOL",
-    "ARRAY<STRING>", "ARRAY<DATE>", "ARRAY<TIMESTAMP>", "ARRAY<INT64>", "ARRAY<NUMERIC>", "ARRAY<BOOL>",
+    "STRING",
+    "DATE",
+    "TIMESTAMP",
+    "INT64",
+    "NUMERIC",
+    "BOOL",
+    "ARRAY<STRING>",
+    "ARRAY<DATE>",
+    "ARRAY<TIMESTAMP>",
+    "ARRAY<INT64>",
+    "ARRAY<NUMERIC>",
+    "ARRAY<BOOL>",
 ]
 MAX_RESULT_ROWS = 1000
 
@@ -113,8 +123,9 @@ class ProcedureExecutor:
         config = parse_config(Config, step_config)
         job_timeout = config.job_timeout if isinstance(config.job_timeout, float) else None
         args = [typed(a) for a in config.arguments]
-        result = await context.warehouse.call_procedure(context.meta_dataset, config.procedure, args,
-                                                        timeout=job_timeout)
+        result = await context.warehouse.call_procedure(
+            context.meta_dataset, config.procedure, args, job_timeout=job_timeout
+        )
         context.log.info("procedure %s returned %d rows", config.procedure, len(result.rows))
         return {
             "status": "SUCCESS",

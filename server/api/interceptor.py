@@ -112,7 +112,9 @@ class ServiceInterceptor(_ServerInterceptor):
             log_fields.set({"request_id": request_id, "org_slug": principal.org_slug})
         return request_id
 
-    async def _fail(self, exc: BaseException, request_id: str, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _fail(
+        self, exc: BaseException, request_id: str, context: aio.ServicerContext[Any, Any]
+    ) -> None:
         if not isinstance(exc, errors.ServiceError):
             log.exception("unexpected error", extra={"fields": {"request_id": request_id}})
         elif isinstance(exc, errors.TransientError | errors.TerminalError):
@@ -120,7 +122,9 @@ class ServiceInterceptor(_ServerInterceptor):
         # grpc-stubs lacks aio's abort_with_status.
         await cast(Any, context).abort_with_status(to_status(exc, request_id))
 
-    def _wrap_unary(self, policy: Policy, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(
+        self, policy: Policy, behavior: Callable[..., Awaitable[Any]]
+    ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             request_id = "-"
             try:
@@ -133,8 +137,9 @@ class ServiceInterceptor(_ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, policy: Policy, behavior: Callable[..., AsyncIterator[Any]]
-                     ) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_stream(
+        self, policy: Policy, behavior: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             request_id = "-"
             try:

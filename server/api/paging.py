@@ -29,12 +29,16 @@ def decode_token(token: str) -> str:
             raise TypeError("the token's key is not a string")
         return after
     except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as exc:
-        raise InvalidInputError("invalid page token", [FieldViolation("page_token", "not a token from this API")],
-                                reason="INVALID_PAGE_TOKEN") from exc
+        raise InvalidInputError(
+            "invalid page token",
+            [FieldViolation("page_token", "not a token from this API")],
+            reason="INVALID_PAGE_TOKEN",
+        ) from exc
 
 
-def paginate(items: Sequence[T], key: Callable[[T], str], page_size: int, token: str, *, default: int,
-             maximum: int) -> tuple[list[T], str]:
+def paginate(
+    items: Sequence[T], key: Callable[[T], str], page_size: int, token: str, *, default: int, maximum: int
+) -> tuple[list[T], str]:
     """The page of `items` (ordered by `key`) after the token, and the next token ('' on the last page)."""
     if page_size < 0:
         raise InvalidInputError("page_size must not be negative", [FieldViolation("page_size", "negative")])

@@ -30,49 +30,79 @@ def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
     """The proto form of a config."""
     spec = config.spec
     return pipeline_pb2.Pipeline(
-        provider=config.provider, domain=config.domain, pipeline=config.pipeline,
-        pipeline_id=spec.pipeline_id, display_name=spec.name, description=spec.description,
+        provider=config.provider,
+        domain=config.domain,
+        pipeline=config.pipeline,
+        pipeline_id=spec.pipeline_id,
+        display_name=spec.name,
+        description=spec.description,
         version=spec.version,
-        steps=[pipeline_pb2.PipelineStep(step_id=s.step_id, ps_type=s.ps_type, depends_on=s.depends_on or [])
-               for s in spec.steps],
+        steps=[
+            pipeline_pb2.PipelineStep(step_id=s.step_id, ps_type=s.ps_type, depends_on=s.depends_on or [])
+            for s in spec.steps
+        ],
     )
-
 
 
 def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.PipelineRun:
     """The proto form of a run."""
     return pipeline_run_pb2.PipelineRun(
-        run_id=run.run_id, org_slug=run.org_slug, provider=run.provider, domain=run.domain,
-        pipeline=run.pipeline, pipeline_id=run.pipeline_id,
+        run_id=run.run_id,
+        org_slug=run.org_slug,
+        provider=run.provider,
+        domain=run.domain,
+        pipeline=run.pipeline,
+        pipeline_id=run.pipeline_id,
         state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{run.state}"),
-        trigger=pipeline_run_pb2.Trigger.Value(f"TRIGGER_{run.trigger}"), triggered_by=run.triggered_by,
-        parameters=run.parameters, create_time=timestamp(run.create_time), start_time=timestamp(run.start_time),
-        end_time=timestamp(run.end_time), reason=run.reason, error=run.error, request_id=run.request_id,
+        trigger=pipeline_run_pb2.Trigger.Value(f"TRIGGER_{run.trigger}"),
+        triggered_by=run.triggered_by,
+        parameters=run.parameters,
+        create_time=timestamp(run.create_time),
+        start_time=timestamp(run.start_time),
+        end_time=timestamp(run.end_time),
+        reason=run.reason,
+        error=run.error,
+        request_id=run.request_id,
         steps=[
             pipeline_run_pb2.StepRun(
-                step_id=s.step_id, ps_type=s.ps_type, state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{s.state}"),
-                attempts=s.attempts, duration_ms=s.duration_ms, rows_written=s.rows_written, error=s.error,
-                error_reason=s.error_reason, start_time=timestamp(s.started_at), end_time=timestamp(s.ended_at),
+                step_id=s.step_id,
+                ps_type=s.ps_type,
+                state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{s.state}"),
+                attempts=s.attempts,
+                duration_ms=s.duration_ms,
+                rows_written=s.rows_written,
+                error=s.error,
+                error_reason=s.error_reason,
+                start_time=timestamp(s.started_at),
+                end_time=timestamp(s.ended_at),
             )
             for s in run.steps.values()
-        ] if with_steps else [],
+        ]
+        if with_steps
+        else [],
     )
 
 
 def event_message(event: Event, run: Run) -> pipeline_run_pb2.RunEvent:
     """The proto form of a watched event; run-level events carry the whole run."""
     return pipeline_run_pb2.RunEvent(
-        run_id=run.run_id, time=timestamp(event.at),
-        run_state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{event.run_state}"), step_id=event.step_id,
+        run_id=run.run_id,
+        time=timestamp(event.at),
+        run_state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{event.run_state}"),
+        step_id=event.step_id,
         step_state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{event.step_state or 'UNSPECIFIED'}"),
-        attempt=event.attempt, error=event.error, run=None if event.step_id else run_message(run),
+        attempt=event.attempt,
+        error=event.error,
+        run=None if event.step_id else run_message(run),
     )
 
 
 def _state_filter(status: str) -> str:
     state = status.upper().removeprefix("RUN_STATE_")
     if state and state not in _RUN_STATES:
-        raise InvalidInputError("unknown run state", [FieldViolation("status", f"one of {sorted(_RUN_STATES)}")])
+        raise InvalidInputError(
+            "unknown run state", [FieldViolation("status", f"one of {sorted(_RUN_STATES)}")]
+        )
     return state
 
 
@@ -83,8 +113,11 @@ def _cursor(token: str) -> tuple[datetime, str] | None:
     try:
         return datetime.fromisoformat(created), run_id
     except ValueError as exc:
-        raise InvalidInputError("invalid page token", [FieldViolation("page_token", "not a token from this API")],
-                                reason="INVALID_PAGE_TOKEN") from exc
+        raise InvalidInputError(
+            "invalid page token",
+            [FieldViolation("page_token", "not a token from this API")],
+            reason="INVALID_PAGE_TOKEN",
+        ) from exc
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
@@ -99,8 +132,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     ) -> pipeline_service_pb2.ListPipelinesResponse:
         org_principal()
         configs = [c for c in self._catalog.all() if not request.provider or c.provider == request.provider]
-        page, next_token = paginate(configs, lambda c: c.key, request.page_size, request.page_token,
-                                    default=50, maximum=500)
+        page, next_token = paginate(
+            configs, lambda c: c.key, request.page_size, request.page_token, default=50, maximum=500
+        )
         return pipeline_service_pb2.ListPipelinesResponse(
             pipelines=[pipeline_message(c) for c in page], next_page_token=next_token, total_size=len(configs)
         )
@@ -109,11 +143,21 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.RunPipelineRequest, context: aio.ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.RunPipelineResponse:
         org = org_principal()
-        run = await self._runs.submit(org, RunRequest(
-            provider=request.provider, domain=request.domain, pipeline=request.pipeline, date=request.date,
-            start_date=request.start_date, end_date=request.end_date, parameters=dict(request.parameters),
-            force_refresh=request.force_refresh, request_id=request.request_id,
-        ), principal_name())
+        run = await self._runs.submit(
+            org,
+            RunRequest(
+                provider=request.provider,
+                domain=request.domain,
+                pipeline=request.pipeline,
+                date=request.date,
+                start_date=request.start_date,
+                end_date=request.end_date,
+                parameters=dict(request.parameters),
+                force_refresh=request.force_refresh,
+                request_id=request.request_id,
+            ),
+            principal_name(),
+        )
         if request.wait:
             remaining = context.time_remaining()
             await self._runs.wait(run, min(MAX_WAIT_SECONDS, (remaining or MAX_WAIT_SECONDS) - 0.5))
@@ -129,13 +173,21 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.ListPipelineRunsRequest, context: aio.ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.ListPipelineRunsResponse:
         if request.page_size < 0:
-            raise InvalidInputError("page_size must not be negative", [FieldViolation("page_size", "negative")])
+            raise InvalidInputError(
+                "page_size must not be negative", [FieldViolation("page_size", "negative")]
+            )
         size = min(request.page_size or 50, 500)
-        runs = await self._runs.list(org_principal().org_slug, pipeline_key=request.pipeline,
-                                     state=_state_filter(request.status), before=_cursor(request.page_token),
-                                     limit=size + 1)
+        runs = await self._runs.list(
+            org_principal().org_slug,
+            pipeline_key=request.pipeline,
+            state=_state_filter(request.status),
+            before=_cursor(request.page_token),
+            limit=size + 1,
+        )
         page = runs[:size]
-        token = encode_token(f"{page[-1].create_time.isoformat()}|{page[-1].run_id}") if len(runs) > size else ""
+        token = (
+            encode_token(f"{page[-1].create_time.isoformat()}|{page[-1].run_id}") if len(runs) > size else ""
+        )
         return pipeline_service_pb2.ListPipelineRunsResponse(
             runs=[run_message(r, with_steps=False) for r in page], next_page_token=token
         )

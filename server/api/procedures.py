@@ -21,13 +21,18 @@ _OUTCOMES = {
 }
 
 
-
 def procedure_message(view: ProcedureView, *, with_definition: bool = False) -> procedure_pb2.Procedure:
     """The proto form of a deployed procedure."""
     r = view.routine
     return procedure_pb2.Procedure(
-        name=r.name, dataset=r.dataset, full_name=r.full_name, domain=view.domain, checksum=view.checksum,
-        file_checksum=view.file_checksum, create_time=timestamp(r.created), update_time=timestamp(r.modified),
+        name=r.name,
+        dataset=r.dataset,
+        full_name=r.full_name,
+        domain=view.domain,
+        checksum=view.checksum,
+        file_checksum=view.file_checksum,
+        create_time=timestamp(r.created),
+        update_time=timestamp(r.modified),
         definition=r.definition if with_definition else "",
     )
 
@@ -40,8 +45,13 @@ def execution_message(run: MigrationRun) -> procedure_pb2.MigrationExecution:
         s.update(row)
         rows.append(s)
     return procedure_pb2.MigrationExecution(
-        name=run.name, dataset=run.dataset, checksum=run.checksum, dry_run=run.dry_run,
-        executed_by=run.executed_by, execute_time=timestamp(run.executed_at), rows=rows,
+        name=run.name,
+        dataset=run.dataset,
+        checksum=run.checksum,
+        dry_run=run.dry_run,
+        executed_by=run.executed_by,
+        execute_time=timestamp(run.executed_at),
+        rows=rows,
     )
 
 
@@ -55,8 +65,9 @@ class ProcedureServicer(procedure_service_pb2_grpc.ProcedureServiceServicer):
         self, request: procedure_service_pb2.ListProceduresRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.ListProceduresResponse:
         views = await self._manager.deployed()
-        page, token = paginate(views, lambda v: v.routine.name, request.page_size, request.page_token,
-                               default=100, maximum=1000)
+        page, token = paginate(
+            views, lambda v: v.routine.name, request.page_size, request.page_token, default=100, maximum=1000
+        )
         return procedure_service_pb2.ListProceduresResponse(
             procedures=[procedure_message(v) for v in page], next_page_token=token, total_size=len(views)
         )
@@ -65,30 +76,48 @@ class ProcedureServicer(procedure_service_pb2_grpc.ProcedureServiceServicer):
         self, request: procedure_service_pb2.GetProcedureRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.GetProcedureResponse:
         view = await self._manager.get(request.name)
-        return procedure_service_pb2.GetProcedureResponse(procedure=procedure_message(view, with_definition=True))
+        return procedure_service_pb2.GetProcedureResponse(
+            procedure=procedure_message(view, with_definition=True)
+        )
 
     async def SyncProcedures(
         self, request: procedure_service_pb2.SyncProceduresRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.SyncProceduresResponse:
-        results = await self._manager.sync(force=request.force, names=list(request.names), domain=request.domain)
+        results = await self._manager.sync(
+            force=request.force, names=list(request.names), domain=request.domain
+        )
         counts = {k: sum(r.outcome == k for r in results) for k in _OUTCOMES}
         return procedure_service_pb2.SyncProceduresResponse(
-            results=[procedure_pb2.ProcedureSyncResult(name=r.name, domain=r.domain, outcome=_OUTCOMES[r.outcome],
-                                                       checksum=r.checksum, error=r.error) for r in results],
+            results=[
+                procedure_pb2.ProcedureSyncResult(
+                    name=r.name,
+                    domain=r.domain,
+                    outcome=_OUTCOMES[r.outcome],
+                    checksum=r.checksum,
+                    error=r.error,
+                )
+                for r in results
+            ],
             **counts,
         )
 
     async def DeleteProcedure(
         self, request: procedure_service_pb2.DeleteProcedureRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.DeleteProcedureResponse:
-        return procedure_service_pb2.DeleteProcedureResponse(full_name=await self._manager.delete(request.name))
+        return procedure_service_pb2.DeleteProcedureResponse(
+            full_name=await self._manager.delete(request.name)
+        )
 
     async def ExecuteMigration(
         self, request: procedure_service_pb2.ExecuteMigrationRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.ExecuteMigrationResponse:
         run, already = await self._manager.execute_migration(
-            request.name, request.dataset, dry_run=request.dry_run, force=request.force,
+            request.name,
+            request.dataset,
+            dry_run=request.dry_run,
+            force=request.force,
             executed_by=principal_name(),
         )
-        return procedure_service_pb2.ExecuteMigrationResponse(execution=execution_message(run),
-                                                              already_applied=already)
+        return procedure_service_pb2.ExecuteMigrationResponse(
+            execution=execution_message(run), already_applied=already
+        )

@@ -43,16 +43,21 @@ def code_of(exc: errors.ServiceError) -> int:
 def to_status(exc: BaseException, request_id: str) -> grpc.Status:
     """Build the gRPC status (with details trailer) for any exception."""
     if not isinstance(exc, errors.ServiceError):
-        exc = errors.ServiceError(f"internal error (request id {request_id})", reason="INTERNAL",
-                                  metadata={"request_id": request_id})
+        exc = errors.ServiceError(
+            f"internal error (request id {request_id})",
+            reason="INTERNAL",
+            metadata={"request_id": request_id},
+        )
     status = status_pb2.Status(code=code_of(exc), message=exc.message)
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
     status.details.add().Pack(info)
     if isinstance(exc, errors.InvalidInputError) and exc.violations:
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations
-        ])
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
         status.details.add().Pack(bad)
     if isinstance(exc, errors.ThrottledError):
         delay = duration_pb2.Duration(seconds=max(1, math.ceil(exc.retry_after)))

@@ -58,8 +58,17 @@ class RunRequest:
 class RunManager:
     """Owns the active runs of this process."""
 
-    def __init__(self, *, catalog: PipelineCatalog, runner: StepRunner, ledger: Ledger, quotas: Quotas,
-                 warehouse: BigQueryWarehouse, meta_dataset: str, recent: int = 2000) -> None:
+    def __init__(
+        self,
+        *,
+        catalog: PipelineCatalog,
+        runner: StepRunner,
+        ledger: Ledger,
+        quotas: Quotas,
+        warehouse: BigQueryWarehouse,
+        meta_dataset: str,
+        recent: int = 2000,
+    ) -> None:
         self._catalog = catalog
         self._runner = runner
         self._ledger = ledger
@@ -106,8 +115,11 @@ class RunManager:
         dedupe = hashlib.sha256(json.dumps([org.org_slug, config.key, parameters], sort_keys=True).encode())
         active = self._by_dedupe.get(dedupe.hexdigest())
         if active is not None:
-            raise ConflictError(f"a run of {config.key} with these parameters is active: {active.run_id}",
-                                reason="RUN_ALREADY_ACTIVE", metadata={"active_run_id": active.run_id})
+            raise ConflictError(
+                f"a run of {config.key} with these parameters is active: {active.run_id}",
+                reason="RUN_ALREADY_ACTIVE",
+                metadata={"active_run_id": active.run_id},
+            )
         try:
             self._quotas.check_rate(org)
             reservation = self._quotas.reserve(org)
@@ -115,9 +127,15 @@ class RunManager:
             metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
             raise
         run = Run(
-            run_id=uuid.uuid4().hex, org_slug=org.org_slug, pipeline_key=config.key,
-            pipeline_id=config.spec.pipeline_id, trigger=request.trigger, triggered_by=triggered_by,
-            parameters=parameters, request_id=request.request_id, create_time=datetime.now(UTC),
+            run_id=uuid.uuid4().hex,
+            org_slug=org.org_slug,
+            pipeline_key=config.key,
+            pipeline_id=config.spec.pipeline_id,
+            trigger=request.trigger,
+            triggered_by=triggered_by,
+            parameters=parameters,
+            request_id=request.request_id,
+            create_time=datetime.now(UTC),
             dedupe_key=dedupe.hexdigest(),
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
@@ -149,15 +167,26 @@ class RunManager:
 
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
-        bad = [FieldViolation(f"parameters[{k}]", "keys are lowercase snake_case")
-               for k in request.parameters if not k.isidentifier() or k.lower() != k]
+        bad = [
+            FieldViolation(f"parameters[{k}]", "keys are lowercase snake_case")
+            for k in request.parameters
+            if not k.isidentifier() or k.lower() != k
+        ]
         if bad:
             raise InvalidInputError("invalid parameters", bad)
-        params = {k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-                  for k, v in config.spec.parameters.items()}
+        params = {
+            k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in config.spec.parameters.items()
+        }
         params.update(request.parameters)
-        params.update(templates.parse_run_dates(date=request.date, start_date=request.start_date,
-                                                end_date=request.end_date, today=datetime.now(UTC).date()))
+        params.update(
+            templates.parse_run_dates(
+                date=request.date,
+                start_date=request.start_date,
+                end_date=request.end_date,
+                today=datetime.now(UTC).date(),
+            )
+        )
         if request.force_refresh:
             params["force_refresh"] = "true"
         return params
@@ -175,7 +204,9 @@ class RunManager:
         self._ledger.transition(run, previous, state, reason=reason, error=error)
         run.notify(Event(now, state, error=error))
 
-    async def _execute(self, run: Run, config: PipelineConfig, org: OrgContext, reservation: Reservation) -> None:
+    async def _execute(
+        self, run: Run, config: PipelineConfig, org: OrgContext, reservation: Reservation
+    ) -> None:
         log_fields.set({"org_slug": run.org_slug, "run_id": run.run_id})
         started: dict[tuple[str, int], datetime] = {}
         try:
@@ -192,8 +223,12 @@ class RunManager:
             else:
                 self._set_state(run, "FAILED", reason="STEP_FAILED", error=outcome.error)
         except TimeoutError:
-            self._set_state(run, "TIMEOUT", reason="PIPELINE_TIMEOUT",
-                            error=f"the pipeline timeout of {config.spec.timeout:g}s ran out")
+            self._set_state(
+                run,
+                "TIMEOUT",
+                reason="PIPELINE_TIMEOUT",
+                error=f"the pipeline timeout of {config.spec.timeout:g}s ran out",
+            )
         except asyncio.CancelledError:
             self._set_state(run, "CANCELLED", reason=run.reason or "CANCELLED")
         except Exception as exc:  # the run ends FAILED; the details stay in our log, not in the run
@@ -220,12 +255,18 @@ class RunManager:
 
     def _variables(self, run: Run, org: OrgContext, steps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return templates.template_variables(
-            parameters=run.parameters, org_slug=run.org_slug, run_id=run.run_id, dataset=org.dataset,
-            pipeline_id=run.pipeline_id, steps=steps, now=datetime.now(UTC),
+            parameters=run.parameters,
+            org_slug=run.org_slug,
+            run_id=run.run_id,
+            dataset=org.dataset,
+            pipeline_id=run.pipeline_id,
+            steps=steps,
+            now=datetime.now(UTC),
         )
 
-    def _prepare(self, run: Run, org: OrgContext, step: StepSpec, steps: Mapping[str, Mapping[str, Any]]
-                 ) -> PreparedStep:
+    def _prepare(
+        self, run: Run, org: OrgContext, step: StepSpec, steps: Mapping[str, Mapping[str, Any]]
+    ) -> PreparedStep:
         variables = self._variables(run, org, steps)
         base = f"steps.{step.step_id}"
         return PreparedStep(
@@ -233,13 +274,24 @@ class RunManager:
             enabled=templates.render_bool(step.enabled, variables, f"{base}.enabled"),
         )
 
-    def _context(self, run: Run, org: OrgContext, step: StepSpec, attempt: int,
-                 steps: Mapping[str, Mapping[str, Any]]) -> StepContext:
+    def _context(
+        self, run: Run, org: OrgContext, step: StepSpec, attempt: int, steps: Mapping[str, Mapping[str, Any]]
+    ) -> StepContext:
         identity = RunIdentity(run.run_id, run.org_slug, org.dataset, run.pipeline_id, run.pipeline_key)
-        logger = logging.LoggerAdapter(logging.getLogger(f"processors.{step.ps_type}"),
-                                       {"fields": {"run_id": run.run_id, "step_id": step.step_id}})
-        return StepContext(run=identity, step_id=step.step_id, attempt=attempt, parameters=dict(run.parameters),
-                           steps=steps, warehouse=self._wh, meta_dataset=self._meta, log=logger)
+        logger = logging.LoggerAdapter(
+            logging.getLogger(f"processors.{step.ps_type}"),
+            {"fields": {"run_id": run.run_id, "step_id": step.step_id}},
+        )
+        return StepContext(
+            run=identity,
+            step_id=step.step_id,
+            attempt=attempt,
+            parameters=dict(run.parameters),
+            steps=steps,
+            warehouse=self._wh,
+            meta_dataset=self._meta,
+            log=logger,
+        )
 
     def _on_step(self, run: Run, event: StepEvent, started: dict[tuple[str, int], datetime]) -> None:
         step = run.steps[event.step_id]
@@ -257,14 +309,25 @@ class RunManager:
             if attempt_start is not None:
                 # A retried attempt ended in a transient failure: the attempt row says FAILED.
                 state = "FAILED" if event.state == "RETRYING" else event.state
-                self._ledger.attempt(run, step, event.attempt, state, attempt_start, event.at,
-                                     event.error, event.error_reason, event.rows_written)
+                self._ledger.attempt(
+                    run,
+                    step,
+                    event.attempt,
+                    state,
+                    attempt_start,
+                    event.at,
+                    event.error,
+                    event.error_reason,
+                    event.rows_written,
+                )
         if event.state in _STEP_TERMINAL:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
             step.ended_at = event.at
             metrics.STEP_SECONDS.labels(step.ps_type, event.state).observe(step.duration_ms / 1000)
-        self._ledger.transition(run, previous, event.state, step=step, attempt=event.attempt, error=event.error)
+        self._ledger.transition(
+            run, previous, event.state, step=step, attempt=event.attempt, error=event.error
+        )
         run.notify(Event(event.at, run.state, step.step_id, event.state, event.attempt, event.error))
 
     # -- observe and cancel ------------------------------------------------------------------------
@@ -275,21 +338,29 @@ class RunManager:
         if run is None and len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
             run = await self._ledger.get(org_slug, run_id)
         if run is None or run.org_slug != org_slug:
-            raise NotFoundError(f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
+            raise NotFoundError(
+                f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
+            )
         return run
 
-    async def list(self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None,
-                   limit: int) -> list[Run]:
+    async def list(
+        self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None, limit: int
+    ) -> list[Run]:
         """Runs of the org, newest first, before the cursor: active and unflushed ones from memory too."""
         # Always: with nothing buffered this still waits for a flush in progress, whose runs are neither
         # active any more nor readable from the table yet.
         await self._ledger.flush()
-        stored = await self._ledger.finished_runs(org_slug, pipeline_key=pipeline_key, state=state, before=before,
-                                         limit=limit)
-        live = [r for r in self._active.values()
-                if r.org_slug == org_slug and (not pipeline_key or r.pipeline_key == pipeline_key)
-                and (not state or r.state == state)
-                and (before is None or (r.create_time, r.run_id) < before)]
+        stored = await self._ledger.finished_runs(
+            org_slug, pipeline_key=pipeline_key, state=state, before=before, limit=limit
+        )
+        live = [
+            r
+            for r in self._active.values()
+            if r.org_slug == org_slug
+            and (not pipeline_key or r.pipeline_key == pipeline_key)
+            and (not state or r.state == state)
+            and (before is None or (r.create_time, r.run_id) < before)
+        ]
         merged = {r.run_id: r for r in stored} | {r.run_id: r for r in live}
         ordered = sorted(merged.values(), key=lambda r: (r.create_time, r.run_id), reverse=True)
         return ordered[:limit]
@@ -305,11 +376,11 @@ class RunManager:
         self._cancel_task(run, "CANCELLED_BY_USER")
         return run
 
-    async def wait(self, run: Run, timeout: float) -> Run:
-        """Wait until the run ends or `timeout` seconds pass; return it either way."""
+    async def wait(self, run: Run, seconds: float) -> Run:
+        """Wait until the run ends or `seconds` pass; return it either way."""
         if run.task is not None and not run.terminal:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.task), timeout)
+                await asyncio.wait_for(asyncio.shield(run.task), seconds)
         return run
 
     async def watch(self, org_slug: str, run_id: str) -> AsyncIterator[tuple[Event, Run]]:

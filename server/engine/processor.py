@@ -101,8 +101,11 @@ def parse_config(model: type[ModelT], step_config: dict[str, Any]) -> ModelT:
 def _module_name(ps_type: str) -> str:
     match = PS_TYPE.fullmatch(ps_type)
     if match is None:
-        raise InvalidInputError(f"invalid ps_type {ps_type!r}", [FieldViolation("ps_type", "must be provider.domain")],
-                                reason="UNKNOWN_PROCESSOR")
+        raise InvalidInputError(
+            f"invalid ps_type {ps_type!r}",
+            [FieldViolation("ps_type", "must be provider.domain")],
+            reason="UNKNOWN_PROCESSOR",
+        )
     return f"{PACKAGE}.{match.group(1)}.{match.group(2)}"
 
 
@@ -122,15 +125,19 @@ class ProcessorRegistry:
         except ModuleNotFoundError as exc:
             if exc.name is None or not name.startswith(exc.name):
                 raise
-            raise InvalidInputError(f"no processor for ps_type {ps_type!r}",
-                                    [FieldViolation("ps_type", f"no module {name}")],
-                                    reason="UNKNOWN_PROCESSOR") from exc
+            raise InvalidInputError(
+                f"no processor for ps_type {ps_type!r}",
+                [FieldViolation("ps_type", f"no module {name}")],
+                reason="UNKNOWN_PROCESSOR",
+            ) from exc
         factory = getattr(module, "get_engine", None)
         engine = factory() if callable(factory) else None
         if not isinstance(engine, Processor):
-            raise InvalidInputError(f"{name}.get_engine() does not return a processor",
-                                    [FieldViolation("ps_type", "get_engine() missing or wrong")],
-                                    reason="UNKNOWN_PROCESSOR")
+            raise InvalidInputError(
+                f"{name}.get_engine() does not return a processor",
+                [FieldViolation("ps_type", "get_engine() missing or wrong")],
+                reason="UNKNOWN_PROCESSOR",
+            )
         self._loaded[ps_type] = engine
         return engine
 

@@ -38,8 +38,11 @@ class Reservation:
 class Quotas:
     """Per-org counters and token buckets."""
 
-    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._clock = clock
         self._monotonic = monotonic
         self._day: dict[tuple[str, date], int] = {}
@@ -70,8 +73,12 @@ class Quotas:
         tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
         if tokens < 1.0:
             self._buckets[org.org_slug] = (tokens, now)
-            raise ThrottledError(f"more than {rate} RunPipeline calls per minute", reason="RATE_LIMITED",
-                                 retry_after=(1.0 - tokens) * 60.0 / rate, metadata={"limit": str(rate)})
+            raise ThrottledError(
+                f"more than {rate} RunPipeline calls per minute",
+                reason="RATE_LIMITED",
+                retry_after=(1.0 - tokens) * 60.0 / rate,
+                metadata={"limit": str(rate)},
+            )
         self._buckets[org.org_slug] = (tokens - 1.0, now)
 
     def reserve(self, org: OrgContext) -> Reservation:
@@ -79,17 +86,26 @@ class Quotas:
         now = self._clock()
         day_key, month_key = (org.org_slug, now.date()), (org.org_slug, now.year, now.month)
         if self.active(org.org_slug) >= org.concurrent_limit:
-            raise ThrottledError(f"{org.concurrent_limit} runs already active", reason="CONCURRENT_LIMIT_EXCEEDED",
-                                 retry_after=5.0, metadata={"limit": str(org.concurrent_limit)})
+            raise ThrottledError(
+                f"{org.concurrent_limit} runs already active",
+                reason="CONCURRENT_LIMIT_EXCEEDED",
+                retry_after=5.0,
+                metadata={"limit": str(org.concurrent_limit)},
+            )
         if self._day.get(day_key, 0) >= org.daily_limit:
-            raise ThrottledError(f"daily limit of {org.daily_limit} runs reached", reason="DAILY_LIMIT_EXCEEDED",
-                                 retry_after=(_next_day(now) - now).total_seconds(),
-                                 metadata={"limit": str(org.daily_limit)})
+            raise ThrottledError(
+                f"daily limit of {org.daily_limit} runs reached",
+                reason="DAILY_LIMIT_EXCEEDED",
+                retry_after=(_next_day(now) - now).total_seconds(),
+                metadata={"limit": str(org.daily_limit)},
+            )
         if self._month.get(month_key, 0) >= org.monthly_limit:
-            raise ThrottledError(f"monthly limit of {org.monthly_limit} runs reached",
-                                 reason="MONTHLY_LIMIT_EXCEEDED",
-                                 retry_after=(_next_month(now) - now).total_seconds(),
-                                 metadata={"limit": str(org.monthly_limit)})
+            raise ThrottledError(
+                f"monthly limit of {org.monthly_limit} runs reached",
+                reason="MONTHLY_LIMIT_EXCEEDED",
+                retry_after=(_next_month(now) - now).total_seconds(),
+                metadata={"limit": str(org.monthly_limit)},
+            )
         self._day[day_key] = self._day.get(day_key, 0) + 1
         self._month[month_key] = self._month.get(month_key, 0) + 1
         self._active[org.org_slug] = self.active(org.org_slug) + 1

@@ -30,8 +30,13 @@ class StepView:
     def as_json(self) -> dict[str, Any]:
         """JSON-ready form, for the ledger's `steps` column."""
         return {
-            "step_id": self.step_id, "ps_type": self.ps_type, "state": self.state, "attempts": self.attempts,
-            "duration_ms": self.duration_ms, "rows_written": self.rows_written, "error": self.error,
+            "step_id": self.step_id,
+            "ps_type": self.ps_type,
+            "state": self.state,
+            "attempts": self.attempts,
+            "duration_ms": self.duration_ms,
+            "rows_written": self.rows_written,
+            "error": self.error,
             "error_reason": self.error_reason,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "ended_at": self.ended_at.isoformat() if self.ended_at else None,
@@ -41,8 +46,13 @@ class StepView:
     def from_json(cls, data: dict[str, Any]) -> StepView:
         """Inverse of `as_json`."""
         return cls(
-            step_id=data["step_id"], ps_type=data["ps_type"], state=data["state"], attempts=data["attempts"],
-            duration_ms=data["duration_ms"], rows_written=data["rows_written"], error=data["error"],
+            step_id=data["step_id"],
+            ps_type=data["ps_type"],
+            state=data["state"],
+            attempts=data["attempts"],
+            duration_ms=data["duration_ms"],
+            rows_written=data["rows_written"],
+            error=data["error"],
             error_reason=data["error_reason"],
             started_at=datetime.fromisoformat(data["started_at"]) if data.get("started_at") else None,
             ended_at=datetime.fromisoformat(data["ended_at"]) if data.get("ended_at") else None,

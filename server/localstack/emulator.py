@@ -21,8 +21,16 @@ BQE_HOME = PROJECT_ROOT / ".state" / "bqemulator" / "home"
 class Emulator:
     """A running emulator; `endpoint` is its REST URL."""
 
-    def __init__(self, *, rest_port: int, grpc_port: int, project: str, data_dir: Path | None,
-                 log_path: Path, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        rest_port: int,
+        grpc_port: int,
+        project: str,
+        data_dir: Path | None,
+        log_path: Path,
+        timeout: float = 60.0,
+    ) -> None:
         if not BQE_BIN.exists():
             raise RuntimeError(f"{BQE_BIN} is missing: run `make install` first")
         storage = ["--persistent", "--data-dir", str(data_dir)] if data_dir else ["--ephemeral"]
@@ -31,10 +39,28 @@ class Emulator:
         self.endpoint = f"http://127.0.0.1:{rest_port}"
         self._child = ChildProcess(
             "bqemulator",
-            [str(BQE_BIN), "start", "--rest-host", "127.0.0.1", "--rest-port", str(rest_port),
-             "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), *storage, "--project", project,
-             "--log-level", "warning", "--log-format", "json", "--no-admin"],
-            log_path, env={"HOME": str(BQE_HOME)},
+            [
+                str(BQE_BIN),
+                "start",
+                "--rest-host",
+                "127.0.0.1",
+                "--rest-port",
+                str(rest_port),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(grpc_port),
+                *storage,
+                "--project",
+                project,
+                "--log-level",
+                "warning",
+                "--log-format",
+                "json",
+                "--no-admin",
+            ],
+            log_path,
+            env={"HOME": str(BQE_HOME)},
         )
         self._child.wait_until(lambda: http_ok(f"{self.endpoint}/healthz", '"ok"'), timeout)
 
@@ -60,8 +86,11 @@ async def embedded(settings: Settings) -> AsyncIterator[Emulator | None]:
         yield None
         return
     emu = await asyncio.to_thread(
-        Emulator, rest_port=settings.emulator_rest_port, grpc_port=settings.emulator_grpc_port,
-        project=settings.gcp_project_id, data_dir=settings.emulator_data_dir / "data",
+        Emulator,
+        rest_port=settings.emulator_rest_port,
+        grpc_port=settings.emulator_grpc_port,
+        project=settings.gcp_project_id,
+        data_dir=settings.emulator_data_dir / "data",
         log_path=settings.state_dir / "logs" / "bqemulator.log",
     )
     try:

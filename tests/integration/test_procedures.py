@@ -94,13 +94,16 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_text().encode()).hexdigest()
 
 
-def write_procedure(folder: Path, domain: str, name: str, body: str, *, declared: str | None = None,
-                    params: str = "") -> Path:
+def write_procedure(
+    folder: Path, domain: str, name: str, body: str, *, declared: str | None = None, params: str = ""
+) -> Path:
     """A procedure source file `folder/domain/name.sql` in the shipped layout."""
     path = folder / domain / f"{name}.sql"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"CREATE OR REPLACE PROCEDURE `${{project}}.${{dataset}}.{declared or name}`({params})\n"
-                    f"BEGIN\n  {body}\nEND\n")
+    path.write_text(
+        f"CREATE OR REPLACE PROCEDURE `${{project}}.${{dataset}}.{declared or name}`({params})\n"
+        f"BEGIN\n  {body}\nEND\n"
+    )
     return path
 
 
@@ -108,7 +111,8 @@ async def sync_state(service: app.Service, name: str) -> list[dict[str, Any]]:
     """The `procedure_sync_state` rows of one procedure."""
     table = service.warehouse.table_ref(CENTRAL, "procedure_sync_state")
     return await service.warehouse.query(
-        f"SELECT procedure_name, domain, checksum FROM {table} WHERE procedure_name = @n", {"n": name})
+        f"SELECT procedure_name, domain, checksum FROM {table} WHERE procedure_name = @n", {"n": name}
+    )
 
 
 async def routine_names(service: app.Service) -> set[str]:
@@ -127,15 +131,34 @@ async def plans(service: app.Service, dataset: str) -> list[dict[str, Any]]:
     table = service.warehouse.table_ref(dataset, "saas_subscription_plans")
     return await service.warehouse.query(
         "SELECT subscription_id, status, billing_cycle, pricing_model, discount_type, currency, unit_price, "
-        f"seats FROM {table} ORDER BY subscription_id")
+        f"seats FROM {table} ORDER BY subscription_id"
+    )
 
 
-def plan(subscription_id: str, *, status: str = "active", billing_cycle: str = "monthly",
-         pricing_model: str = "per_seat", currency: str = "USD", discount_type: str | None = None,
-         unit_price: str = "10.5", seats: int | None = 2) -> dict[str, Any]:
-    return {"subscription_id": subscription_id, "provider": "slack", "plan_name": "pro", "status": status,
-            "start_date": "2025-01-01", "billing_cycle": billing_cycle, "pricing_model": pricing_model,
-            "unit_price": unit_price, "seats": seats, "currency": currency, "discount_type": discount_type}
+def plan(
+    subscription_id: str,
+    *,
+    status: str = "active",
+    billing_cycle: str = "monthly",
+    pricing_model: str = "per_seat",
+    currency: str = "USD",
+    discount_type: str | None = None,
+    unit_price: str = "10.5",
+    seats: int | None = 2,
+) -> dict[str, Any]:
+    return {
+        "subscription_id": subscription_id,
+        "provider": "slack",
+        "plan_name": "pro",
+        "status": status,
+        "start_date": "2025-01-01",
+        "billing_cycle": billing_cycle,
+        "pricing_model": pricing_model,
+        "unit_price": unit_price,
+        "seats": seats,
+        "currency": currency,
+        "discount_type": discount_type,
+    }
 
 
 async def create_plans(service: app.Service, dataset: str, rows: list[dict[str, Any]]) -> None:
@@ -186,8 +209,13 @@ async def test_sync_creates_then_leaves_unchanged_then_force_updates_rest(
     assert first["created"] >= 1 and first["failed"] == 0 and first["updated"] == 0
     assert first["created"] + first["unchanged"] == len(names)
     result = next(r for r in first["results"] if r["name"] == MIGRATION)
-    assert result == {"name": MIGRATION, "domain": "migrations", "outcome": "OUTCOME_CREATED",
-                      "checksum": sha256(MIGRATION_FILE), "error": ""}
+    assert result == {
+        "name": MIGRATION,
+        "domain": "migrations",
+        "outcome": "OUTCOME_CREATED",
+        "checksum": sha256(MIGRATION_FILE),
+        "error": "",
+    }
 
     status, before = await call(http, "GET", f"/api/v1/procedures/{MIGRATION}")
     assert status == 200, before
@@ -219,8 +247,9 @@ async def test_sync_creates_then_leaves_unchanged_then_force_updates_rest(
     ]
 
 
-async def test_sync_grpc(procedures: procedure_service_pb2_grpc.ProcedureServiceStub,
-                         service: app.Service) -> None:
+async def test_sync_grpc(
+    procedures: procedure_service_pb2_grpc.ProcedureServiceStub, service: app.Service
+) -> None:
     request = procedure_service_pb2.SyncProceduresRequest
     first = await procedures.SyncProcedures(request(), metadata=ROOT_METADATA)
     names = [f.name for f in service.procedures.files()]
@@ -254,8 +283,9 @@ async def test_sync_unknown_name_is_a_bad_request(http: aiohttp.ClientSession) -
     assert rest_violations(body) == ["names[0]"]
 
     # Only the unknown entry is named, at its own index.
-    status, body = await call(http, "POST", "/api/v1/procedures/sync",
-                              json={"names": [MIGRATION, "no_such_procedure"]})
+    status, body = await call(
+        http, "POST", "/api/v1/procedures/sync", json={"names": [MIGRATION, "no_such_procedure"]}
+    )
     assert_rest_error(status, body, 400, "PROCEDURE_FILE_NOT_FOUND")
     assert rest_violations(body) == ["names[1]"]
 
@@ -303,12 +333,15 @@ async def test_sync_outcomes_on_a_temporary_folder(
     assert body["procedure"]["full_name"] == f"{PROJECT}.{CENTRAL}.{good}"
 
     broken_path = folder / "scratch" / f"{broken}.sql"
-    broken_path.write_text(f"CREATE OR REPLACE PROCEDURE `${{project}}.${{dataset}}.{broken}`(p INT64\n"
-                           "BEGIN\n  SELECT 1;\nEND\n")
+    broken_path.write_text(
+        f"CREATE OR REPLACE PROCEDURE `${{project}}.${{dataset}}.{broken}`(p INT64\nBEGIN\n  SELECT 1;\nEND\n"
+    )
     write_procedure(folder, "scratch", mismatch, "SELECT 3;", declared=f"sp_other_{suffix}")
     results = {r.name: r for r in await scratch.sync()}
     assert [(n, r.outcome) for n, r in sorted(results.items())] == [
-        (good, "unchanged"), (broken, "failed"), (mismatch, "failed")
+        (good, "unchanged"),
+        (broken, "failed"),
+        (mismatch, "failed"),
     ]
     assert results[broken].error and results[broken].checksum == sha256(broken_path)
     assert f"{mismatch}.sql must CREATE OR REPLACE PROCEDURE" in results[mismatch].error
@@ -340,8 +373,17 @@ async def test_list_procedures(http: aiohttp.ClientSession, service: app.Service
     names = [p["name"] for p in body["procedures"]]
     assert names == sorted(names)
     migration = next(p for p in body["procedures"] if p["name"] == MIGRATION)
-    assert set(migration) == {"name", "dataset", "full_name", "domain", "checksum", "file_checksum",
-                              "create_time", "update_time", "definition"}
+    assert set(migration) == {
+        "name",
+        "dataset",
+        "full_name",
+        "domain",
+        "checksum",
+        "file_checksum",
+        "create_time",
+        "update_time",
+        "definition",
+    }
     assert migration["domain"] == "migrations"
     assert migration["dataset"] == CENTRAL
     assert migration["full_name"] == f"{PROJECT}.{CENTRAL}.{MIGRATION}"
@@ -350,8 +392,9 @@ async def test_list_procedures(http: aiohttp.ClientSession, service: app.Service
     assert migration["create_time"].endswith("Z") and migration["update_time"] >= migration["create_time"]
 
 
-async def test_list_procedures_pages(http: aiohttp.ClientSession, scratch: ProcedureManager, suffix: str,
-                                     tmp_path: Path) -> None:
+async def test_list_procedures_pages(
+    http: aiohttp.ClientSession, scratch: ProcedureManager, suffix: str, tmp_path: Path
+) -> None:
     await deploy_shipped(http)
     for name in (f"sp_page1_{suffix}", f"sp_page2_{suffix}"):
         write_procedure(tmp_path / "procedures", "scratch", name, "SELECT 1;")
@@ -389,8 +432,9 @@ async def test_list_procedures_pages(http: aiohttp.ClientSession, scratch: Proce
     assert rest_violations(body) == ["page_size"]
 
 
-async def test_get_procedure(http: aiohttp.ClientSession,
-                             procedures: procedure_service_pb2_grpc.ProcedureServiceStub) -> None:
+async def test_get_procedure(
+    http: aiohttp.ClientSession, procedures: procedure_service_pb2_grpc.ProcedureServiceStub
+) -> None:
     await deploy_shipped(http)
     status, body = await call(http, "GET", f"/api/v1/procedures/{MIGRATION}")
     assert status == 200, body
@@ -407,12 +451,14 @@ async def test_get_procedure(http: aiohttp.ClientSession,
     assert_rest_error(status, body, 400, "INVALID_IDENTIFIER")
     assert rest_violations(body) == ["name"]
 
-    reply = await procedures.GetProcedure(procedure_service_pb2.GetProcedureRequest(name=MIGRATION),
-                                          metadata=ROOT_METADATA)
+    reply = await procedures.GetProcedure(
+        procedure_service_pb2.GetProcedureRequest(name=MIGRATION), metadata=ROOT_METADATA
+    )
     assert reply.procedure.definition == procedure["definition"]
     with pytest.raises(aio.AioRpcError) as caught:
-        await procedures.GetProcedure(procedure_service_pb2.GetProcedureRequest(name="no_such_procedure"),
-                                      metadata=ROOT_METADATA)
+        await procedures.GetProcedure(
+            procedure_service_pb2.GetProcedureRequest(name="no_such_procedure"), metadata=ROOT_METADATA
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert rpc_details(caught.value)[0].reason == "PROCEDURE_NOT_FOUND"
 
@@ -420,8 +466,9 @@ async def test_get_procedure(http: aiohttp.ClientSession,
 # --- delete -------------------------------------------------------------------------------------------
 
 
-async def test_delete_procedure(http: aiohttp.ClientSession, service: app.Service, scratch: ProcedureManager,
-                                suffix: str, tmp_path: Path) -> None:
+async def test_delete_procedure(
+    http: aiohttp.ClientSession, service: app.Service, scratch: ProcedureManager, suffix: str, tmp_path: Path
+) -> None:
     name = f"sp_delete_{suffix}"
     write_procedure(tmp_path / "procedures", "scratch", name, "SELECT 1;")
     assert [r.outcome for r in await scratch.sync()] == ["created"]
@@ -447,28 +494,45 @@ async def test_delete_procedure(http: aiohttp.ClientSession, service: app.Servic
 # --- migrations ---------------------------------------------------------------------------------------
 
 
-async def test_migration_dry_run_apply_and_history(http: aiohttp.ClientSession, service: app.Service,
-                                                   acme: Org) -> None:
+async def test_migration_dry_run_apply_and_history(
+    http: aiohttp.ClientSession, service: app.Service, acme: Org
+) -> None:
     await deploy_shipped(http)
-    await create_plans(service, acme.dataset, [
-        plan("s1", status="Active ", billing_cycle="MONTHLY", currency="usd"),
-        plan("s2"),
-        plan("s3", status="PENDING", billing_cycle=" Annual", pricing_model="Flat_Fee", currency="eur ",
-             discount_type="Percent"),
-    ])
+    await create_plans(
+        service,
+        acme.dataset,
+        [
+            plan("s1", status="Active ", billing_cycle="MONTHLY", currency="usd"),
+            plan("s2"),
+            plan(
+                "s3",
+                status="PENDING",
+                billing_cycle=" Annual",
+                pricing_model="Flat_Fee",
+                currency="eur ",
+                discount_type="Percent",
+            ),
+        ],
+    )
     before = await plans(service, acme.dataset)
     url = f"/api/v1/migrations/{MIGRATION}/execute"
     checksum = sha256(MIGRATION_FILE)
 
-    for kwargs in ({"params": {"dry_run": "true"}, "json": {"dataset": acme.dataset}},
-                   {"params": {"dry_run": "true", "dataset": acme.dataset}}):
+    for kwargs in (
+        {"params": {"dry_run": "true"}, "json": {"dataset": acme.dataset}},
+        {"params": {"dry_run": "true", "dataset": acme.dataset}},
+    ):
         status, body = await call(http, "POST", url, **kwargs)
         assert status == 200, body
         assert body["already_applied"] is False
         execution = body["execution"]
         assert {k: execution[k] for k in ("name", "dataset", "checksum", "dry_run", "executed_by")} == {
-            "name": MIGRATION, "dataset": acme.dataset, "checksum": checksum, "dry_run": True,
-            "executed_by": "root"}
+            "name": MIGRATION,
+            "dataset": acme.dataset,
+            "checksum": checksum,
+            "dry_run": True,
+            "executed_by": "root",
+        }
         assert execution["rows"] == [{"dataset": acme.dataset, "dry_run": True, "plans_to_change": 2}]
         # A small INT64 is a JSON number (json_value keeps ints below 2**53 as numbers).
         assert type(execution["rows"][0]["plans_to_change"]) is int
@@ -480,8 +544,17 @@ async def test_migration_dry_run_apply_and_history(http: aiohttp.ClientSession, 
     assert applied["execution"]["dry_run"] is False
     assert applied["execution"]["rows"] == [{"dataset": acme.dataset, "dry_run": False, "plans_to_change": 2}]
     after = await plans(service, acme.dataset)
-    assert [(p["subscription_id"], p["status"], p["billing_cycle"], p["pricing_model"], p["currency"],
-             p["discount_type"]) for p in after] == [
+    assert [
+        (
+            p["subscription_id"],
+            p["status"],
+            p["billing_cycle"],
+            p["pricing_model"],
+            p["currency"],
+            p["discount_type"],
+        )
+        for p in after
+    ] == [
         ("s1", "active", "monthly", "per_seat", "USD", None),
         ("s2", "active", "monthly", "per_seat", "USD", None),
         ("s3", "pending", "annual", "flat_fee", "EUR", "percent"),
@@ -491,7 +564,8 @@ async def test_migration_dry_run_apply_and_history(http: aiohttp.ClientSession, 
     history = await service.procedures.history(MIGRATION, acme.dataset)
     assert [h.dry_run for h in history] == [True, True, False]
     assert {(h.checksum, h.executed_by, h.name, h.dataset) for h in history} == {
-        (checksum, "root", MIGRATION, acme.dataset)}
+        (checksum, "root", MIGRATION, acme.dataset)
+    }
     assert history[-1].rows == [{"dataset": acme.dataset, "dry_run": False, "plans_to_change": 2}]
 
     # Applied already: nothing runs, so a plan added since stays as it is, and nothing is recorded.
@@ -526,8 +600,13 @@ async def test_migration_errors(http: aiohttp.ClientSession, acme: Org) -> None:
     assert status == 400, body
     assert rest_violations(body) == ["dataset"]
 
-    status, body = await call(http, "POST", "/api/v1/migrations/no_such_migration/execute",
-                              params={"dry_run": "true"}, json={"dataset": acme.dataset})
+    status, body = await call(
+        http,
+        "POST",
+        "/api/v1/migrations/no_such_migration/execute",
+        params={"dry_run": "true"},
+        json={"dataset": acme.dataset},
+    )
     assert_rest_error(status, body, 404, "MIGRATION_NOT_FOUND")
     assert detail(body, ERROR_INFO)["metadata"] == {"name": "no_such_migration"}
 
@@ -537,29 +616,37 @@ async def test_migration_errors(http: aiohttp.ClientSession, acme: Org) -> None:
     assert detail(body, ERROR_INFO)["metadata"] == {"dataset": missing}
 
 
-async def test_migration_grpc(procedures: procedure_service_pb2_grpc.ProcedureServiceStub,
-                              service: app.Service) -> None:
+async def test_migration_grpc(
+    procedures: procedure_service_pb2_grpc.ProcedureServiceStub, service: app.Service
+) -> None:
     org = await make_org(service, "initech")
-    await procedures.SyncProcedures(procedure_service_pb2.SyncProceduresRequest(names=[MIGRATION]),
-                                    metadata=ROOT_METADATA)
+    await procedures.SyncProcedures(
+        procedure_service_pb2.SyncProceduresRequest(names=[MIGRATION]), metadata=ROOT_METADATA
+    )
     await create_plans(service, org.dataset, [plan("p1", currency="gbp"), plan("p2")])
     request = procedure_service_pb2.ExecuteMigrationRequest
 
-    dry = await procedures.ExecuteMigration(request(name=MIGRATION, dataset=org.dataset, dry_run=True),
-                                            metadata=ROOT_METADATA)
+    dry = await procedures.ExecuteMigration(
+        request(name=MIGRATION, dataset=org.dataset, dry_run=True), metadata=ROOT_METADATA
+    )
     assert not dry.already_applied and dry.execution.dry_run
     assert dry.execution.executed_by == "root" and dry.execution.checksum == sha256(MIGRATION_FILE)
     assert json_format.MessageToDict(dry.execution.rows[0]) == {
-        "dataset": org.dataset, "dry_run": True, "plans_to_change": 1}
+        "dataset": org.dataset,
+        "dry_run": True,
+        "plans_to_change": 1,
+    }
     assert [p["currency"] for p in await plans(service, org.dataset)] == ["gbp", "USD"]
 
-    applied = await procedures.ExecuteMigration(request(name=MIGRATION, dataset=org.dataset),
-                                                metadata=ROOT_METADATA)
+    applied = await procedures.ExecuteMigration(
+        request(name=MIGRATION, dataset=org.dataset), metadata=ROOT_METADATA
+    )
     assert not applied.already_applied and not applied.execution.dry_run
     assert [p["currency"] for p in await plans(service, org.dataset)] == ["GBP", "USD"]
 
-    again = await procedures.ExecuteMigration(request(name=MIGRATION, dataset=org.dataset),
-                                              metadata=ROOT_METADATA)
+    again = await procedures.ExecuteMigration(
+        request(name=MIGRATION, dataset=org.dataset), metadata=ROOT_METADATA
+    )
     assert again.already_applied
     assert again.execution == applied.execution
     assert [h.dry_run for h in await service.procedures.history(MIGRATION, org.dataset)] == [True, False]
@@ -572,24 +659,30 @@ async def test_migration_grpc(procedures: procedure_service_pb2_grpc.ProcedureSe
 
     with pytest.raises(aio.AioRpcError) as caught:
         await procedures.ExecuteMigration(
-            request(name="no_such_migration", dataset=org.dataset, dry_run=True), metadata=ROOT_METADATA)
+            request(name="no_such_migration", dataset=org.dataset, dry_run=True), metadata=ROOT_METADATA
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert rpc_details(caught.value)[0].reason == "MIGRATION_NOT_FOUND"
 
 
-async def test_migration_result_values_and_new_versions(scratch: ProcedureManager, suffix: str,
-                                                        service: app.Service, globex: Org,
-                                                        tmp_path: Path) -> None:
+async def test_migration_result_values_and_new_versions(
+    scratch: ProcedureManager, suffix: str, service: app.Service, globex: Org, tmp_path: Path
+) -> None:
     name = f"mig_values_{suffix}"
     folder = tmp_path / "procedures"
 
     def version(n: int) -> str:
         """Write version `n` of the migration; return its checksum."""
-        return sha256(write_procedure(
-            folder, "migrations", name,
-            f"SELECT p_dataset AS dataset, p_dry_run AS dry_run, {n} AS version, "
-            "9007199254740993 AS big, NUMERIC '1.5' AS amount, DATE '2025-01-02' AS day;",
-            params="p_dataset STRING, p_dry_run BOOL"))
+        return sha256(
+            write_procedure(
+                folder,
+                "migrations",
+                name,
+                f"SELECT p_dataset AS dataset, p_dry_run AS dry_run, {n} AS version, "
+                "9007199254740993 AS big, NUMERIC '1.5' AS amount, DATE '2025-01-02' AS day;",
+                params="p_dataset STRING, p_dry_run BOOL",
+            )
+        )
 
     first = version(1)
     with pytest.raises(NotFoundError) as caught:
@@ -597,41 +690,56 @@ async def test_migration_result_values_and_new_versions(scratch: ProcedureManage
     assert caught.value.reason == "MIGRATION_NOT_DEPLOYED"
     assert [r.outcome for r in await scratch.sync()] == ["created"]
 
-    run, already = await scratch.execute_migration(name, globex.dataset, dry_run=False, force=False,
-                                                   executed_by="test")
+    run, already = await scratch.execute_migration(
+        name, globex.dataset, dry_run=False, force=False, executed_by="test"
+    )
     assert not already
     assert run.checksum == first
     # Beyond 2**53 an INT64 becomes a string; exact decimals and dates are strings too.
-    assert run.rows == [{"dataset": globex.dataset, "dry_run": False, "version": 1,
-                         "big": "9007199254740993", "amount": run.rows[0]["amount"], "day": "2025-01-02"}]
+    assert run.rows == [
+        {
+            "dataset": globex.dataset,
+            "dry_run": False,
+            "version": 1,
+            "big": "9007199254740993",
+            "amount": run.rows[0]["amount"],
+            "day": "2025-01-02",
+        }
+    ]
     assert Decimal(run.rows[0]["amount"]) == Decimal("1.5") and isinstance(run.rows[0]["amount"], str)
     message = json_format.MessageToDict(execution_message(run), preserving_proto_field_name=True)
     assert message["rows"][0]["big"] == "9007199254740993"
     assert message["rows"][0]["version"] == 1
     assert message["executed_by"] == "test"
 
-    earlier, already = await scratch.execute_migration(name, globex.dataset, dry_run=False, force=False,
-                                                       executed_by="test")
+    earlier, already = await scratch.execute_migration(
+        name, globex.dataset, dry_run=False, force=False, executed_by="test"
+    )
     assert already and earlier == run
 
     # A changed migration (new checksum) is a new migration: it applies without force.
     second = version(2)
     assert [r.outcome for r in await scratch.sync()] == ["updated"]
-    run2, already = await scratch.execute_migration(name, globex.dataset, dry_run=False, force=False,
-                                                    executed_by="test")
+    run2, already = await scratch.execute_migration(
+        name, globex.dataset, dry_run=False, force=False, executed_by="test"
+    )
     assert not already
     assert run2.checksum == second != first
     assert run2.rows[0]["version"] == 2
     history = await scratch.history(name, globex.dataset)
     assert [(h.dry_run, h.checksum, h.rows[0]["version"]) for h in history] == [
-        (False, first, 1), (False, second, 2)]
+        (False, first, 1),
+        (False, second, 2),
+    ]
     assert isinstance(history[0].executed_at.date(), date)
 
     # A procedure outside `migrations/` is not a migration.
-    write_procedure(folder, "scratch", f"sp_plain_{suffix}", "SELECT 1;",
-                    params="p_dataset STRING, p_dry_run BOOL")
+    write_procedure(
+        folder, "scratch", f"sp_plain_{suffix}", "SELECT 1;", params="p_dataset STRING, p_dry_run BOOL"
+    )
     await scratch.sync()
     with pytest.raises(NotFoundError) as caught:
-        await scratch.execute_migration(f"sp_plain_{suffix}", globex.dataset, dry_run=True, force=False,
-                                        executed_by="test")
+        await scratch.execute_migration(
+            f"sp_plain_{suffix}", globex.dataset, dry_run=True, force=False, executed_by="test"
+        )
     assert caught.value.reason == "MIGRATION_NOT_FOUND"

@@ -50,17 +50,26 @@ async def plan_org(service: app.Service, prefix: str, **limits: int) -> Org:
     return Org(slug, dataset, key)
 
 
-def run_request(org: Org, pipeline: str = "quick", params: dict[str, str] | None = None, **fields: Any
-                ) -> PS.RunPipelineRequest:
-    return PS.RunPipelineRequest(org_slug=org.slug, provider="engine", domain="runs", pipeline=pipeline,
-                                 parameters=params or {}, **fields)
+def run_request(
+    org: Org, pipeline: str = "quick", params: dict[str, str] | None = None, **fields: Any
+) -> PS.RunPipelineRequest:
+    return PS.RunPipelineRequest(
+        org_slug=org.slug,
+        provider="engine",
+        domain="runs",
+        pipeline=pipeline,
+        parameters=params or {},
+        **fields,
+    )
 
 
-async def start(stub: Stub, org: Org, pipeline: str = "quick", params: dict[str, str] | None = None,
-                **fields: Any) -> RS.PipelineRun:
+async def start(
+    stub: Stub, org: Org, pipeline: str = "quick", params: dict[str, str] | None = None, **fields: Any
+) -> RS.PipelineRun:
     """RunPipeline over gRPC; the accepted (or, with wait=True, the finished) run."""
-    response = await stub.RunPipeline(run_request(org, pipeline, params, **fields), metadata=org.metadata,
-                                      timeout=30)
+    response = await stub.RunPipeline(
+        run_request(org, pipeline, params, **fields), metadata=org.metadata, timeout=30
+    )
     return response.run
 
 
@@ -131,8 +140,10 @@ async def list_all(stub: Stub, org: Org, page_size: int = 2, **filters: str) -> 
     runs: list[RS.PipelineRun] = []
     token = ""
     for _ in range(100):
-        page = await stub.ListPipelineRuns(PS.ListPipelineRunsRequest(page_size=page_size, page_token=token,
-                                                                      **filters), metadata=org.metadata)
+        page = await stub.ListPipelineRuns(
+            PS.ListPipelineRunsRequest(page_size=page_size, page_token=token, **filters),
+            metadata=org.metadata,
+        )
         runs += page.runs
         token = page.next_page_token
         if not token:
@@ -144,8 +155,9 @@ async def watch(stub: Stub, org: Org, run_id: str, within: float = 15) -> list[R
     """Every event of a WatchPipelineRun stream, until the server ends it."""
     events = []
     async with asyncio.timeout(within):
-        async for message in stub.WatchPipelineRun(PS.WatchPipelineRunRequest(run_id=run_id),
-                                                   metadata=org.metadata):
+        async for message in stub.WatchPipelineRun(
+            PS.WatchPipelineRunRequest(run_id=run_id), metadata=org.metadata
+        ):
             events.append(message.event)
     return events
 
@@ -153,8 +165,9 @@ async def watch(stub: Stub, org: Org, run_id: str, within: float = 15) -> list[R
 # --- 1. watch -------------------------------------------------------------------------------------------
 
 
-async def test_watch_streams_every_event_until_the_run_completes(pipelines: Stub,
-                                                                 service: app.Service) -> None:
+async def test_watch_streams_every_event_until_the_run_completes(
+    pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "watch")
     run = await start(pipelines, org, "sleepy", {"sleep": "0.5"})
     events = await watch(pipelines, org, run.run_id)
@@ -165,16 +178,22 @@ async def test_watch_streams_every_event_until_the_run_completes(pipelines: Stub
     assert events[0].run_state == RS.RUN_STATE_PENDING and not events[0].step_id
     assert events[1].run_state == RS.RUN_STATE_RUNNING and not events[1].step_id
     steps = [(e.step_id, e.step_state) for e in events if e.step_id]
-    assert steps == [("nap", RS.STEP_STATE_RUNNING), ("nap", RS.STEP_STATE_SUCCEEDED),
-                     ("after", RS.STEP_STATE_RUNNING), ("after", RS.STEP_STATE_SUCCEEDED)], events
+    assert steps == [
+        ("nap", RS.STEP_STATE_RUNNING),
+        ("nap", RS.STEP_STATE_SUCCEEDED),
+        ("after", RS.STEP_STATE_RUNNING),
+        ("after", RS.STEP_STATE_SUCCEEDED),
+    ], events
     assert all(e.run_state == RS.RUN_STATE_RUNNING and not e.HasField("run") for e in events if e.step_id)
     assert all(e.attempt == 1 for e in events if e.step_id)
 
     last = events[-1]
     assert last.run_state == RS.RUN_STATE_COMPLETED and not last.step_id and last.HasField("run")
     assert last.run.state == RS.RUN_STATE_COMPLETED and last.run.run_id == run.run_id
-    assert {s.step_id: s.state for s in last.run.steps} == {"nap": RS.STEP_STATE_SUCCEEDED,
-                                                            "after": RS.STEP_STATE_SUCCEEDED}
+    assert {s.step_id: s.state for s in last.run.steps} == {
+        "nap": RS.STEP_STATE_SUCCEEDED,
+        "after": RS.STEP_STATE_SUCCEEDED,
+    }
     nap = next(s for s in last.run.steps if s.step_id == "nap")
     assert nap.duration_ms >= 450, nap
     times = [e.time.ToDatetime() for e in events]
@@ -183,16 +202,20 @@ async def test_watch_streams_every_event_until_the_run_completes(pipelines: Stub
     # Watching the finished run: its history again, ending with the final event, and the stream ends.
     again = await watch(pipelines, org, run.run_id, within=5)
     assert again[-1].run_state == RS.RUN_STATE_COMPLETED and again[-1].run.state == RS.RUN_STATE_COMPLETED
-    assert [(e.run_state, e.step_id, e.step_state) for e in again] == \
-        [(e.run_state, e.step_id, e.step_state) for e in events]
+    assert [(e.run_state, e.step_id, e.step_state) for e in again] == [
+        (e.run_state, e.step_id, e.step_state) for e in events
+    ]
 
 
 async def test_watch_over_rest_is_a_json_array_ending_with_completed(
-        http: aiohttp.ClientSession, pipelines: Stub, service: app.Service) -> None:
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "watchrest")
     run = await start(pipelines, org, "sleepy", {"sleep": "0.3"})
-    async with asyncio.timeout(15), http.get(f"/api/v1/pipelines/runs/{run.run_id}/events",
-                                             headers=org.headers) as r:
+    async with (
+        asyncio.timeout(15),
+        http.get(f"/api/v1/pipelines/runs/{run.run_id}/events", headers=org.headers) as r,
+    ):
         assert r.status == 200, await r.text()
         body = await r.json(content_type=None)
     assert isinstance(body, list) and len(body) == 7, body
@@ -207,8 +230,9 @@ async def test_watch_over_rest_is_a_json_array_ending_with_completed(
 # --- 2. cancel ------------------------------------------------------------------------------------------
 
 
-async def test_cancel_over_rest_stops_the_running_step(http: aiohttp.ClientSession, pipelines: Stub,
-                                                       service: app.Service) -> None:
+async def test_cancel_over_rest_stops_the_running_step(
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "cancel")
     run = await start(pipelines, org, "sleepy", {"sleep": "30"})
     await wait_state(pipelines, org, run.run_id, RS.RUN_STATE_RUNNING)
@@ -223,8 +247,10 @@ async def test_cancel_over_rest_stops_the_running_step(http: aiohttp.ClientSessi
     done = await wait_terminal(pipelines, org, run.run_id, timeout=2)
     assert loop.time() - asked < 2
     assert done.state == RS.RUN_STATE_CANCELLED and done.reason == "CANCELLED_BY_USER", done
-    assert {s.step_id: s.state for s in done.steps} == {"nap": RS.STEP_STATE_CANCELLED,
-                                                        "after": RS.STEP_STATE_NOT_RUN}
+    assert {s.step_id: s.state for s in done.steps} == {
+        "nap": RS.STEP_STATE_CANCELLED,
+        "after": RS.STEP_STATE_NOT_RUN,
+    }
     assert done.end_time.ToDatetime() >= done.start_time.ToDatetime()
     assert service.runs._quotas.active(org.slug) == 0
 
@@ -264,18 +290,21 @@ async def test_cancel_leaves_another_orgs_run_going(pipelines: Stub, service: ap
 # --- 3. duplicates --------------------------------------------------------------------------------------
 
 
-async def test_duplicate_of_an_active_run_is_aborted(http: aiohttp.ClientSession, pipelines: Stub,
-                                                     service: app.Service) -> None:
+async def test_duplicate_of_an_active_run_is_aborted(
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "dupe")
     first = await start(pipelines, org, "sleepy", {"sleep": "30"})
     started = [first.run_id]
     try:
-        error = await rpc_failure(start(pipelines, org, "sleepy", {"sleep": "30"}), grpc.StatusCode.ABORTED,
-                                  "RUN_ALREADY_ACTIVE")
+        error = await rpc_failure(
+            start(pipelines, org, "sleepy", {"sleep": "30"}), grpc.StatusCode.ABORTED, "RUN_ALREADY_ACTIVE"
+        )
         assert error_info(error).metadata["active_run_id"] == first.run_id
         # The config's default for `sleep` is "30": leaving it out is the same run too.
-        error = await rpc_failure(start(pipelines, org, "sleepy"), grpc.StatusCode.ABORTED,
-                                  "RUN_ALREADY_ACTIVE")
+        error = await rpc_failure(
+            start(pipelines, org, "sleepy"), grpc.StatusCode.ABORTED, "RUN_ALREADY_ACTIVE"
+        )
         assert error_info(error).metadata["active_run_id"] == first.run_id
 
         status, body = await run_rest(http, org, "engine/runs/sleepy", {"parameters": {"sleep": "30"}})
@@ -325,12 +354,14 @@ async def test_request_id_returns_the_same_run(pipelines: Stub, service: app.Ser
     assert [r.run_id for r in await list_all(pipelines, org)] == [first.run_id]
 
 
-async def test_concurrent_calls_with_one_request_id_make_one_run(pipelines: Stub,
-                                                                 service: app.Service) -> None:
+async def test_concurrent_calls_with_one_request_id_make_one_run(
+    pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "reqrace")
     request_id = str(uuid.uuid4())
-    runs = await asyncio.gather(*(start(pipelines, org, "sleepy", {"sleep": "0.3"}, request_id=request_id)
-                                  for _ in range(5)))
+    runs = await asyncio.gather(
+        *(start(pipelines, org, "sleepy", {"sleep": "0.3"}, request_id=request_id) for _ in range(5))
+    )
     assert {r.run_id for r in runs} == {runs[0].run_id}, runs
     assert (await wait_terminal(pipelines, org, runs[0].run_id)).state == RS.RUN_STATE_COMPLETED
     assert service.runs._quotas.used(org.slug)[0] == 1
@@ -341,8 +372,9 @@ async def test_concurrent_calls_with_one_request_id_make_one_run(pipelines: Stub
 SMALL = {"daily_limit": 3, "monthly_limit": 100, "concurrent_limit": 2, "requests_per_minute": 1000}
 
 
-async def test_concurrent_limit_then_recovery(http: aiohttp.ClientSession, pipelines: Stub,
-                                              service: app.Service) -> None:
+async def test_concurrent_limit_then_recovery(
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await plan_org(service, "concur", **SMALL)
     quotas = service.runs._quotas
     a = await start(pipelines, org, "sleepy", {"sleep": "30"})
@@ -350,8 +382,9 @@ async def test_concurrent_limit_then_recovery(http: aiohttp.ClientSession, pipel
     started = [a.run_id, b.run_id]
     try:
         assert quotas.active(org.slug) == 2
-        error = await rpc_failure(start(pipelines, org, "sleepy", {"sleep": "28"}),
-                                  EXHAUSTED, "CONCURRENT_LIMIT_EXCEEDED")
+        error = await rpc_failure(
+            start(pipelines, org, "sleepy", {"sleep": "28"}), EXHAUSTED, "CONCURRENT_LIMIT_EXCEEDED"
+        )
         assert error_info(error).metadata["limit"] == "2"
         assert retry_info(error).retry_delay.seconds > 0
 
@@ -377,8 +410,9 @@ async def test_daily_limit(http: aiohttp.ClientSession, pipelines: Stub, service
     for i in range(3):
         run = await start(pipelines, org, "quick", {"label": str(i)}, wait=True)
         assert run.state == RS.RUN_STATE_COMPLETED
-    error = await rpc_failure(start(pipelines, org, "quick", {"label": "3"}), EXHAUSTED,
-                              "DAILY_LIMIT_EXCEEDED")
+    error = await rpc_failure(
+        start(pipelines, org, "quick", {"label": "3"}), EXHAUSTED, "DAILY_LIMIT_EXCEEDED"
+    )
     assert error_info(error).metadata["limit"] == "3"
     delay = retry_info(error).retry_delay
     assert 0 < delay.seconds <= 24 * 3600
@@ -388,10 +422,12 @@ async def test_daily_limit(http: aiohttp.ClientSession, pipelines: Stub, service
     assert service.runs._quotas.active(org.slug) == 0
 
 
-async def test_failed_cancelled_and_timed_out_runs_release_their_slots(pipelines: Stub,
-                                                                       service: app.Service) -> None:
-    org = await plan_org(service, "release", daily_limit=100, monthly_limit=100, concurrent_limit=3,
-                         requests_per_minute=1000)
+async def test_failed_cancelled_and_timed_out_runs_release_their_slots(
+    pipelines: Stub, service: app.Service
+) -> None:
+    org = await plan_org(
+        service, "release", daily_limit=100, monthly_limit=100, concurrent_limit=3, requests_per_minute=1000
+    )
     quotas = service.runs._quotas
     failing = await start(pipelines, org, "failing")
     slow = await start(pipelines, org, "slow")
@@ -399,10 +435,15 @@ async def test_failed_cancelled_and_timed_out_runs_release_their_slots(pipelines
     assert quotas.active(org.slug) >= 1
     await wait_state(pipelines, org, sleepy.run_id, RS.RUN_STATE_RUNNING)
     await cancel(pipelines, org, sleepy.run_id)
-    ends = {r: (await wait_terminal(pipelines, org, r, timeout=10)).state
-            for r in (failing.run_id, slow.run_id, sleepy.run_id)}
-    assert ends == {failing.run_id: RS.RUN_STATE_FAILED, slow.run_id: RS.RUN_STATE_TIMEOUT,
-                    sleepy.run_id: RS.RUN_STATE_CANCELLED}
+    ends = {
+        r: (await wait_terminal(pipelines, org, r, timeout=10)).state
+        for r in (failing.run_id, slow.run_id, sleepy.run_id)
+    }
+    assert ends == {
+        failing.run_id: RS.RUN_STATE_FAILED,
+        slow.run_id: RS.RUN_STATE_TIMEOUT,
+        sleepy.run_id: RS.RUN_STATE_CANCELLED,
+    }
     assert quotas.active(org.slug) == 0
     # All three slots are free again: three concurrent runs are accepted.
     more = [await start(pipelines, org, "sleepy", {"sleep": str(20 + i)}) for i in range(3)]
@@ -456,11 +497,15 @@ async def test_another_orgs_run_is_not_found(pipelines: Stub, acme: Org, globex:
     assert (await get(pipelines, acme, active.run_id)).state == RS.RUN_STATE_CANCELLED
 
 
-async def test_running_for_another_org_is_org_mismatch(http: aiohttp.ClientSession, pipelines: Stub,
-                                                       acme: Org, globex: Org) -> None:
+async def test_running_for_another_org_is_org_mismatch(
+    http: aiohttp.ClientSession, pipelines: Stub, acme: Org, globex: Org
+) -> None:
     request = run_request(acme, "quick")
-    error = await rpc_failure(pipelines.RunPipeline(request, metadata=globex.metadata),
-                              grpc.StatusCode.PERMISSION_DENIED, "ORG_MISMATCH")
+    error = await rpc_failure(
+        pipelines.RunPipeline(request, metadata=globex.metadata),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ORG_MISMATCH",
+    )
     assert error_info(error).metadata["org_slug"] == acme.slug
     async with http.post(f"/api/v1/pipelines/run/{acme.slug}/{QUICK}", headers=globex.headers, json={}) as r:
         body = await r.json()
@@ -468,8 +513,9 @@ async def test_running_for_another_org_is_org_mismatch(http: aiohttp.ClientSessi
     assert rest_reason(body) == "ORG_MISMATCH"
 
 
-async def test_listing_never_shows_another_orgs_runs(pipelines: Stub, service: app.Service, acme: Org,
-                                                     globex: Org) -> None:
+async def test_listing_never_shows_another_orgs_runs(
+    pipelines: Stub, service: app.Service, acme: Org, globex: Org
+) -> None:
     mine = await start(pipelines, globex, "quick", {"label": "globex"}, wait=True)
     theirs = await start(pipelines, acme, "sleepy", {"sleep": "0.2"})
     ended = await start(pipelines, acme, "quick", {"label": "acme"}, wait=True)
@@ -486,15 +532,19 @@ async def test_listing_never_shows_another_orgs_runs(pipelines: Stub, service: a
 # --- 7. path and date validation over REST --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "field"), [
-    ("engine/runs/..%2F..%2Fetc", "pipeline"),  # Envoy keeps %2F escaped: one (bad) segment reaches us
-    ("Engine/runs/quick", "provider"),
-    ("engine/Runs/quick", "domain"),
-    ("engine/runs/a.b", "pipeline"),
-    ("engine/runs/quick%00", "pipeline"),
-])
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("engine/runs/..%2F..%2Fetc", "pipeline"),  # Envoy keeps %2F escaped: one (bad) segment reaches us
+        ("Engine/runs/quick", "provider"),
+        ("engine/Runs/quick", "domain"),
+        ("engine/runs/a.b", "pipeline"),
+        ("engine/runs/quick%00", "pipeline"),
+    ],
+)
 async def test_bad_path_segment_is_400_with_a_field_violation(
-        http: aiohttp.ClientSession, service: app.Service, acme: Org, path: str, field: str) -> None:
+    http: aiohttp.ClientSession, service: app.Service, acme: Org, path: str, field: str
+) -> None:
     before = service.runs._quotas.used(acme.slug)
     # `encoded=True`: sent exactly as written, nothing unescaped or normalized on the client's side.
     url = URL(f"/api/v1/pipelines/run/{acme.slug}/{path}", encoded=True)
@@ -523,20 +573,29 @@ async def test_unknown_pipeline_is_404(http: aiohttp.ClientSession, pipelines: S
     status, body = await run_rest(http, acme, "engine/runs/does_not_exist", {})
     assert status == 404 and rest_reason(body) == "PIPELINE_NOT_FOUND", body
     assert rest_details(body, ERROR_INFO)[0]["metadata"]["pipeline"] == "engine/runs/does_not_exist"
-    await rpc_failure(start(pipelines, acme, "does_not_exist"), grpc.StatusCode.NOT_FOUND,
-                      "PIPELINE_NOT_FOUND")
+    await rpc_failure(
+        start(pipelines, acme, "does_not_exist"), grpc.StatusCode.NOT_FOUND, "PIPELINE_NOT_FOUND"
+    )
 
 
-@pytest.mark.parametrize(("body", "fields"), [
-    ({"date": "2025-13-01"}, {"date"}),
-    ({"date": "yesterday"}, {"date"}),
-    ({"start_date": "2025-12-08", "end_date": "2025-12-01"}, None),
-    ({"start_date": "2025-12-01"}, {"end_date"}),
-    ({"date": "2025-12-01", "start_date": "2025-12-01", "end_date": "2025-12-02"}, None),
-    ({"date": "2999-01-01"}, {"date"}),
-])
-async def test_bad_run_window_is_400(http: aiohttp.ClientSession, service: app.Service, acme: Org,
-                                     body: dict[str, object], fields: set[str] | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({"date": "2025-13-01"}, {"date"}),
+        ({"date": "yesterday"}, {"date"}),
+        ({"start_date": "2025-12-08", "end_date": "2025-12-01"}, None),
+        ({"start_date": "2025-12-01"}, {"end_date"}),
+        ({"date": "2025-12-01", "start_date": "2025-12-01", "end_date": "2025-12-02"}, None),
+        ({"date": "2999-01-01"}, {"date"}),
+    ],
+)
+async def test_bad_run_window_is_400(
+    http: aiohttp.ClientSession,
+    service: app.Service,
+    acme: Org,
+    body: dict[str, object],
+    fields: set[str] | None,
+) -> None:
     before = service.runs._quotas.used(acme.slug)
     status, data = await run_rest(http, acme, QUICK, body)
     assert status == 400, data
@@ -555,8 +614,9 @@ async def rest_list(http: aiohttp.ClientSession, org: Org, query: str) -> tuple[
         return r.status, await r.json()
 
 
-async def test_list_pages_walk_every_run_newest_first(http: aiohttp.ClientSession, pipelines: Stub,
-                                                      service: app.Service) -> None:
+async def test_list_pages_walk_every_run_newest_first(
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "listing")
     ids = [(await start(pipelines, org, "quick", {"label": str(i)}, wait=True)).run_id for i in range(5)]
     failed = await start(pipelines, org, "failing", wait=True)
@@ -596,8 +656,9 @@ async def test_list_pages_walk_every_run_newest_first(http: aiohttp.ClientSessio
     assert status == 400 and rest_reason(body) == "INVALID_PAGE_TOKEN", body
 
 
-async def test_an_active_run_is_listed_at_once(http: aiohttp.ClientSession, pipelines: Stub,
-                                               service: app.Service) -> None:
+async def test_an_active_run_is_listed_at_once(
+    http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
+) -> None:
     org = await make_org(service, "listactive")
     run = await start(pipelines, org, "sleepy", {"sleep": "30"})
     try:
@@ -634,13 +695,13 @@ async def test_a_run_that_just_ended_is_always_listed(pipelines: Stub, service: 
 async def ledger_rows(service: app.Service, table: str, slugs: Iterable[str]) -> list[dict[str, Any]]:
     await service.runs._ledger.flush()
     ref = service.warehouse.table_ref(service.settings.meta_dataset, table)
-    rows = await service.warehouse.query(f"SELECT * FROM {ref} WHERE org_slug IN UNNEST(@orgs)",
-                                         {"orgs": list(slugs)})
+    rows = await service.warehouse.query(
+        f"SELECT * FROM {ref} WHERE org_slug IN UNNEST(@orgs)", {"orgs": list(slugs)}
+    )
     return [dict(r.items()) for r in rows]
 
 
-async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub,
-                                                               service: app.Service) -> None:
+async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub, service: app.Service) -> None:
     org = await make_org(service, "ledger")
     quick = await start(pipelines, org, "quick")
     got = await get(pipelines, org, quick.run_id)  # at once: no NOT_FOUND while it is being accepted
@@ -649,13 +710,18 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub,
     sleepy = await start(pipelines, org, "sleepy", {"sleep": "30"})
     await wait_state(pipelines, org, sleepy.run_id, RS.RUN_STATE_RUNNING)
     await cancel(pipelines, org, sleepy.run_id)
-    final = {r: (await wait_terminal(pipelines, org, r)).state for r in (quick.run_id, failing.run_id,
-                                                                         sleepy.run_id)}
+    final = {
+        r: (await wait_terminal(pipelines, org, r)).state
+        for r in (quick.run_id, failing.run_id, sleepy.run_id)
+    }
 
     runs = await ledger_rows(service, "pipeline_runs", [org.slug])
     assert sorted(r["run_id"] for r in runs) == sorted(final)  # exactly one row per run
-    names = {RS.RUN_STATE_COMPLETED: "COMPLETED", RS.RUN_STATE_FAILED: "FAILED",
-             RS.RUN_STATE_CANCELLED: "CANCELLED"}
+    names = {
+        RS.RUN_STATE_COMPLETED: "COMPLETED",
+        RS.RUN_STATE_FAILED: "FAILED",
+        RS.RUN_STATE_CANCELLED: "CANCELLED",
+    }
     assert {r["run_id"]: r["state"] for r in runs} == {k: names[v] for k, v in final.items()}
     by_id = {r["run_id"]: r for r in runs}
     assert by_id[sleepy.run_id]["reason"] == "CANCELLED_BY_USER"
@@ -663,29 +729,46 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub,
     assert by_id[quick.run_id]["pipeline_key"] == QUICK and by_id[quick.run_id]["trigger"] == "API"
 
     events = await ledger_rows(service, "pipeline_run_events", [org.slug])
-    attempts = sorted((e["run_id"], e["step_id"], e["attempt"], e["to_state"])
-                      for e in events if e["kind"] == "STEP_ATTEMPT")
-    assert attempts == sorted([
-        (quick.run_id, "first", 1, "SUCCEEDED"), (quick.run_id, "second", 1, "SUCCEEDED"),
-        (failing.run_id, "ok", 1, "SUCCEEDED"), (failing.run_id, "broken", 1, "FAILED"),
-        (sleepy.run_id, "nap", 1, "CANCELLED"),
-    ])
-    assert all(e["started_at"] and e["ended_at"] and e["duration_ms"] is not None
-               for e in events if e["kind"] == "STEP_ATTEMPT")
+    attempts = sorted(
+        (e["run_id"], e["step_id"], e["attempt"], e["to_state"])
+        for e in events
+        if e["kind"] == "STEP_ATTEMPT"
+    )
+    assert attempts == sorted(
+        [
+            (quick.run_id, "first", 1, "SUCCEEDED"),
+            (quick.run_id, "second", 1, "SUCCEEDED"),
+            (failing.run_id, "ok", 1, "SUCCEEDED"),
+            (failing.run_id, "broken", 1, "FAILED"),
+            (sleepy.run_id, "nap", 1, "CANCELLED"),
+        ]
+    )
+    assert all(
+        e["started_at"] and e["ended_at"] and e["duration_ms"] is not None
+        for e in events
+        if e["kind"] == "STEP_ATTEMPT"
+    )
 
     def chain(run_id: str) -> list[tuple[str | None, str]]:
-        rows = sorted((e for e in events if e["run_id"] == run_id and e["kind"] == "RUN_TRANSITION"),
-                      key=lambda e: e["at"])
+        rows = sorted(
+            (e for e in events if e["run_id"] == run_id and e["kind"] == "RUN_TRANSITION"),
+            key=lambda e: e["at"],
+        )
         return [(e["from_state"], e["to_state"]) for e in rows]
 
     assert chain(quick.run_id) == [(None, "PENDING"), ("PENDING", "RUNNING"), ("RUNNING", "COMPLETED")]
     assert chain(failing.run_id) == [(None, "PENDING"), ("PENDING", "RUNNING"), ("RUNNING", "FAILED")]
-    assert chain(sleepy.run_id) == [(None, "PENDING"), ("PENDING", "RUNNING"), ("RUNNING", "CANCELLING"),
-                                    ("CANCELLING", "CANCELLED")]
+    assert chain(sleepy.run_id) == [
+        (None, "PENDING"),
+        ("PENDING", "RUNNING"),
+        ("RUNNING", "CANCELLING"),
+        ("CANCELLING", "CANCELLED"),
+    ]
     pending = [e for e in events if e["kind"] == "RUN_TRANSITION" and e["to_state"] == "PENDING"]
     assert all(e["run"] for e in pending) and len(pending) == 3
-    steps = Counter((e["run_id"], e["step_id"], e["to_state"])
-                    for e in events if e["kind"] == "STEP_TRANSITION")
+    steps = Counter(
+        (e["run_id"], e["step_id"], e["to_state"]) for e in events if e["kind"] == "STEP_TRANSITION"
+    )
     assert steps[(failing.run_id, "never", "NOT_RUN")] == 1
     assert steps[(sleepy.run_id, "after", "NOT_RUN")] == 1
     assert steps[(quick.run_id, "second", "SUCCEEDED")] == 1
@@ -695,16 +778,19 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub,
 
 
 async def test_fifty_concurrent_runs_across_five_orgs(pipelines: Stub, service: app.Service) -> None:
-    orgs = await asyncio.gather(*(plan_org(service, f"many{i}", concurrent_limit=20, daily_limit=100)
-                                  for i in range(5)))
+    orgs = await asyncio.gather(
+        *(plan_org(service, f"many{i}", concurrent_limit=20, daily_limit=100) for i in range(5))
+    )
     loop = asyncio.get_running_loop()
     began = loop.time()
-    runs = await asyncio.gather(*(start(pipelines, orgs[i % 5], "quick", {"label": str(i)})
-                                  for i in range(50)))
+    runs = await asyncio.gather(
+        *(start(pipelines, orgs[i % 5], "quick", {"label": str(i)}) for i in range(50))
+    )
     assert len({r.run_id for r in runs}) == 50
     async with asyncio.timeout(60):
-        done = await asyncio.gather(*(wait_terminal(pipelines, orgs[i % 5], r.run_id, timeout=60)
-                                      for i, r in enumerate(runs)))
+        done = await asyncio.gather(
+            *(wait_terminal(pipelines, orgs[i % 5], r.run_id, timeout=60) for i, r in enumerate(runs))
+        )
     assert all(r.state == RS.RUN_STATE_COMPLETED for r in done), [r for r in done if r.state != 3]
     assert loop.time() - began < 60
     expected = {o.slug: {r.run_id for i, r in enumerate(runs) if i % 5 == n} for n, o in enumerate(orgs)}
@@ -729,12 +815,19 @@ async def test_fifty_concurrent_runs_across_five_orgs(pipelines: Stub, service: 
 def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of this process's default registry, as the /metrics endpoint would serve it."""
     text = generate_latest(REGISTRY).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def delta(before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-          after: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def delta(
+    before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    after: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+    name: str,
+    **labels: str,
+) -> float:
     key = (name, tuple(sorted(labels.items())))
     assert key in after, (key, sorted(k for k in after if k[0] == name))
     return after[key] - before.get(key, 0.0)
@@ -747,11 +840,13 @@ async def test_metrics(pipelines: Stub, service: app.Service) -> None:
     ok = await start(pipelines, org, "quick", {"label": "metrics"}, wait=True)
     bad = await start(pipelines, org, "failing", wait=True)
     nap = await start(pipelines, org, "sleepy", {"sleep": "0.3"}, wait=True)
-    assert (ok.state, bad.state, nap.state) == (RS.RUN_STATE_COMPLETED, RS.RUN_STATE_FAILED,
-                                                RS.RUN_STATE_COMPLETED)
+    assert (ok.state, bad.state, nap.state) == (
+        RS.RUN_STATE_COMPLETED,
+        RS.RUN_STATE_FAILED,
+        RS.RUN_STATE_COMPLETED,
+    )
     sleepy = await start(pipelines, org, "sleepy", {"sleep": "30"})
-    await rpc_failure(start(pipelines, org, "quick"), EXHAUSTED,
-                      "CONCURRENT_LIMIT_EXCEEDED")
+    await rpc_failure(start(pipelines, org, "quick"), EXHAUSTED, "CONCURRENT_LIMIT_EXCEEDED")
     await rpc_failure(start(pipelines, org, "quick"), EXHAUSTED, "RATE_LIMITED")
     await cancel_and_wait(pipelines, org, [sleepy.run_id])
     after = scrape()
@@ -771,15 +866,21 @@ async def test_metrics(pipelines: Stub, service: app.Service) -> None:
         ("pipeline_step_duration_seconds_count", (("ps_type", "generic.noop"), ("state", "SUCCEEDED"))): 5,
         ("pipeline_step_duration_seconds_count", (("ps_type", "generic.noop"), ("state", "NOT_RUN"))): 2,
         ("pipeline_step_duration_seconds_count", (("ps_type", "generic.noop"), ("state", "CANCELLED"))): 1,
-        ("pipeline_step_duration_seconds_count",
-         (("ps_type", "generic.procedure_executor"), ("state", "FAILED"))): 1,
+        (
+            "pipeline_step_duration_seconds_count",
+            (("ps_type", "generic.procedure_executor"), ("state", "FAILED")),
+        ): 1,
     }
     for (name, labels), expected in counts.items():
         assert delta(before, after, name, **dict(labels)) == expected, (name, labels)
     # Step durations are real wall times: the 0.3 s nap is in the histogram's sum.
-    assert delta(before, after, "pipeline_step_duration_seconds_sum", ps_type="generic.noop",
-                 state="SUCCEEDED") >= 0.29
-    assert ("pipeline_step_duration_seconds_bucket",
-            (("le", "+Inf"), ("ps_type", "generic.noop"), ("state", "SUCCEEDED"))) in after
+    assert (
+        delta(before, after, "pipeline_step_duration_seconds_sum", ps_type="generic.noop", state="SUCCEEDED")
+        >= 0.29
+    )
+    assert (
+        "pipeline_step_duration_seconds_bucket",
+        (("le", "+Inf"), ("ps_type", "generic.noop"), ("state", "SUCCEEDED")),
+    ) in after
     assert ("pipeline_runs_active", ()) in after
     assert after[("pipeline_runs_active", ())] == 0

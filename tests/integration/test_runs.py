@@ -3,44 +3,48 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import aiohttp
-import grpc
-import pytest
-from grpc import aio
 
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
-from server import app
-from tests.conftest import Org, make_org
-from tests.integration.rpc_errors import error_info
+from tests.conftest import Org
 
 PS = pipeline_service_pb2
 RS = pipeline_run_pb2
 
 
-async def run_rest(http: aiohttp.ClientSession, org: Org, path: str, body: dict[str, object]
-                   ) -> tuple[int, dict[str, object]]:
+async def run_rest(
+    http: aiohttp.ClientSession, org: Org, path: str, body: dict[str, object]
+) -> tuple[int, dict[str, object]]:
     async with http.post(f"/api/v1/pipelines/run/{org.slug}/{path}", headers=org.headers, json=body) as r:
         return r.status, await r.json()
 
 
-async def wait_terminal(stub: pipeline_service_pb2_grpc.PipelineServiceStub, org: Org, run_id: str,
-                        timeout: float = 30) -> RS.PipelineRun:
+async def wait_terminal(
+    stub: pipeline_service_pb2_grpc.PipelineServiceStub, org: Org, run_id: str, timeout: float = 30
+) -> RS.PipelineRun:
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         run = (await stub.GetPipelineRun(PS.GetPipelineRunRequest(run_id=run_id), metadata=org.metadata)).run
-        if run.state in (RS.RUN_STATE_COMPLETED, RS.RUN_STATE_FAILED, RS.RUN_STATE_TIMEOUT, RS.RUN_STATE_CANCELLED):
+        if run.state in (
+            RS.RUN_STATE_COMPLETED,
+            RS.RUN_STATE_FAILED,
+            RS.RUN_STATE_TIMEOUT,
+            RS.RUN_STATE_CANCELLED,
+        ):
             return run
         await asyncio.sleep(0.05)
     raise AssertionError(f"run {run_id} did not end")
 
 
-async def test_seed_bodies_work_verbatim_over_rest(http: aiohttp.ClientSession, acme: Org,
-                                                   pipelines: pipeline_service_pb2_grpc.PipelineServiceStub) -> None:
-    for body, window in (({"date": "2025-12-08"}, ("2025-12-08", "2025-12-08")),
-                         ({"start_date": "2025-12-01", "end_date": "2025-12-08"}, ("2025-12-01", "2025-12-08")),
-                         ({}, None)):
+async def test_seed_bodies_work_verbatim_over_rest(
+    http: aiohttp.ClientSession, acme: Org, pipelines: pipeline_service_pb2_grpc.PipelineServiceStub
+) -> None:
+    for body, window in (
+        ({"date": "2025-12-08"}, ("2025-12-08", "2025-12-08")),
+        ({"start_date": "2025-12-01", "end_date": "2025-12-08"}, ("2025-12-01", "2025-12-08")),
+        ({}, None),
+    ):
         status, data = await run_rest(http, acme, "engine/runs/quick", body)
         assert status == 200, data
         run = data["run"]
@@ -55,10 +59,21 @@ async def test_seed_bodies_work_verbatim_over_rest(http: aiohttp.ClientSession, 
 
 
 async def test_wait_returns_the_finished_run_with_step_outputs_resolved(
-        pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org) -> None:
-    response = await pipelines.RunPipeline(PS.RunPipelineRequest(
-        org_slug=acme.slug, provider="engine", domain="runs", pipeline="quick", date="2025-02-28",
-        parameters={"label": "custom"}, wait=True), metadata=acme.metadata, timeout=30)
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org
+) -> None:
+    response = await pipelines.RunPipeline(
+        PS.RunPipelineRequest(
+            org_slug=acme.slug,
+            provider="engine",
+            domain="runs",
+            pipeline="quick",
+            date="2025-02-28",
+            parameters={"label": "custom"},
+            wait=True,
+        ),
+        metadata=acme.metadata,
+        timeout=30,
+    )
     run = response.run
     assert run.state == RS.RUN_STATE_COMPLETED
     assert run.parameters["label"] == "custom"
@@ -66,20 +81,37 @@ async def test_wait_returns_the_finished_run_with_step_outputs_resolved(
 
 
 async def test_failed_step_fails_the_run_and_later_steps_do_not_run(
-        pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org) -> None:
-    run = (await pipelines.RunPipeline(PS.RunPipelineRequest(
-        org_slug=acme.slug, provider="engine", domain="runs", pipeline="failing", wait=True),
-        metadata=acme.metadata, timeout=60)).run
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org
+) -> None:
+    run = (
+        await pipelines.RunPipeline(
+            PS.RunPipelineRequest(
+                org_slug=acme.slug, provider="engine", domain="runs", pipeline="failing", wait=True
+            ),
+            metadata=acme.metadata,
+            timeout=60,
+        )
+    ).run
     assert run.state == RS.RUN_STATE_FAILED and run.reason == "STEP_FAILED"
     states = {s.step_id: s.state for s in run.steps}
-    assert states == {"ok": RS.STEP_STATE_SUCCEEDED, "broken": RS.STEP_STATE_FAILED, "never": RS.STEP_STATE_NOT_RUN}
+    assert states == {
+        "ok": RS.STEP_STATE_SUCCEEDED,
+        "broken": RS.STEP_STATE_FAILED,
+        "never": RS.STEP_STATE_NOT_RUN,
+    }
     broken = next(s for s in run.steps if s.step_id == "broken")
     assert "sp_does_not_exist" in broken.error and "Traceback" not in broken.error
 
 
 async def test_pipeline_timeout(pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org) -> None:
-    run = (await pipelines.RunPipeline(PS.RunPipelineRequest(
-        org_slug=acme.slug, provider="engine", domain="runs", pipeline="slow", wait=True),
-        metadata=acme.metadata, timeout=30)).run
+    run = (
+        await pipelines.RunPipeline(
+            PS.RunPipelineRequest(
+                org_slug=acme.slug, provider="engine", domain="runs", pipeline="slow", wait=True
+            ),
+            metadata=acme.metadata,
+            timeout=30,
+        )
+    ).run
     assert run.state == RS.RUN_STATE_TIMEOUT and run.reason == "PIPELINE_TIMEOUT"
     assert run.steps[0].state == RS.STEP_STATE_CANCELLED

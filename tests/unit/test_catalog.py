@@ -47,8 +47,12 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     write(tmp_path, "saas/costs/monthly.yml", VALID)
     catalog = PipelineCatalog.load(tmp_path)
     [config] = catalog.all()
-    assert (config.provider, config.domain, config.pipeline, config.key) == \
-        ("saas", "costs", "monthly", "saas/costs/monthly")
+    assert (config.provider, config.domain, config.pipeline, config.key) == (
+        "saas",
+        "costs",
+        "monthly",
+        "saas/costs/monthly",
+    )
     assert config.path == tmp_path / "saas/costs/monthly.yml"
     spec = config.spec
     assert isinstance(spec, PipelineSpec)
@@ -95,13 +99,18 @@ def test_config_error_is_invalid_input(tmp_path: Path) -> None:
     write(tmp_path, "saas/costs/monthly.yml", "name: no id\n")
     with pytest.raises(InvalidInputError) as caught:
         PipelineCatalog.load(tmp_path)
-    assert set(violations(caught.value)) == {"saas/costs/monthly.yml:pipeline_id",
-                                             "saas/costs/monthly.yml:steps"}
+    assert set(violations(caught.value)) == {
+        "saas/costs/monthly.yml:pipeline_id",
+        "saas/costs/monthly.yml:steps",
+    }
 
 
 def test_duplicate_step_ids(tmp_path: Path) -> None:
-    write(tmp_path, "saas/costs/monthly.yml", VALID.replace("step_id: convert", "step_id: extract")
-          .replace("    depends_on: [extract]\n", ""))
+    write(
+        tmp_path,
+        "saas/costs/monthly.yml",
+        VALID.replace("step_id: convert", "step_id: extract").replace("    depends_on: [extract]\n", ""),
+    )
     with pytest.raises(ConfigError) as caught:
         PipelineCatalog.load(tmp_path)
     assert violations(caught.value) == ["saas/costs/monthly.yml:steps"]
@@ -139,8 +148,16 @@ def test_wrong_depth_is_a_bad_location(tmp_path: Path, rel: str) -> None:
     assert caught.value.violations[0].description == "bad location"
 
 
-@pytest.mark.parametrize("rel", ["SaaS/costs/monthly.yml", "saas/Costs/monthly.yml", "saas/costs/Monthly.yml",
-                                 "saas/costs/monthly-cost.yml", "1saas/costs/monthly.yml"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "SaaS/costs/monthly.yml",
+        "saas/Costs/monthly.yml",
+        "saas/costs/Monthly.yml",
+        "saas/costs/monthly-cost.yml",
+        "1saas/costs/monthly.yml",
+    ],
+)
 def test_bad_segment_names_fail_the_catalog(tmp_path: Path, rel: str) -> None:
     write(tmp_path, rel, VALID)
     with pytest.raises(ConfigError) as caught:
@@ -205,17 +222,21 @@ def catalog(tmp_path: Path) -> PipelineCatalog:
     return PipelineCatalog.load(tmp_path)
 
 
-@pytest.mark.parametrize(("segments", "fields"), [
-    (("..", "costs", "monthly"), ["provider"]),
-    (("saas", "..", "monthly"), ["domain"]),
-    (("saas", "costs", ".."), ["pipeline"]),
-    (("SaaS", "Costs", "Monthly"), ["provider", "domain", "pipeline"]),
-    (("saas", "costs/x", "monthly"), ["domain"]),
-    (("", "costs", "monthly"), ["provider"]),
-    (("saas", "costs", "monthly\n"), ["pipeline"]),
-])
-def test_get_rejects_bad_segments(catalog: PipelineCatalog, segments: tuple[str, str, str],
-                                  fields: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("segments", "fields"),
+    [
+        (("..", "costs", "monthly"), ["provider"]),
+        (("saas", "..", "monthly"), ["domain"]),
+        (("saas", "costs", ".."), ["pipeline"]),
+        (("SaaS", "Costs", "Monthly"), ["provider", "domain", "pipeline"]),
+        (("saas", "costs/x", "monthly"), ["domain"]),
+        (("", "costs", "monthly"), ["provider"]),
+        (("saas", "costs", "monthly\n"), ["pipeline"]),
+    ],
+)
+def test_get_rejects_bad_segments(
+    catalog: PipelineCatalog, segments: tuple[str, str, str], fields: list[str]
+) -> None:
     with pytest.raises(InvalidInputError) as caught:
         catalog.get(*segments)
     assert caught.value.reason == "INVALID_PIPELINE_PATH"

@@ -25,12 +25,15 @@ def walk(items: list[str], page_size: int, *, default: int = 100, maximum: int =
         assert len(pages) <= len(items), "paging does not end"
 
 
-@pytest.mark.parametrize(("page_size", "expected"), [
-    (1, [[n] for n in NAMES]),
-    (3, [NAMES[0:3], NAMES[3:6], NAMES[6:7]]),
-    (7, [NAMES]),
-    (8, [NAMES]),
-])
+@pytest.mark.parametrize(
+    ("page_size", "expected"),
+    [
+        (1, [[n] for n in NAMES]),
+        (3, [NAMES[0:3], NAMES[3:6], NAMES[6:7]]),
+        (7, [NAMES]),
+        (8, [NAMES]),
+    ],
+)
 def test_walking_pages_visits_every_item_once(page_size: int, expected: list[list[str]]) -> None:
     assert walk(NAMES, page_size) == expected
 
@@ -43,8 +46,9 @@ def test_last_page_has_an_empty_token_and_earlier_pages_do_not() -> None:
 
 
 def test_exactly_full_last_page_has_no_token() -> None:
-    page, token = paging.paginate(NAMES[:4], lambda s: s, 2, paging.encode_token(NAMES[1]),
-                                  default=100, maximum=1000)
+    page, token = paging.paginate(
+        NAMES[:4], lambda s: s, 2, paging.encode_token(NAMES[1]), default=100, maximum=1000
+    )
     assert page == NAMES[2:4]
     assert token == ""
 
@@ -87,20 +91,23 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("token", [
-    "garbage!",
-    "a",
-    "%%%%",
-    _b64(b"not json"),
-    _b64(b"\xff\xfe\xfd"),
-    _b64(json.dumps({"before": "x"}).encode()),
-    _b64(json.dumps(["after"]).encode()),
-    _b64(json.dumps("after").encode()),
-    _b64(json.dumps(5).encode()),
-    _b64(json.dumps({"after": None}).encode()),
-    _b64(json.dumps({"after": 5}).encode()),
-    _b64(b"[" * 100_000 + b"]" * 100_000),
-])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage!",
+        "a",
+        "%%%%",
+        _b64(b"not json"),
+        _b64(b"\xff\xfe\xfd"),
+        _b64(json.dumps({"before": "x"}).encode()),
+        _b64(json.dumps(["after"]).encode()),
+        _b64(json.dumps("after").encode()),
+        _b64(json.dumps(5).encode()),
+        _b64(json.dumps({"after": None}).encode()),
+        _b64(json.dumps({"after": 5}).encode()),
+        _b64(b"[" * 100_000 + b"]" * 100_000),
+    ],
+)
 def test_garbage_token_is_invalid_input(token: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         paging.paginate(NAMES, lambda s: s, 2, token, default=100, maximum=1000)

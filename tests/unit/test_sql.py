@@ -16,8 +16,9 @@ def test_check_name_accepts_identifiers(name: str) -> None:
     assert sql.check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "bad-name", "a.b", "a b", "a`b", "x;DROP", "a'", "é",
-                                  "A" * 1025, "ab\n"])
+@pytest.mark.parametrize(
+    "name", ["", "1abc", "bad-name", "a.b", "a b", "a`b", "x;DROP", "a'", "é", "A" * 1025, "ab\n"]
+)
 def test_check_name_rejects_everything_else(name: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         sql.check_name(name, "dataset")
@@ -36,8 +37,9 @@ def test_check_project_accepts(project: str) -> None:
     assert sql.check_project(project) == project
 
 
-@pytest.mark.parametrize("project", ["", "abc", "Test-project", "1project", "project-", "a" * 31, "proj_ect",
-                                     "proj`ect"])
+@pytest.mark.parametrize(
+    "project", ["", "abc", "Test-project", "1project", "project-", "a" * 31, "proj_ect", "proj`ect"]
+)
 def test_check_project_rejects(project: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         sql.check_project(project)
@@ -45,16 +47,21 @@ def test_check_project_rejects(project: str) -> None:
 
 
 def test_table_and_routine_are_backtick_quoted() -> None:
-    assert sql.table("test-project", "acme_local", "saas_subscription_plans") == \
-        "`test-project.acme_local.saas_subscription_plans`"
+    assert (
+        sql.table("test-project", "acme_local", "saas_subscription_plans")
+        == "`test-project.acme_local.saas_subscription_plans`"
+    )
     assert sql.routine("test-project", "organizations", "sp_x") == "`test-project.organizations.sp_x`"
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("test-project", "bad-ds", "t"), "dataset"),
-    (("test-project", "ds", "t`; DROP TABLE x; --"), "table"),
-    (("BAD", "ds", "t"), "project"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("test-project", "bad-ds", "t"), "dataset"),
+        (("test-project", "ds", "t`; DROP TABLE x; --"), "table"),
+        (("BAD", "ds", "t"), "project"),
+    ],
+)
 def test_table_rejects_each_bad_part(args: tuple[str, str, str], field: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         sql.table(*args)
@@ -67,30 +74,35 @@ def test_routine_names_the_procedure_field() -> None:
     assert [v.field for v in caught.value.violations] == ["procedure"]
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (None, "NULL"),
-    (True, "TRUE"),
-    (False, "FALSE"),
-    (0, "CAST(0 AS INT64)"),
-    (42, "CAST(42 AS INT64)"),
-    (-7, "CAST(-7 AS INT64)"),
-    (2**63 - 1, "CAST(9223372036854775807 AS INT64)"),
-    (Decimal("1.5"), "CAST('1.5' AS NUMERIC(38, 9))"),
-    (Decimal("-0.000000001"), "CAST('-0.000000001' AS NUMERIC(38, 9))"),
-    (Decimal("123456789.123456789"), "CAST('123456789.123456789' AS NUMERIC(38, 9))"),
-    (Decimal("1E+3"), "CAST('1000' AS NUMERIC(38, 9))"),  # never scientific notation
-    (Decimal("1E-9"), "CAST('0.000000001' AS NUMERIC(38, 9))"),
-    (date(2025, 1, 31), "DATE '2025-01-31'"),
-    (datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC), "TIMESTAMP '2025-01-02T03:04:05+00:00'"),
-    (datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=timezone(timedelta(hours=2))),
-     "TIMESTAMP '2025-01-02T01:04:05.123456+00:00'"),  # normalised to UTC
-    ("acme_local", "'acme_local'"),
-    ("", "''"),
-    ("Plan — €9 / month", "'Plan — €9 / month'"),
-    ([1, 2], "[CAST(1 AS INT64), CAST(2 AS INT64)]"),
-    (("a", "b"), "['a', 'b']"),
-    ([], "[]"),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "NULL"),
+        (True, "TRUE"),
+        (False, "FALSE"),
+        (0, "CAST(0 AS INT64)"),
+        (42, "CAST(42 AS INT64)"),
+        (-7, "CAST(-7 AS INT64)"),
+        (2**63 - 1, "CAST(9223372036854775807 AS INT64)"),
+        (Decimal("1.5"), "CAST('1.5' AS NUMERIC(38, 9))"),
+        (Decimal("-0.000000001"), "CAST('-0.000000001' AS NUMERIC(38, 9))"),
+        (Decimal("123456789.123456789"), "CAST('123456789.123456789' AS NUMERIC(38, 9))"),
+        (Decimal("1E+3"), "CAST('1000' AS NUMERIC(38, 9))"),  # never scientific notation
+        (Decimal("1E-9"), "CAST('0.000000001' AS NUMERIC(38, 9))"),
+        (date(2025, 1, 31), "DATE '2025-01-31'"),
+        (datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC), "TIMESTAMP '2025-01-02T03:04:05+00:00'"),
+        (
+            datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=timezone(timedelta(hours=2))),
+            "TIMESTAMP '2025-01-02T01:04:05.123456+00:00'",
+        ),  # normalised to UTC
+        ("acme_local", "'acme_local'"),
+        ("", "''"),
+        ("Plan — €9 / month", "'Plan — €9 / month'"),
+        ([1, 2], "[CAST(1 AS INT64), CAST(2 AS INT64)]"),
+        (("a", "b"), "['a', 'b']"),
+        ([], "[]"),
+    ],
+)
 def test_literal(value: object, expected: str) -> None:
     assert sql.literal(value) == expected
 
@@ -117,8 +129,9 @@ def test_non_finite_decimal_is_rejected(value: Decimal) -> None:
     assert [v.field for v in caught.value.violations] == ["value"]
 
 
-@pytest.mark.parametrize("value", ["it's", 'say "hi"', "back\\slash", "line\nbreak", "tab\there", "cr\r",
-                                   "nul\x00", "esc\x1b"])
+@pytest.mark.parametrize(
+    "value", ["it's", 'say "hi"', "back\\slash", "line\nbreak", "tab\there", "cr\r", "nul\x00", "esc\x1b"]
+)
 def test_unsafe_strings_are_rejected(value: str) -> None:
     with pytest.raises(InvalidInputError) as caught:
         sql.literal(value)

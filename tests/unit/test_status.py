@@ -52,18 +52,29 @@ def parse(exc: BaseException) -> Parsed:
     return Parsed(status.code, status.details, rpc, info, bad, retry)
 
 
-@pytest.mark.parametrize(("exc", "code", "reason"), [
-    (errors.InvalidInputError("bad"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-    (errors.NotFoundError("gone"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
-    (errors.AlreadyExistsError("dup"), grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
-    (errors.ConflictError("busy"), grpc.StatusCode.ABORTED, "CONFLICT"),
-    (errors.FailedPreconditionError("not yet"), grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
-    (errors.UnauthenticatedError("who?"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
-    (errors.PermissionDeniedError("no"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
-    (errors.ThrottledError("slow down", retry_after=2.0), grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
-    (errors.TransientError("flaky"), grpc.StatusCode.UNAVAILABLE, "TRANSIENT"),
-    (errors.TerminalError("broken"), grpc.StatusCode.FAILED_PRECONDITION, "TERMINAL"),
-])
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"),
+    [
+        (errors.InvalidInputError("bad"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+        (errors.NotFoundError("gone"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+        (errors.AlreadyExistsError("dup"), grpc.StatusCode.ALREADY_EXISTS, "ALREADY_EXISTS"),
+        (errors.ConflictError("busy"), grpc.StatusCode.ABORTED, "CONFLICT"),
+        (
+            errors.FailedPreconditionError("not yet"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "FAILED_PRECONDITION",
+        ),
+        (errors.UnauthenticatedError("who?"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+        (errors.PermissionDeniedError("no"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+        (
+            errors.ThrottledError("slow down", retry_after=2.0),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        ),
+        (errors.TransientError("flaky"), grpc.StatusCode.UNAVAILABLE, "TRANSIENT"),
+        (errors.TerminalError("broken"), grpc.StatusCode.FAILED_PRECONDITION, "TERMINAL"),
+    ],
+)
 def test_domain_errors_map_to_codes(exc: errors.ServiceError, code: grpc.StatusCode, reason: str) -> None:
     parsed = parse(exc)
     assert parsed.code == code
@@ -75,15 +86,22 @@ def test_domain_errors_map_to_codes(exc: errors.ServiceError, code: grpc.StatusC
 
 
 def test_invalid_input_carries_field_violations() -> None:
-    exc = errors.InvalidInputError("invalid request", [
-        errors.FieldViolation("names[0]", "no procedure file named 'x'"),
-        errors.FieldViolation("steps[1].config.table", "required"),
-    ], reason="PROCEDURE_FILE_NOT_FOUND", metadata={"name": "x"})
+    exc = errors.InvalidInputError(
+        "invalid request",
+        [
+            errors.FieldViolation("names[0]", "no procedure file named 'x'"),
+            errors.FieldViolation("steps[1].config.table", "required"),
+        ],
+        reason="PROCEDURE_FILE_NOT_FOUND",
+        metadata={"name": "x"},
+    )
     parsed = parse(exc)
     assert parsed.code == grpc.StatusCode.INVALID_ARGUMENT
     assert parsed.bad_request is not None
     assert [(v.field, v.description) for v in parsed.bad_request.field_violations] == [
-        ("names[0]", "no procedure file named 'x'"), ("steps[1].config.table", "required")]
+        ("names[0]", "no procedure file named 'x'"),
+        ("steps[1].config.table", "required"),
+    ]
     assert parsed.info.reason == "PROCEDURE_FILE_NOT_FOUND"
     assert dict(parsed.info.metadata) == {"name": "x"}
 
@@ -91,16 +109,22 @@ def test_invalid_input_carries_field_violations() -> None:
 def test_subclass_of_invalid_input_keeps_the_code_and_violations() -> None:
     from server.pipelines.catalog import ConfigError
 
-    parsed = parse(ConfigError("bad config", [errors.FieldViolation("a/b/c.yml:steps", "empty")],
-                               reason="INVALID_PIPELINE_CONFIG"))
+    parsed = parse(
+        ConfigError(
+            "bad config",
+            [errors.FieldViolation("a/b/c.yml:steps", "empty")],
+            reason="INVALID_PIPELINE_CONFIG",
+        )
+    )
     assert parsed.code == grpc.StatusCode.INVALID_ARGUMENT
     assert parsed.bad_request is not None
     assert [v.field for v in parsed.bad_request.field_violations] == ["a/b/c.yml:steps"]
 
 
 def test_not_found_metadata_and_reason() -> None:
-    parsed = parse(errors.NotFoundError("procedure 'x' not found", reason="PROCEDURE_NOT_FOUND",
-                                        metadata={"name": "x"}))
+    parsed = parse(
+        errors.NotFoundError("procedure 'x' not found", reason="PROCEDURE_NOT_FOUND", metadata={"name": "x"})
+    )
     assert parsed.code == grpc.StatusCode.NOT_FOUND
     assert parsed.info.reason == "PROCEDURE_NOT_FOUND"
     assert dict(parsed.info.metadata) == {"name": "x"}
@@ -125,9 +149,15 @@ def test_transient_is_unavailable() -> None:
     assert parsed.info.reason == "WAREHOUSE_UNAVAILABLE"
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("secret /path/to/server.py line 42"),
-                                 KeyError("secret /path"), ValueError("secret /path"),
-                                 ZeroDivisionError("secret /path")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("secret /path/to/server.py line 42"),
+        KeyError("secret /path"),
+        ValueError("secret /path"),
+        ZeroDivisionError("secret /path"),
+    ],
+)
 def test_unexpected_exception_is_internal_without_its_text(exc: BaseException) -> None:
     parsed = parse(exc)
     assert parsed.code == grpc.StatusCode.INTERNAL
@@ -151,7 +181,11 @@ def test_base_service_error_is_internal() -> None:
 
 
 def test_auth_errors_keep_their_own_codes() -> None:
-    assert parse(errors.UnauthenticatedError("bad key", reason="INVALID_API_KEY")).code == \
-        grpc.StatusCode.UNAUTHENTICATED
-    assert parse(errors.PermissionDeniedError("root only", reason="ROOT_KEY_REQUIRED")).code == \
-        grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        parse(errors.UnauthenticatedError("bad key", reason="INVALID_API_KEY")).code
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        parse(errors.PermissionDeniedError("root only", reason="ROOT_KEY_REQUIRED")).code
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
