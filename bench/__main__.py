@@ -81,6 +81,7 @@ class Measured:
     jobs: int = 0
     runs: int = 0
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU milliseconds per successful call
+    foreign_cores: float = 0.0  # CPU used meanwhile by processes that are not the benchmark's, in cores
 
 
 def machine() -> str:
@@ -122,6 +123,14 @@ def _cpu_snapshot(stack: Stack, target: str) -> dict[str, float]:
     }
 
 
+def _ours_seconds(stack: Stack) -> float:
+    """CPU seconds of every process the benchmark runs (ended load clients included)."""
+    assert stack.emulator is not None and stack.envoy is not None
+    assert stack.echo is not None and stack.echo_envoy is not None
+    pids = (stack.emulator.pid, stack.envoy.pid, stack.echo_envoy.pid, stack.echo.pid)
+    return cpu.self_seconds() + cpu.waited_children_seconds() + sum(cpu.tree_seconds(p) for p in pids)
+
+
 async def _sample_response(stack: Stack) -> pipeline_service_pb2.RunPipelineResponse:
     """One real RunPipeline response: what the echo server answers to every call."""
     assert stack.service is not None
@@ -157,6 +166,11 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     wh = stack.service.warehouse
     jobs_before = wh.jobs_started
     cpu_before = _cpu_snapshot(stack, target)
+    busy_before, ours_before, wall_before = (
+        cpu.machine_busy_seconds(),
+        _ours_seconds(stack),
+        time.perf_counter(),
+    )
     if target == "real":
         async with LagMonitor() as lag:
             result = await run_in_subprocess(cell)
@@ -166,11 +180,14 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         result = await run_in_subprocess(cell)
         drained, stall = 0.0, None
     cpu_after = _cpu_snapshot(stack, target)
+    foreign = (cpu.machine_busy_seconds() - busy_before) - (_ours_seconds(stack) - ours_before)
+    foreign_cores = max(0.0, foreign) / max(time.perf_counter() - wall_before, 1e-9)
     served = result.warmup_ok + result.calls + result.errors
     cpu_ms = {k: (cpu_after[k] - cpu_before[k]) * 1000.0 / max(served, 1) for k in cpu_before}
     cpu_ms["client"] = result.client_cpu_seconds * 1000.0 / max(result.calls, 1)
     runs = result.warmup_ok + result.calls if target == "real" else 0
-    return Measured(path, target, round_, result, stall, drained, wh.jobs_started - jobs_before, runs, cpu_ms)
+    jobs_count = wh.jobs_started - jobs_before
+    return Measured(path, target, round_, result, stall, drained, jobs_count, runs, cpu_ms, foreign_cores)
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -179,7 +196,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 TABLE_HEADER = (
     "| rnd | cell                 | srv  | in | calls | err |   calls/s |  p50 ms |  p99 ms | stall ms "
-    "| drain s | jobs/run | CPU ms/call srv / envoy / emu / client |"
+    "| drain s | jobs/run | CPU ms/call srv / envoy / emu / client | other |"
 )
 
 
@@ -194,7 +211,7 @@ def cell_row(m: Measured) -> str:
         f"| {m.round:>3} | {m.path.letter(m.target)} {m.path.label:<16} | {m.target:<4} "
         f"| {m.path.concurrency:>2} | {r.calls:>4}{note} | {r.errors:>3} | {_fmt(r.calls_per_second):>9} "
         f"| {r.p50_ms:7.2f} | {r.p99_ms:7.2f} | {stall} | {m.drain_s:7.2f} | {jobs_per_run:>8} "
-        f"| {cpu_ms:<38} |"
+        f"| {cpu_ms:<38} | {m.foreign_cores:5.2f} |"
     )
 
 
@@ -280,6 +297,17 @@ def cpu_markdown(measured: list[Measured]) -> list[str]:
     return lines
 
 
+def foreign_note(measured: list[Measured]) -> str:
+    """How busy the machine was with other processes while the cells ran."""
+    if not measured:
+        return ""
+    loads = sorted(m.foreign_cores for m in measured)
+    return (
+        f"Other processes on the machine used a median {statistics.median(loads):.2f} and at most "
+        f"{loads[-1]:.2f} cores while the cells ran (of {os.cpu_count()})."
+    )
+
+
 def summary_markdown(
     host: str,
     measured: list[Measured],
@@ -302,6 +330,8 @@ def summary_markdown(
         "",
         *throughput_markdown(measured),
         "",
+        foreign_note(measured),
+        "",
         "CPU milliseconds per call, by process (medians; the real server's includes running the run and",
         "its ledger flush):",
         "",
@@ -313,7 +343,8 @@ def summary_markdown(
             f"Engine overhead, {engine_overhead.STEPS} chained `generic.noop` steps "
             f"({overhead.repeats} runs, median): **{overhead.rpc_wall_ms:.3f} ms/step** "
             f"RunPipeline `wait=true` wall time ({overhead.rpc_server_ms:.3f} ms/step run start→end on "
-            f"the server, {overhead.runner_ms:.3f} ms/step `StepRunner` alone); floor "
+            f"the server, {overhead.runner_ms:.3f} ms/step `StepRunner` alone, best run "
+            f"{overhead.best_runner_ms:.3f}); floor "
             f"{overhead.floor_ms * 1000:.1f} µs per bare `await processor.execute()`."
         )
         lines.append("")
@@ -338,7 +369,7 @@ async def throughput(stack: Stack, deadline: float) -> list[Measured]:
     print(
         "RunPipeline throughput, every cell ("
         "stall = worst event-loop oversleep of the real server; drain = wait for its runs and ledger "
-        "flush; * = cut by the deadline)"
+        "flush; other = cores busy with processes that are not the benchmark's; * = cut by the deadline)"
     )
     print(TABLE_HEADER)
     print("|" + "|".join("-" * len(c) for c in TABLE_HEADER.split("|")[1:-1]) + "|")
@@ -397,6 +428,8 @@ async def main() -> int:
             verdict = "-" if ratio is None else f"{ratio:.2f} ({'meets' if ratio >= 0.70 else 'BELOW'} 0.70)"
             print(f"real/bare calls/s at 32 in flight, {path.label}: {verdict}")
         print()
+        print(foreign_note(measured))
+        print()
         print("CPU ms per call by process (medians):")
         print("\n".join(cpu_markdown(measured)))
         print()
@@ -417,7 +450,10 @@ async def main() -> int:
                 f"(best run {overhead.best_rpc_wall_ms:.3f})"
             )
             print(f"  run start_time -> end_time (server)  {overhead.rpc_server_ms:8.3f} ms/step")
-            print(f"  StepRunner.run alone                 {overhead.runner_ms:8.3f} ms/step")
+            print(
+                f"  StepRunner.run alone                 {overhead.runner_ms:8.3f} ms/step "
+                f"(best run {overhead.best_runner_ms:.3f})"
+            )
             print(f"  floor: await processor.execute()     {overhead.floor_ms:8.4f} ms/call")
         print()
 

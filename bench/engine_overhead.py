@@ -55,6 +55,7 @@ class Overhead:
     rpc_server_ms: float
     best_rpc_wall_ms: float
     runner_ms: float
+    best_runner_ms: float
     floor_ms: float
     states: list[str]
 
@@ -157,6 +158,7 @@ async def measure(service: app.Service, org_slug: str, api_key: str, repeats: in
         rpc_server_ms=statistics.median(servers) * per_step,
         best_rpc_wall_ms=min(walls) * per_step,
         runner_ms=statistics.median(runner_times) * per_step,
+        best_runner_ms=min(runner_times) * per_step,
         floor_ms=statistics.median(floors) * per_step,
         states=states,
     )
