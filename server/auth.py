@@ -10,6 +10,7 @@ window has room again.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections import deque
@@ -101,6 +102,7 @@ class Authenticator:
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[float, OrgContext]] = {}
+        self._lookups: dict[str, asyncio.Future[OrgContext | None]] = {}
         self.throttle = FailureThrottle(failures_per_minute, clock=clock)
 
     async def authenticate(self, policy: Policy, metadata: Mapping[str, str], client: str) -> Principal:
@@ -158,7 +160,13 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached and cached[0] > now:
             return cached[1]
-        org = await self._lookup(key_hash, datetime.now(UTC))
+        # Single flight: concurrent calls with the same key share one lookup (no stampede at expiry).
+        pending = self._lookups.get(key_hash)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(key_hash, datetime.now(UTC)))
+            self._lookups[key_hash] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(key_hash, None))
+        org = await asyncio.shield(pending)
         if org is None:
             self._cache.pop(key_hash, None)
         else:

@@ -15,7 +15,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,6 +53,28 @@ class RunRequest:
     force_refresh: bool = False
     request_id: str = ""
     trigger: str = "API"
+
+
+class _Lazy(Mapping[str, Any]):
+    """A mapping built on first use: most steps have no template, and building the variables is not free."""
+
+    def __init__(self, build: Callable[[], Mapping[str, Any]]) -> None:
+        self._build = build
+        self._data: Mapping[str, Any] | None = None
+
+    def _get(self) -> Mapping[str, Any]:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 class RunManager:
@@ -267,7 +289,7 @@ class RunManager:
     def _prepare(
         self, run: Run, org: OrgContext, step: StepSpec, steps: Mapping[str, Mapping[str, Any]]
     ) -> PreparedStep:
-        variables = self._variables(run, org, steps)
+        variables = _Lazy(lambda: self._variables(run, org, steps))  # built only if a template is rendered
         base = f"steps.{step.step_id}"
         return PreparedStep(
             config=templates.render_value(step.config, variables, f"{base}.config"),

@@ -264,7 +264,6 @@ class BigQueryWarehouse:
         """Bulk-load rows with one resumable load job (the emulator rejects multipart uploads)."""
         if not rows:
             return 0
-        payload = "\n".join(json.dumps(r, default=_json_default, separators=(",", ":")) for r in rows)
         config = bigquery.LoadJobConfig(
             source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
             write_disposition="WRITE_TRUNCATE" if replace else "WRITE_APPEND",
@@ -273,6 +272,8 @@ class BigQueryWarehouse:
 
         def run() -> int:
             self.jobs_started += 1
+            # Serialised here, on the adapter's thread, so a big batch never stalls the event loop.
+            payload = "\n".join(json.dumps(r, default=_json_default, separators=(",", ":")) for r in rows)
             # No `size=`: that makes the client use a resumable upload.
             job = self._client.load_table_from_file(io.BytesIO(payload.encode()), target, job_config=config)
             job.result(timeout=self._job_timeout)
