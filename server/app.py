@@ -126,7 +126,7 @@ async def start(
     )
     await runs.start()
     server = aio.server(
-        interceptors=[ServiceInterceptor(authenticator, POLICIES)],
+        interceptors=[ServiceInterceptor(authenticator, POLICIES, frozenset(settings.trusted_proxies))],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
     pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(catalog, runs), server)

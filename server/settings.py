@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     ca_root_api_key: SecretStr = Field(SecretStr(""), description="Root key for admin calls.")
     auth_cache_ttl_seconds: float = Field(10.0, description="How long a verified org key is trusted.")
+    trusted_proxies: list[str] = Field(
+        ["127.0.0.1", "::1"], description="Peers whose x-forwarded-for is believed (the Envoy sidecar)."
+    )
     auth_failures_per_minute: int = Field(30, description="Failed auth attempts allowed per client.")
 
     max_concurrent_steps: int = Field(32, description="Step attempts executing at once, over all runs.")

@@ -53,15 +53,19 @@ def _peer_address(peer: str) -> str:
     return peer
 
 
-def _client_of(metadata: Mapping[str, str], context: aio.ServicerContext[Any, Any]) -> str:
+def _client_of(
+    metadata: Mapping[str, str], context: aio.ServicerContext[Any, Any], trusted_proxies: frozenset[str]
+) -> str:
     """Who failed attempts are counted against.
 
-    Envoy (`use_remote_address`) appends the address it saw to `x-forwarded-for`, so only the last entry
-    is trustworthy; earlier ones are whatever the caller sent. Without the header, the peer's address
-    without its port, so that a new connection does not start a fresh count.
+    The peer's address without its port (a new connection does not start a fresh count). When the peer
+    is a trusted proxy (Envoy), the last `x-forwarded-for` entry instead: Envoy (`use_remote_address`)
+    appends the address it saw, and earlier entries are whatever the caller sent. A direct caller's
+    `x-forwarded-for` is ignored, so it cannot pick its own identity.
     """
+    peer = _peer_address(context.peer())
     hops = [hop.strip() for hop in metadata.get("x-forwarded-for", "").split(",") if hop.strip()]
-    return hops[-1] if hops else _peer_address(context.peer())
+    return hops[-1] if hops and peer in trusted_proxies else peer
 
 
 if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; at runtime it is not subscriptable.
@@ -73,7 +77,13 @@ else:
 class ServiceInterceptor(_ServerInterceptor):
     """Wraps each handler of the methods listed in `policies`; unknown methods are refused."""
 
-    def __init__(self, authenticator: Authenticator, policies: Mapping[str, Policy]) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        policies: Mapping[str, Policy],
+        trusted_proxies: frozenset[str] = frozenset({"127.0.0.1", "::1"}),
+    ) -> None:
+        self._trusted_proxies = trusted_proxies
         self._auth = authenticator
         self._policies = policies
 
@@ -104,7 +114,9 @@ class ServiceInterceptor(_ServerInterceptor):
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         request_id = metadata.get("x-request-id") or uuid.uuid4().hex
         log_fields.set({"request_id": request_id})
-        principal = await self._auth.authenticate(policy, metadata, _client_of(metadata, context))
+        principal = await self._auth.authenticate(
+            policy, metadata, _client_of(metadata, context, self._trusted_proxies)
+        )
         if "org_slug" in request.DESCRIPTOR.fields_by_name:
             check_org(principal, request.org_slug)
         current_principal.set(principal)

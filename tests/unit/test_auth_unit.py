@@ -355,9 +355,22 @@ def test_peer_address_drops_port(peer: str, address: str) -> None:
 
 def test_client_is_last_forwarded_hop() -> None:
     peer = Peer("ipv4:127.0.0.1:1111")
-    assert _client_of({"x-forwarded-for": "203.0.113.7"}, peer) == "203.0.113.7"  # type: ignore[arg-type]
+    trusted = frozenset({"127.0.0.1"})
+    assert _client_of({"x-forwarded-for": "203.0.113.7"}, peer, trusted) == "203.0.113.7"  # type: ignore[arg-type]
     spoofed = {"x-forwarded-for": "198.51.100.1, 203.0.113.7"}
-    assert _client_of(spoofed, peer) == "203.0.113.7"  # type: ignore[arg-type]
-    assert _client_of({"x-forwarded-for": "203.0.113.7,"}, peer) == "203.0.113.7"  # type: ignore[arg-type]
-    assert _client_of({}, peer) == "127.0.0.1"  # type: ignore[arg-type]
-    assert _client_of({}, Peer("ipv4:127.0.0.1:2222")) == _client_of({}, peer)  # type: ignore[arg-type]
+    assert _client_of(spoofed, peer, trusted) == "203.0.113.7"  # type: ignore[arg-type]
+    assert _client_of({"x-forwarded-for": "203.0.113.7,"}, peer, trusted) == "203.0.113.7"  # type: ignore[arg-type]
+    assert _client_of({}, peer, trusted) == "127.0.0.1"  # type: ignore[arg-type]
+
+
+def test_forwarded_for_is_ignored_from_an_untrusted_peer() -> None:
+    direct = Peer("ipv4:10.1.2.3:4444")
+    trusted = frozenset({"127.0.0.1"})
+    assert _client_of({"x-forwarded-for": "203.0.113.7"}, direct, trusted) == "10.1.2.3"  # type: ignore[arg-type]
+    assert _client_of({"x-forwarded-for": "198.51.100.9"}, direct, trusted) == "10.1.2.3"  # type: ignore[arg-type]
+
+
+def test_client_ignores_the_source_port() -> None:
+    peer = Peer("ipv4:127.0.0.1:1111")
+    trusted = frozenset({"127.0.0.1"})
+    assert _client_of({}, Peer("ipv4:127.0.0.1:2222"), trusted) == _client_of({}, peer, trusted)  # type: ignore[arg-type]
