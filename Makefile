@@ -4,6 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 BQE_VENV := .venv-bqemulator
+FOCUS_VENV := .venv-focus
+# focus-validator 2.2.1 (a test tool) needs Python 3.12: the newest pyenv 3.12, else python3.12 on PATH.
+FOCUS_PYTHON ?= $(or $(shell ls -d $(HOME)/.pyenv/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -n 1),python3.12)
 PY := $(VENV)/bin/python
 BQE_HOME := .state/bqemulator/home
 SPATIAL := $(BQE_HOME)/.duckdb/extensions/v1.5.5/linux_amd64/spatial.duckdb_extension
@@ -37,7 +40,14 @@ $(SPATIAL): $(BQE_VENV)/.installed
 		+ '/extensions/*/spatial.duckdb_extension')[0])"
 	test -f $@
 
-install: $(VENV)/.installed $(SPATIAL) ## create the virtualenvs and install everything
+# The FinOps Foundation's FOCUS validator for the FOCUS 1.2 tests; its declared pins do not resolve to a
+# working set, hence numpy<2 and pyarrow<18 (tests/focus_validator.py installs the same when make did not).
+$(FOCUS_VENV)/.installed:
+	test -x $(FOCUS_VENV)/bin/python || $(FOCUS_PYTHON) -m venv $(FOCUS_VENV)
+	$(FOCUS_VENV)/bin/python -m pip install $(PIP_FLAGS) 'focus-validator==2.2.1' 'numpy<2' 'pyarrow<18'
+	touch $@
+
+install: $(VENV)/.installed $(SPATIAL) $(FOCUS_VENV)/.installed ## create the virtualenvs and install everything
 
 run: install ## start emulator, gRPC server and Envoy in the foreground (Ctrl-C stops all)
 	$(VENV)/bin/pipeline-service dev
@@ -71,4 +81,4 @@ bench: install ## run the benchmarks in bench/
 	$(VENV)/bin/python -m bench
 
 clean: ## remove virtualenvs and local state
-	rm -rf $(VENV) $(BQE_VENV) .state
+	rm -rf $(VENV) $(BQE_VENV) $(FOCUS_VENV) .state

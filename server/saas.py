@@ -69,8 +69,7 @@ class SaasPlan(BaseModel):
 
     def row(self, loaded_at: datetime) -> dict[str, Any]:
         """The table row (JSON-ready for a load job)."""
-        data = self.model_dump(mode="json")
-        data["tags"] = json.dumps(self.tags) if self.tags is not None else None
+        data = self.model_dump(mode="json")  # tags stay an object: the JSON column stores it as JSON
         data["x_loaded_at"] = loaded_at.isoformat()
         return data
 

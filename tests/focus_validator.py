@@ -113,10 +113,9 @@ def csv_value(value: Any) -> str:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
-        text = format(value, "f")
-        if "." in text:
-            text = text.rstrip("0").rstrip(".")
-        return "0" if text in ("", "-0") else text
+        # Full scale ("25.000000000"): trailing zeros kept so that a column of whole numbers is still read
+        # as a decimal (the validator infers column types from the CSV and rejects integer-typed Decimals).
+        return format(value, "f")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
@@ -165,14 +164,20 @@ def run_validator(data_file: Path, out_file: Path, *, venv: Path = VENV, timeout
     ensure_venv(venv)
     command = [
         str(venv / "bin" / "focus-validator"),
-        "--data-file", str(data_file.resolve()),
-        "--validate-version", FOCUS_VERSION,
-        "--output-type", "unittest",
-        "--output-destination", str(out_file.resolve()),
-    ]  # fmt: skip
+        "--data-file",
+        str(data_file.resolve()),
+        "--validate-version",
+        FOCUS_VERSION,
+        "--output-type",
+        "unittest",
+        "--output-destination",
+        str(out_file.resolve()),
+    ]
     done = subprocess.run(command, cwd=site_packages(venv), capture_output=True, text=True, timeout=timeout)
     if not out_file.exists():
-        raise RuntimeError(f"focus-validator wrote no report (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(
+            f"focus-validator wrote no report (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
     return parse_report(out_file)
 
 

@@ -11,32 +11,41 @@
 --
 -- Model (prepaid recurring purchase, amortized):
 --   * Purchase row, one per billing period whose billing day falls in the window. The billing day is the
---     period's first active day: period_start, or the plan's start_date when the service starts later.
+--     period's first active day: period_start, or the plan's start_date when the service starts later
+--     (period_start when the plan is no longer in saas_subscription_plans).
 --     It carries what is invoiced (BilledCost = billed_charge) and EffectiveCost = 0 (it covers future
 --     days). ChargePeriod = the period's active days [first active day, first active day + active_days).
 --   * Usage row, one per daily row: BilledCost = 0, EffectiveCost = daily_cost, ChargePeriod = [day, day+1).
 --   So SUM(BilledCost) over any rows = invoiced charges and SUM(EffectiveCost) = amortized cost, never
 --   both for the same money. The Purchase row's List/ContractedCost equal the sum of its Usage rows'
---   List/ContractedCost over the whole period (the amortized shares), so those columns are only additive
---   within one ChargeCategory: filter ChargeCategory = 'Usage' (or 'Purchase') before summing them.
+--   List/ContractedCost over the whole period, so those two columns are additive within one
+--   ChargeCategory only: filter ChargeCategory = 'Usage' (amortized) or 'Purchase' (as bought).
 --
--- Amounts: every *UnitPrice x PricingQuantity equals its *Cost exactly (FOCUS requires it). Per unit:
---   list unit   = list_charge / quantity, prorated by active_days / period_days (rounded to 1e-9);
---   contracted unit = billed_charge / quantity (rounded to 1e-9; exact unless it has > 9 decimals).
---   The Purchase row carries those units; each Usage row carries the day's share of them, split over
---   the period's active days by cumulative rounding (day k gets round(U*k/a) - round(U*(k-1)/a)), so the
---   days sum exactly to the Purchase row. ListCost over a period = list_charge x active/period days (per
---   unit, times the quantity), never the full charge repeated. EffectiveCost is daily_cost as the daily
---   table computed it; ContractedCost of a Usage row can differ from it by at most 1e-9 x quantity.
---   The arithmetic runs on INT64 nano-units (quotient and remainder kept apart, so nothing overflows
---   below 9.2e9 per period): the emulator evaluates NUMERIC division in FLOAT64.
+-- Amounts: every *UnitPrice x PricingQuantity equals its *Cost exactly (FOCUS requires it), so the money
+-- is split per unit of PricingQuantity (q) first and multiplied by q after. Per unit, rounded to 1e-9:
+--   list, period    = list_charge / q x active_days / period_days
+--   list, day       = list_charge / q / period_days
+--   contracted, period = billed_charge / q (exact unless that has more than 9 decimals)
+--   contracted, day = period_charge / q / period_days
+--   The Purchase row carries the period amounts. A Usage row carries the day amount, except on the last
+--   active day of the period, which takes the period amount minus the other active days: the daily
+--   table splits daily_cost the same way, so the Usage rows of a period sum exactly to its Purchase row,
+--   ListCost over a period = list_charge x active_days / period_days (never the full charge repeated on
+--   each day), and with q = 1 ContractedCost = EffectiveCost = daily_cost on every Usage row (with q > 1
+--   they differ by the per-unit rounding, a few 1e-9 per row).
+--   The arithmetic runs on INT64 nano-units (quotient and remainder kept apart, so nothing overflows for
+--   charges below 9.2e9 per period): the emulator evaluates NUMERIC division in FLOAT64.
+--   Reconciliation: SUM(BilledCost) = invoiced charges, SUM(EffectiveCost) = amortized cost; sum
+--   ListCost and ContractedCost within one ChargeCategory only.
 --
 -- Column mapping (P = Purchase row, U = Usage row; d = daily row; q = PricingQuantity):
 --   BilledCost                     P: billed_charge                         U: 0
 --   EffectiveCost                  P: 0                                     U: daily_cost
---   ListUnitPrice                  P: list_charge / q x active/period days  U: the day's share of it
+--   ListUnitPrice                  P: list_charge / q x active/period days  U: list_charge / q / period_days
+--                                                                           (last active day: the remainder)
 --   ListCost                       ListUnitPrice x q
---   ContractedUnitPrice            P: billed_charge / q                     U: the day's share of it
+--   ContractedUnitPrice            P: billed_charge / q                     U: period_charge / q / period_days
+--                                                                           (last active day: the remainder)
 --   ContractedCost                 ContractedUnitPrice x q
 --   PricingQuantity                q = seats (per_seat, at least 1), 1 (flat_fee)
 --   PricingUnit                    'Seat' (per_seat), 'Subscription' (flat_fee)
@@ -56,7 +65,8 @@
 --   ProviderName, PublisherName, InvoiceIssuerName
 --                                  provider display name: a known spelling (OpenAI, GitHub, ...), the
 --                                  provider as given when it has capitals, else INITCAP with '_'/'-' as spaces
---   ServiceName                    plan_name
+--   ServiceName                    '<Provider> <plan_name>' (plan names repeat across providers, e.g. Zoom
+--                                  Pro and Datadog Pro, and FOCUS wants one ServiceCategory per ServiceName)
 --   ServiceCategory                category when it is a FOCUS 1.2 value (case-insensitive), else 'Other'
 --   ServiceSubcategory             'Other (<ServiceCategory>)'
 --   BillingAccountId               contract_id, else subscription_id
@@ -67,7 +77,8 @@
 --   SkuPriceId                     '<SkuId>/<billing_cycle>/<currency>'
 --   SkuMeter                       'Seats' (per_seat), 'Subscription' (flat_fee)
 --   SkuPriceDetails                {"x_BillingCycle": billing_cycle, "x_PricingModel": pricing_model}
---   Tags                           the plan's tags JSON, {} when none (or the plan is gone)
+--   Tags                           the plan's tags as a JSON object ({} when none or the plan is gone); a
+--                                  JSON string holding an object (what loading json.dumps(tags) stores) is parsed
 --   InvoiceId                      NULL (the provider's invoice id is not known)
 --   CommitmentDiscount* (7), CapacityReservationId/Status, ResourceId/Name/Type, RegionId/Name,
 --   AvailabilityZone               NULL (no commitment discounts, reservations, resources or regions)
@@ -79,10 +90,16 @@
 --   x_PipelineId, x_RunId          p_pipeline_id, p_run_id
 --   x_IngestedAt                   CURRENT_TIMESTAMP() (UTC)
 --
--- Written for BigQuery and the bqemulator: no IF/WHILE/transactions in the body (the argument check is an
--- ERROR() inside SET), no named USING parameters (positional `?`), NUMERIC casts as NUMERIC(38, 9), and
--- every value computed in the MERGE source (the emulator types literals in MERGE ... VALUES as
--- DECIMAL(18, 3)).
+-- Written for BigQuery and the bqemulator 1.4.0, whose traps shape the SQL:
+--   * no IF/WHILE/transactions in the body: the argument checks are ERROR() inside SET;
+--   * no named USING parameters: positional `?`; the dataset goes in with FORMAT %s (checked first);
+--   * NUMERIC casts are NUMERIC(38, 9) (plain NUMERIC keeps 3 decimals), and the dynamic SQL contains no
+--     DATE_ADD/DATE_SUB (TIMESTAMP_ADD and DATE(TIMESTAMP) instead), TO_JSON, STRUCT, SAFE. or the
+--     division operator: each makes the emulator re-serialize the statement, which turns NUMERIC(38, 9)
+--     into a 3-decimal DECIMAL; every value is computed in the MERGE source, none in VALUES;
+--   * DIV and MOD calls and DIV arguments are parenthesized (the emulator drops their grouping);
+--   * comments inside the dynamic SQL hold no quotes and no percent signs (FORMAT and the emulator
+--     would read them).
 CREATE OR REPLACE PROCEDURE `${project}.${dataset}.sp_convert_saas_costs_to_focus`(
   p_dataset STRING, p_start_date DATE, p_end_date DATE, p_pipeline_id STRING, p_run_id STRING)
 BEGIN
@@ -96,7 +113,7 @@ BEGIN
           ERROR('sp_convert_saas_costs_to_focus: p_pipeline_id and p_run_id are required'), 1))));
 
   EXECUTE IMMEDIATE FORMAT("""
-    MERGE `%s.cost_data_focus_1_2` AS T
+    MERGE `${project}.%s.cost_data_focus_1_2` AS T
     USING (
       WITH params AS (
         SELECT ? AS start_date, ? AS end_date, ? AS pipeline_id, ? AS run_id
@@ -106,7 +123,7 @@ BEGIN
         FROM (
           SELECT subscription_id, start_date, tags,
                  ROW_NUMBER() OVER (PARTITION BY subscription_id ORDER BY x_loaded_at DESC) AS plan_row
-          FROM `%s.saas_subscription_plans`
+          FROM `${project}.%s.saas_subscription_plans`
         ) AS ranked
         WHERE ranked.plan_row = 1
       ),
@@ -119,11 +136,13 @@ BEGIN
           LEAST(GREATEST(d.active_days, 1), GREATEST(d.period_days, 1)) AS active_days,
           IF(d.pricing_model = 'per_seat', GREATEST(IFNULL(d.seats, 1), 1), 1) AS qty,
           CAST(d.list_charge * 1000000000 AS INT64) AS list_nanos,
+          CAST(d.period_charge * 1000000000 AS INT64) AS charge_nanos,
           CAST(d.billed_charge * 1000000000 AS INT64) AS billed_nanos,
           p.start_date AS plan_start,
-          IFNULL(p.tags, PARSE_JSON('{}')) AS tags,
+          -- a JSON object, or a JSON string holding one (how a load job stores a serialized object)
+          COALESCE(PARSE_JSON(JSON_VALUE(p.tags)), p.tags, PARSE_JSON('{}')) AS tags,
           pr.pipeline_id, pr.run_id, pr.start_date AS window_start, pr.end_date AS window_end
-        FROM `%s.saas_subscription_plan_costs_daily` AS d
+        FROM `${project}.%s.saas_subscription_plan_costs_daily` AS d
         CROSS JOIN params AS pr
         LEFT JOIN plans AS p ON p.subscription_id = d.subscription_id
         WHERE d.cost_date BETWEEN pr.start_date AND pr.end_date
@@ -181,15 +200,27 @@ BEGIN
         FROM base AS b
       ),
       units AS (
+        -- Integer arithmetic on nano-units, rounding half up. Every DIV and MOD call and every DIV argument
+        -- is in parentheses: the emulator drops the grouping of DIV and MOD arguments when it transpiles them.
+        -- With pq = period_days x qty and list_nanos = Q x pq + R:
+        --   list_unit_nanos = round(list_nanos x active_days over pq) = Q x active_days + round(R x active_days over pq)
+        --   list_day_nanos = round(list_nanos over pq) = Q + round(R over pq)
+        --   contracted_unit_nanos = round(billed_nanos over qty), contracted_day_nanos = round(charge_nanos over pq)
         SELECT
           x.*,
-          -- per-unit list price of the period, prorated: round(list_nanos * active_days, period_days * qty)
-          DIV(x.list_nanos, x.period_days * x.qty) * x.active_days
-            + DIV(2 * MOD(x.list_nanos, x.period_days * x.qty) * x.active_days + x.period_days * x.qty,
-                  2 * x.period_days * x.qty) AS list_unit_nanos,
-          -- per-unit contracted price of the period: round(billed_nanos, qty)
-          DIV(2 * x.billed_nanos + x.qty, 2 * x.qty) AS contracted_unit_nanos,
-          DATE_DIFF(x.cost_date, x.first_day, DAY) + 1 AS day_index,
+          (DIV((x.list_nanos), (x.period_days * x.qty))) * x.active_days
+            + (DIV((2 * (MOD(x.list_nanos, x.period_days * x.qty)) * x.active_days + x.period_days * x.qty),
+                   (2 * x.period_days * x.qty))) AS list_unit_nanos,
+          (DIV((x.list_nanos), (x.period_days * x.qty)))
+            + (CASE WHEN 2 * (MOD(x.list_nanos, x.period_days * x.qty)) >= x.period_days * x.qty THEN 1 ELSE 0 END)
+            AS list_day_nanos,
+          (DIV((x.billed_nanos), (x.qty)))
+            + (CASE WHEN 2 * (MOD(x.billed_nanos, x.qty)) >= x.qty THEN 1 ELSE 0 END) AS contracted_unit_nanos,
+          (DIV((x.charge_nanos), (x.period_days * x.qty)))
+            + (CASE WHEN 2 * (MOD(x.charge_nanos, x.period_days * x.qty)) >= x.period_days * x.qty THEN 1 ELSE 0 END)
+            AS contracted_day_nanos,
+          -- the last active day of the period takes the remainder, like daily_cost in the daily table
+          x.cost_date = DATE(TIMESTAMP_ADD(TIMESTAMP(x.first_day), INTERVAL (x.active_days - 1) DAY)) AS is_last_day,
           CONCAT(x.provider_name, ' ', x.plan_name, ' ', REPLACE(x.billing_cycle, '_', '-'), ' subscription, ',
                  IF(x.pricing_model = 'per_seat',
                     CONCAT(CAST(x.qty AS STRING), IF(x.qty = 1, ' seat', ' seats')), 'flat fee')) AS description
@@ -204,18 +235,12 @@ BEGIN
           TIMESTAMP_ADD(TIMESTAMP(u.cost_date), INTERVAL 1 DAY) AS charge_end,
           CAST(0 AS NUMERIC(38, 9)) AS billed_cost,
           u.daily_cost AS effective_cost,
-          -- the share of day k of a per-unit amount U over a active days: round(U*k, a) - round(U*(k-1), a),
-          -- with U = Q*a + R so that no product overflows
-          DIV(u.list_unit_nanos, u.active_days)
-            + DIV(2 * MOD(u.list_unit_nanos, u.active_days) * LEAST(GREATEST(u.day_index, 1), u.active_days)
-                  + u.active_days, 2 * u.active_days)
-            - DIV(2 * MOD(u.list_unit_nanos, u.active_days) * (LEAST(GREATEST(u.day_index, 1), u.active_days) - 1)
-                  + u.active_days, 2 * u.active_days) AS list_price_nanos,
-          DIV(u.contracted_unit_nanos, u.active_days)
-            + DIV(2 * MOD(u.contracted_unit_nanos, u.active_days) * LEAST(GREATEST(u.day_index, 1), u.active_days)
-                  + u.active_days, 2 * u.active_days)
-            - DIV(2 * MOD(u.contracted_unit_nanos, u.active_days) * (LEAST(GREATEST(u.day_index, 1), u.active_days) - 1)
-                  + u.active_days, 2 * u.active_days) AS contracted_price_nanos,
+          -- the day of a per-unit period amount U with daily rate d: d, and U - (active_days - 1) x d on the
+          -- last active day, so the active days of a period sum exactly to U
+          CASE WHEN u.is_last_day THEN u.list_unit_nanos - (u.active_days - 1) * u.list_day_nanos
+               ELSE u.list_day_nanos END AS list_price_nanos,
+          CASE WHEN u.is_last_day THEN u.contracted_unit_nanos - (u.active_days - 1) * u.contracted_day_nanos
+               ELSE u.contracted_day_nanos END AS contracted_price_nanos,
           CAST(u.qty AS NUMERIC(38, 9)) AS consumed_quantity,
           u.pricing_unit AS consumed_unit,
           CONCAT(u.description, ', amortized share for ', CAST(u.cost_date AS STRING)) AS charge_description
@@ -320,7 +345,7 @@ BEGIN
         CAST(NULL AS STRING) AS ResourceName,
         CAST(NULL AS STRING) AS ResourceType,
         f.service_category AS ServiceCategory,
-        f.plan_name AS ServiceName,
+        CONCAT(f.provider_name, ' ', f.plan_name) AS ServiceName,
         CONCAT('Other (', f.service_category, ')') AS ServiceSubcategory,
         f.sku_id AS SkuId,
         IF(f.pricing_model = 'per_seat', 'Seats', 'Subscription') AS SkuMeter,
@@ -383,7 +408,7 @@ BEGIN
       COUNTIF(ChargeCategory = 'Usage') AS usage_rows,
       CAST(IFNULL(SUM(BilledCost), 0) AS STRING) AS billed_cost,
       CAST(IFNULL(SUM(EffectiveCost), 0) AS STRING) AS effective_cost
-    FROM `%s.cost_data_focus_1_2`
+    FROM `${project}.%s.cost_data_focus_1_2`
     WHERE x_SourceSystem = 'saas_subscription' AND x_ChargeDate BETWEEN ? AND ?
   """, p_dataset)
   USING p_dataset, p_start_date, p_end_date, p_start_date, p_end_date;
