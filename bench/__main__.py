@@ -1,6 +1,6 @@
-"""`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step and
-warehouse jobs per run, in one bounded run (well under 6 minutes), printed as tables and a Markdown
-summary.
+"""`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step, warehouse
+jobs per run and the SaaS cost pipeline at scale against a DuckDB floor, in one bounded run (under 8
+minutes), printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part.
 
 Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
 order alternates between rounds), and the summary reports the median over the rounds, because on a
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import cpu, engine_overhead, jobs
+from bench import cpu, engine_overhead, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
@@ -36,6 +36,12 @@ DRAIN_SECONDS = 20.0
 ENGINE_SECONDS = 45.0
 JOBS_SECONDS = 12.0
 JOBS_LATEST = 320.0
+# The SaaS part (bench/saas_cost.py) gets at most saas_cost.SAAS_SECONDS, less when the parts before it
+# took long: everything ends by TOTAL_SECONDS (less STOP_SECONDS to stop the servers); it is skipped when
+# fewer than SAAS_MIN_SECONDS are left.
+TOTAL_SECONDS = 480.0
+STOP_SECONDS = 20.0
+SAAS_MIN_SECONDS = 90.0
 ROUNDS = 5
 WARMUP = 200
 CALLS = 2000
@@ -405,6 +411,7 @@ async def main() -> int:
     overhead: engine_overhead.Overhead | None = None
     per_run: list[jobs.JobsPerRun] = []
     load_jobs: float | None = None
+    saas = saas_cost.SaasResult()
     try:
         await start_stack(stack)
         assert stack.service is not None
@@ -498,14 +505,31 @@ async def main() -> int:
             f"  target <= 3 jobs/run beyond the steps' own work: {'met' if worst <= 3 else 'NOT met'} "
             f"(worst median {worst:g})"
         )
+        print()
+
+        saas_seconds = min(
+            saas_cost.SAAS_SECONDS, TOTAL_SECONDS - STOP_SECONDS - 15 - (time.perf_counter() - started)
+        )
+        if saas_seconds < SAAS_MIN_SECONDS:
+            print(f"SaaS cost pipeline: skipped (time budget, {saas_seconds:.0f} s left)")
+        else:
+            await drain(stack.service)
+            await saas_cost.report(stack.service, saas, saas_seconds)
     finally:
         await stack.stop()
     print()
     print(f"total time {time.perf_counter() - started:.1f}s; all servers stopped")
     print()
     print(summary_markdown(host, measured, overhead, per_run, load_jobs))
+    if saas.plans:
+        print()
+        print(saas_cost.markdown(saas, host))
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["saas"]:
+        raise SystemExit(asyncio.run(saas_cost.main(machine())))
+    if sys.argv[1:]:
+        raise SystemExit("usage: python -m bench [saas]")
     raise SystemExit(asyncio.run(main()))
