@@ -14,10 +14,12 @@
 -- * Billing periods start on start_date and follow billing_cycle: weekly = 7 days from start_date;
 --   monthly / quarterly / semi_annual / annual = 1 / 3 / 6 / 12 months. Month-based periods begin on the
 --   anchor day (billing_anchor_day, default the day of start_date; values outside 1-31 are clamped to 1-31),
---   clamped to the last day of shorter months (anchor 31: Jan 31, Feb 28/29, Mar 31, ...). When the anchor
---   day is after start_date's day, the first period is the anchor-aligned one containing start_date: it
---   starts on the last anchor date before start_date (in the previous month), and its days before start_date
---   are inactive. period_end = next period start - 1 day; period_days = its length in days.
+--   clamped to the last day of shorter months (anchor 31: Jan 31, Feb 28/29, Mar 31, ...). The first
+--   period starts on the last anchor date on or before start_date: start_date itself when its day is the
+--   (clamped) anchor day of its month, else the anchor date of the previous month, i.e. the anchor-aligned
+--   period containing start_date, whose days before start_date are inactive. Later periods start on the
+--   anchor date 1 / 3 / 6 / 12 months after the previous start. period_end = next period start - 1 day;
+--   period_days = its length in days.
 -- * list_charge = unit_price x seats for per_seat (seats NULL or < 1 means 1), unit_price for flat_fee.
 --   The `seats` column holds the charged seats (NULL or < 1 -> 1) for both pricing models.
 -- * period_charge = list_charge after the discount, never below 0 (a negative list_charge gives 0):
@@ -39,16 +41,27 @@
 -- * currency from the plan; x_pipeline_id = p_pipeline_id, x_run_id = p_run_id,
 --   x_ingested_at = CURRENT_TIMESTAMP().
 -- * The window must be 1-366 days (p_start_date <= p_end_date, neither NULL); p_dataset must be a plain
---   dataset name; p_pipeline_id and p_run_id must not be NULL. Otherwise the call fails and writes nothing.
+--   dataset name; p_pipeline_id and p_run_id must not be NULL. Otherwise the call fails (ERROR) and writes
+--   nothing.
+-- * subscription_id must be unique in the plans table (MERGE rejects two source rows for one target row).
 --
--- Exact arithmetic: money is computed in INT64 nano-units (value x 10^9) with DIV/MOD and explicit
--- half-away-from-zero rounding, and converted back by multiplying by NUMERIC '0.000000001'. No NUMERIC
--- division is used: the emulator evaluates it in floating point. Limits: charges below 9.2e9 per period.
+-- Exact arithmetic: money is computed in INT64 nano-units (value x 10^9) with DIV / MOD and explicit
+-- half-away-from-zero rounding (the percent product is split into 10^9 limbs so that nothing overflows), and
+-- converted back by multiplying by NUMERIC '0.000000001'. No NUMERIC division is used (the emulator divides
+-- in FLOAT64, so ties and large values would round differently from BigQuery). Limit: unit_price x seats
+-- below 9.2e9 (INT64 nano-units); a larger charge fails the call with an overflow error.
 --
--- Written for both BigQuery and the bqemulator emulator, which cannot run IF/WHILE statements, transactions,
--- CASE expressions outside strings or named EXECUTE IMMEDIATE parameters inside procedure bodies: checks are
--- IF() functions with ERROR() (IF evaluates ERROR only when the condition holds), the work is one EXECUTE
--- IMMEDIATE with `?` parameters, and NUMERIC types are written NUMERIC(38, 9) / NUMERIC '...' literals.
+-- Runs unchanged on BigQuery and on the bqemulator emulator, whose procedure bodies need:
+-- * no IF / WHILE statements, transactions or CASE expressions outside string literals (the body is cut at
+--   the first END): the argument checks are SELECT IF(cond, ERROR(msg), 0) (IF evaluates ERROR only when
+--   cond is true), the work is one EXECUTE IMMEDIATE with `?` parameters (named ones fail);
+-- * NUMERIC '...' literals (never CAST(x AS NUMERIC)), and no DATE_ADD / DATE_SUB in the statement: they
+--   make the emulator re-serialize it, which turns NUMERIC literals into 3-decimal DECIMALs; dates move with
+--   DATE(d + INTERVAL n DAY) instead;
+-- * every DIV / MOD call and compound argument in parentheses: the emulator rewrites DIV(a - b, c) to
+--   a - b // c and 2 * MOD(a, b) to 2 * a % b;
+-- * no quotes in comments inside the SQL string (taken for string delimiters) and no window filter in the
+--   MERGE ON clause (the emulator then falls back to a nested-loop join: minutes instead of seconds).
 CREATE OR REPLACE PROCEDURE `${project}.${dataset}.sp_calculate_saas_subscription_costs_daily`(
   p_dataset STRING, p_start_date DATE, p_end_date DATE, p_pipeline_id STRING, p_run_id STRING)
 BEGIN
@@ -87,10 +100,13 @@ BEGIN
           LEAST(GREATEST(IFNULL(p.billing_anchor_day, EXTRACT(DAY FROM p.start_date)), 1), 31) AS anchor_day,
           CAST(p.unit_price * 1000000000 AS INT64)
             * (CASE WHEN p.pricing_model = 'per_seat' THEN GREATEST(IFNULL(p.seats, 1), 1) ELSE 1 END) AS list_n,
-          -- discount value in nano-units, clamped: percent to [0, 100], fixed to [0, 9e9]
-          CAST(LEAST(GREATEST(IFNULL(p.discount_value, NUMERIC '0'), NUMERIC '0'),
-                     CASE WHEN p.discount_type = 'percent' THEN NUMERIC '100' ELSE NUMERIC '9000000000' END)
-               * 1000000000 AS INT64) AS discount_n,
+          -- discount values in nano-units: percent clamped to [0, 100], fixed to [0, 9e9]; 0 for other types
+          CASE WHEN p.discount_type = 'percent' THEN
+            CAST(LEAST(GREATEST(IFNULL(p.discount_value, NUMERIC '0'), NUMERIC '0'), NUMERIC '100')
+                 * 1000000000 AS INT64) ELSE 0 END AS percent_off_n,
+          CASE WHEN p.discount_type = 'fixed' THEN
+            CAST(LEAST(GREATEST(IFNULL(p.discount_value, NUMERIC '0'), NUMERIC '0'), NUMERIC '9000000000')
+                 * 1000000000 AS INT64) ELSE 0 END AS fixed_off_n,
           GREATEST(p.start_date, params.w_start) AS lo,
           LEAST(IFNULL(p.end_date, params.w_end), params.w_end) AS hi
         FROM `${project}.%s.saas_subscription_plans` AS p CROSS JOIN params
@@ -111,7 +127,7 @@ BEGIN
             WHEN discount_type = 'percent' THEN
               lh * ph * 10000000 + (DIV(m, 100)) + (DIV(f, 100000000000))
               + (CASE WHEN 2 * (MOD(f, 100000000000)) >= 100000000000 THEN 1 ELSE 0 END)
-            WHEN discount_type = 'fixed' THEN GREATEST(l_n - discount_n, 0)
+            WHEN discount_type = 'fixed' THEN GREATEST(l_n - fixed_off_n, 0)
             ELSE l_n
           END AS charge_n
         FROM (
@@ -121,8 +137,8 @@ BEGIN
             FROM (
               SELECT *,
                 (DIV(l_n, 1000000000)) AS lh, (MOD(l_n, 1000000000)) AS ll,
-                (DIV((100000000000 - discount_n), 1000000000)) AS ph,
-                (MOD((100000000000 - discount_n), 1000000000)) AS pl
+                (DIV((100000000000 - percent_off_n), 1000000000)) AS ph,
+                (MOD((100000000000 - percent_off_n), 1000000000)) AS pl
               FROM (SELECT *, GREATEST(list_n, 0) AS l_n FROM plans)
             )
           )
@@ -130,11 +146,12 @@ BEGIN
       ),
       indexed AS (
         -- i0 = month index (year x 12 + month - 1) of the first period start: the month of start_date, or the
-        -- month before when the anchor day falls after the day of start_date (no quotes in these comments:
-        -- the emulator would take them for string delimiters)
+        -- month before when the anchor day of that month (clamped to its length) falls after the day of
+        -- start_date (no quotes in these comments: the emulator would take them for string delimiters)
         SELECT *,
           EXTRACT(YEAR FROM start_date) * 12 + EXTRACT(MONTH FROM start_date) - 1
-            - (CASE WHEN anchor_day > EXTRACT(DAY FROM start_date) THEN 1 ELSE 0 END) AS i0,
+            - (CASE WHEN LEAST(anchor_day, EXTRACT(DAY FROM LAST_DAY(start_date))) > EXTRACT(DAY FROM start_date)
+                    THEN 1 ELSE 0 END) AS i0,
           EXTRACT(YEAR FROM lo) * 12 + EXTRACT(MONTH FROM lo) - 1 AS lo_idx,
           EXTRACT(YEAR FROM hi) * 12 + EXTRACT(MONTH FROM hi) - 1 AS hi_idx
         FROM charged
@@ -154,11 +171,11 @@ BEGIN
         -- statement, which turns NUMERIC literals into 3-decimal DECIMALs
         SELECT * FROM (
           SELECT *,
-            CASE WHEN cycle_months = 0 THEN DATE(start_date + INTERVAL 7 * k DAY)
+            CASE WHEN cycle_months = 0 THEN DATE(start_date + INTERVAL (7 * k) DAY)
                  ELSE DATE((DIV(s_idx, 12)), (MOD(s_idx, 12)) + 1,
                            LEAST(anchor_day, EXTRACT(DAY FROM LAST_DAY(DATE((DIV(s_idx, 12)), (MOD(s_idx, 12)) + 1, 1)))))
             END AS period_start,
-            CASE WHEN cycle_months = 0 THEN DATE(start_date + INTERVAL 7 * k + 6 DAY)
+            CASE WHEN cycle_months = 0 THEN DATE(start_date + INTERVAL (7 * k + 6) DAY)
                  ELSE DATE(DATE((DIV(e_idx, 12)), (MOD(e_idx, 12)) + 1,
                                 LEAST(anchor_day, EXTRACT(DAY FROM LAST_DAY(DATE((DIV(e_idx, 12)), (MOD(e_idx, 12)) + 1, 1)))))
                            - INTERVAL 1 DAY)
@@ -212,7 +229,7 @@ BEGIN
       FROM days AS d CROSS JOIN params
       WHERE d.daily_n != 0
     ) AS s
-    ON t.subscription_id = s.subscription_id AND t.cost_date = s.cost_date AND t.cost_date BETWEEN ? AND ?
+    ON t.subscription_id = s.subscription_id AND t.cost_date = s.cost_date
     WHEN MATCHED THEN UPDATE SET
       provider = s.provider, plan_name = s.plan_name, category = s.category, daily_cost = s.daily_cost,
       currency = s.currency, billing_cycle = s.billing_cycle, pricing_model = s.pricing_model, seats = s.seats,
@@ -232,8 +249,7 @@ BEGIN
       s.x_pipeline_id, s.x_run_id, s.x_ingested_at)
     WHEN NOT MATCHED BY SOURCE AND t.cost_date BETWEEN ? AND ? THEN DELETE
   """, p_dataset, p_dataset)
-  USING p_start_date, p_end_date, fy_start_month, p_pipeline_id, p_run_id,
-        p_start_date, p_end_date, p_start_date, p_end_date;
+  USING p_start_date, p_end_date, fy_start_month, p_pipeline_id, p_run_id, p_start_date, p_end_date;
 
   EXECUTE IMMEDIATE FORMAT("""
     SELECT COUNT(*) FROM `${project}.%s.saas_subscription_plan_costs_daily` WHERE cost_date BETWEEN ? AND ?

@@ -9,6 +9,7 @@ long expansion. Each test uses its own orgs; the procedure is synced from the re
 from __future__ import annotations
 
 import calendar
+import random
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -28,9 +29,26 @@ COSTS = "saas_subscription_plan_costs_daily"
 NANO = Decimal("0.000000001")
 MONTHS = {"monthly": 1, "quarterly": 3, "semi_annual": 6, "annual": 12}
 COSTED = {"active", "cancelled", "expired"}
-COMPARED = ("daily_cost", "period_start", "period_end", "period_days", "active_days", "list_charge",
-            "period_charge", "billed_charge", "fiscal_year", "fiscal_quarter", "seats", "currency",
-            "billing_cycle", "pricing_model", "provider", "plan_name", "category", "contract_id")
+COMPARED = (
+    "daily_cost",
+    "period_start",
+    "period_end",
+    "period_days",
+    "active_days",
+    "list_charge",
+    "period_charge",
+    "billed_charge",
+    "fiscal_year",
+    "fiscal_quarter",
+    "seats",
+    "currency",
+    "billing_cycle",
+    "pricing_model",
+    "provider",
+    "plan_name",
+    "category",
+    "contract_id",
+)
 Key = tuple[str, date]
 
 
@@ -97,8 +115,9 @@ def fiscal(day: date, first_month: int) -> tuple[int, int]:
     return year, (day.month - first_month) % 12 // 3 + 1
 
 
-def expected_rows(plans: list[dict[str, Any]], first: date, last: date,
-                  fiscal_start: int = 1) -> dict[Key, dict[str, Any]]:
+def expected_rows(
+    plans: list[dict[str, Any]], first: date, last: date, fiscal_start: int = 1
+) -> dict[Key, dict[str, Any]]:
     """What the procedure must write for the window [first, last]."""
     rows: dict[Key, dict[str, Any]] = {}
     with localcontext() as ctx:
@@ -110,8 +129,11 @@ def expected_rows(plans: list[dict[str, Any]], first: date, last: date,
             starts = date.fromisoformat(plan["start_date"])
             ends = date.fromisoformat(plan["end_date"]) if plan.get("end_date") else date.max
             for begin, end in billing_periods(plan, min(last, ends)):
-                active = [begin + timedelta(days=i) for i in range((end - begin).days + 1)
-                          if starts <= begin + timedelta(days=i) <= ends]
+                active = [
+                    begin + timedelta(days=i)
+                    for i in range((end - begin).days + 1)
+                    if starts <= begin + timedelta(days=i) <= ends
+                ]
                 if not active:
                     continue
                 days = (end - begin).days + 1
@@ -123,12 +145,23 @@ def expected_rows(plans: list[dict[str, Any]], first: date, last: date,
                         continue
                     year, quarter = fiscal(day, fiscal_start)
                     rows[(plan["subscription_id"], day)] = {
-                        "daily_cost": cost, "period_start": begin, "period_end": end, "period_days": days,
-                        "active_days": len(active), "list_charge": listed, "period_charge": charged,
-                        "billed_charge": billed, "fiscal_year": year, "fiscal_quarter": quarter,
-                        "seats": seats, "currency": plan["currency"], "billing_cycle": plan["billing_cycle"],
-                        "pricing_model": plan["pricing_model"], "provider": plan["provider"],
-                        "plan_name": plan["plan_name"], "category": plan.get("category"),
+                        "daily_cost": cost,
+                        "period_start": begin,
+                        "period_end": end,
+                        "period_days": days,
+                        "active_days": len(active),
+                        "list_charge": listed,
+                        "period_charge": charged,
+                        "billed_charge": billed,
+                        "fiscal_year": year,
+                        "fiscal_quarter": quarter,
+                        "seats": seats,
+                        "currency": plan["currency"],
+                        "billing_cycle": plan["billing_cycle"],
+                        "pricing_model": plan["pricing_model"],
+                        "provider": plan["provider"],
+                        "plan_name": plan["plan_name"],
+                        "category": plan.get("category"),
                         "contract_id": plan.get("contract_id"),
                     }
     return rows
@@ -137,13 +170,26 @@ def expected_rows(plans: list[dict[str, Any]], first: date, last: date,
 # --- test data ------------------------------------------------------------------------------------------
 
 
-def plan(subscription_id: str, start_date: str, billing_cycle: str = "monthly", unit_price: str = "100.000000001",
-         **extra: Any) -> dict[str, Any]:
+def plan(
+    subscription_id: str,
+    start_date: str,
+    billing_cycle: str = "monthly",
+    unit_price: str = "100.000000001",
+    **extra: Any,
+) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "subscription_id": subscription_id, "provider": "vendor_" + subscription_id.split("_")[0],
-        "plan_name": subscription_id.upper(), "category": "tools", "status": "active", "start_date": start_date,
-        "billing_cycle": billing_cycle, "pricing_model": "flat_fee", "unit_price": unit_price, "seats": None,
-        "currency": "USD", "contract_id": f"c-{subscription_id}",
+        "subscription_id": subscription_id,
+        "provider": "vendor_" + subscription_id.split("_")[0],
+        "plan_name": subscription_id.upper(),
+        "category": "tools",
+        "status": "active",
+        "start_date": start_date,
+        "billing_cycle": billing_cycle,
+        "pricing_model": "flat_fee",
+        "unit_price": unit_price,
+        "seats": None,
+        "currency": "USD",
+        "contract_id": f"c-{subscription_id}",
     }
     row.update(extra)
     return row
@@ -153,20 +199,60 @@ PLAN_SET = [
     # one per cycle, 9-decimal prices
     plan("weekly_seats", "2024-01-03", "weekly", "7.123456789", pricing_model="per_seat", seats=3),
     plan("monthly_flat", "2024-01-15", "monthly", "100.000000001", seats=4),
-    plan("quarterly_nullseats", "2024-02-10", "quarterly", "1000.000000007", pricing_model="per_seat", seats=None),
-    plan("semiannual_zeroseats", "2023-11-30", "semi_annual", "5000.123456789", pricing_model="per_seat", seats=0,
-         currency="EUR"),
+    plan(
+        "quarterly_nullseats",
+        "2024-02-10",
+        "quarterly",
+        "1000.000000007",
+        pricing_model="per_seat",
+        seats=None,
+    ),
+    plan(
+        "semiannual_zeroseats",
+        "2023-11-30",
+        "semi_annual",
+        "5000.123456789",
+        pricing_model="per_seat",
+        seats=0,
+        currency="EUR",
+    ),
     plan("annual_flat", "2024-03-01", "annual", "12000.000000001"),
     plan("annual_2023", "2023-07-17", "annual", "9999.999999999", pricing_model="per_seat", seats=2),
     # discounts
-    plan("pct_seats", "2024-01-05", "monthly", "19.99", pricing_model="per_seat", seats=5,
-         discount_type="percent", discount_value="12.5"),
-    plan("pct_nine", "2024-01-01", "monthly", "99.999999999", pricing_model="per_seat", seats=7,
-         discount_type="percent", discount_value="33.333333333"),
-    plan("pct_big", "2024-01-09", "quarterly", "1234567.123456789", pricing_model="per_seat", seats=1000,
-         discount_type="percent", discount_value="7.654321987"),
+    plan(
+        "pct_seats",
+        "2024-01-05",
+        "monthly",
+        "19.99",
+        pricing_model="per_seat",
+        seats=5,
+        discount_type="percent",
+        discount_value="12.5",
+    ),
+    plan(
+        "pct_nine",
+        "2024-01-01",
+        "monthly",
+        "99.999999999",
+        pricing_model="per_seat",
+        seats=7,
+        discount_type="percent",
+        discount_value="33.333333333",
+    ),
+    plan(
+        "pct_big",
+        "2024-01-09",
+        "quarterly",
+        "1234567.123456789",
+        pricing_model="per_seat",
+        seats=1000,
+        discount_type="percent",
+        discount_value="7.654321987",
+    ),
     plan("pct_over", "2024-01-01", "monthly", "50", discount_type="percent", discount_value="150"),
-    plan("pct_negative", "2024-01-01", "weekly", "70.000000007", discount_type="percent", discount_value="-5"),
+    plan(
+        "pct_negative", "2024-01-01", "weekly", "70.000000007", discount_type="percent", discount_value="-5"
+    ),
     plan("fixed_part", "2024-01-20", "monthly", "49.000000001", discount_type="fixed", discount_value="10.5"),
     plan("fixed_all", "2024-01-01", "monthly", "20", discount_type="fixed", discount_value="25"),
     plan("nulldisc", "2024-01-01", "monthly", "31.000000001", discount_type="percent", discount_value=None),
@@ -183,8 +269,14 @@ PLAN_SET = [
     plan("midstart_q", "2024-05-05", "quarterly", "90.000000001", billing_anchor_day=15),
     plan("anchor_same", "2024-02-29", "monthly", "10.000000001", billing_anchor_day=29),
     plan("anchor31_from_feb", "2024-02-29", "monthly", "10.000000001", billing_anchor_day=31),
+    # a start on the last day of a short month with a larger anchor starts the first period (not inside one)
+    plan("anchor31_feb_quarterly", "2024-02-29", "quarterly", "10.000000001", billing_anchor_day=31),
+    plan("anchor30_feb_annual", "2025-02-28", "annual", "365.000000001", billing_anchor_day=30),
+    plan("anchor31_apr_semiannual", "2024-04-30", "semi_annual", "183.000000001", billing_anchor_day=31),
     # service ends mid-period
-    plan("cancelled_mid", "2024-01-10", "monthly", "100.000000001", status="cancelled", end_date="2024-05-20"),
+    plan(
+        "cancelled_mid", "2024-01-10", "monthly", "100.000000001", status="cancelled", end_date="2024-05-20"
+    ),
     plan("expired_week", "2024-01-01", "weekly", "7.000000001", status="expired", end_date="2024-03-13"),
     plan("active_ended", "2024-06-15", "annual", "3650.000000001", end_date="2024-09-30"),
     plan("pending", "2024-01-01", "monthly", "100", status="pending"),
@@ -217,14 +309,15 @@ async def new_org(service: app.Service, plans: list[dict[str, Any]], fiscal_star
 async def run(service: app.Service, org: CostOrg, first: date, last: date, run_id: str = "") -> str:
     run_id = run_id or f"run_{uuid.uuid4().hex[:12]}"
     result = await service.warehouse.call_procedure(
-        "organizations", PROCEDURE, [org.dataset, first, last, "test_pipeline", run_id])
+        "organizations", PROCEDURE, [org.dataset, first, last, "test_pipeline", run_id]
+    )
     assert result.rows[-1]["dataset"] == org.dataset
     return run_id
 
 
 async def stored(service: app.Service, org: CostOrg) -> dict[Key, dict[str, Any]]:
-    rows = await service.warehouse.query(
-        f"SELECT * FROM {service.warehouse.table_ref(org.dataset, COSTS)} ORDER BY subscription_id, cost_date")
+    table = service.warehouse.table_ref(org.dataset, COSTS)
+    rows = await service.warehouse.query(f"SELECT * FROM {table} ORDER BY subscription_id, cost_date")
     found = {(r["subscription_id"], r["cost_date"]): r for r in rows}
     assert len(found) == len(rows), "one row per subscription per day"
     return found
@@ -240,8 +333,11 @@ def assert_rows_equal(actual: dict[Key, dict[str, Any]], expected: dict[Key, dic
     assert not missing, f"{len(missing)} rows missing, first {missing[:5]}"
     assert not extra, f"{len(extra)} unexpected rows, first {extra[:5]}"
     got, want = compared(actual), compared(expected)
-    wrong = [(key, dict(zip(COMPARED, got[key], strict=True)), dict(zip(COMPARED, want[key], strict=True)))
-             for key in sorted(want) if got[key] != want[key]]
+    wrong = [
+        (key, dict(zip(COMPARED, got[key], strict=True)), dict(zip(COMPARED, want[key], strict=True)))
+        for key in sorted(want)
+        if got[key] != want[key]
+    ]
     assert not wrong, f"{len(wrong)} rows differ, first: {wrong[0]}"
 
 
@@ -253,7 +349,10 @@ def in_window(rows: dict[Key, dict[str, Any]], first: date, last: date) -> dict[
 async def deployed(service: app.Service) -> None:
     results = await service.procedures.sync(names=[PROCEDURE])
     assert [(r.name, r.outcome) for r in results] in (
-        [(PROCEDURE, "created")], [(PROCEDURE, "updated")], [(PROCEDURE, "unchanged")]), results
+        [(PROCEDURE, "created")],
+        [(PROCEDURE, "updated")],
+        [(PROCEDURE, "unchanged")],
+    ), results
 
 
 YEAR_2024 = (date(2024, 1, 1), date(2024, 12, 31))
@@ -315,8 +414,8 @@ async def test_known_values(service: app.Service) -> None:
         return rows[(subscription, date.fromisoformat(day))]
 
     # anchor 31 in a leap year: Jan 31 - Feb 28 (29 days), Feb 29 - Mar 30 (31 days), Mar 31 - Apr 29
-    assert (row("anchor31_leap", "2024-02-28")["period_start"], row("anchor31_leap", "2024-02-28")["period_end"]) \
-        == (date(2024, 1, 31), date(2024, 2, 28))
+    feb = row("anchor31_leap", "2024-02-28")
+    assert (feb["period_start"], feb["period_end"]) == (date(2024, 1, 31), date(2024, 2, 28))
     assert row("anchor31_leap", "2024-02-29")["period_days"] == 31
     assert row("anchor31_leap", "2024-03-31")["period_end"] == date(2024, 4, 29)
     # ... and in 2025: Jan 31 - Feb 27 (28 days), Feb 28 - Mar 30
@@ -334,8 +433,10 @@ async def test_known_values(service: app.Service) -> None:
     assert row("tie", "2024-04-01")["daily_cost"] == Decimal("1.000000001")
     assert row("tie", "2024-04-30")["daily_cost"] == Decimal("30.000000015") - 29 * Decimal("1.000000001")
     # 10 nano-units over 30 days round to 0 a day: only the last day of each period has a row
-    assert sorted(d for (s, d) in rows if s == "tiny" and d.month in (4, 5)) == [date(2024, 4, 30),
-                                                                                  date(2024, 5, 31)]
+    assert sorted(d for (s, d) in rows if s == "tiny" and d.month in (4, 5)) == [
+        date(2024, 4, 30),
+        date(2024, 5, 31),
+    ]
     # start mid-period via the anchor: March 1-31 period, active March 20-31 (12 of 31 days)
     mid = row("midstart", "2024-03-20")
     assert (mid["period_start"], mid["period_days"], mid["active_days"]) == (date(2024, 3, 1), 31, 12)
@@ -343,11 +444,23 @@ async def test_known_values(service: app.Service) -> None:
     assert ("midstart", date(2024, 3, 19)) not in rows
     q = row("midstart_q", "2024-05-05")
     assert (q["period_start"], q["period_end"]) == (date(2024, 4, 15), date(2024, 7, 14))
+    # month-end starts with a larger anchor: the first period starts on start_date itself
+    q = row("anchor31_feb_quarterly", "2024-02-29")
+    assert (q["period_start"], q["period_end"], q["active_days"]) == (
+        date(2024, 2, 29),
+        date(2024, 5, 30),
+        92,
+    )
+    assert row("anchor31_feb_quarterly", "2024-05-31")["period_end"] == date(2024, 8, 30)
+    a = row("anchor30_feb_annual", "2025-02-28")
+    assert (a["period_start"], a["period_end"]) == (date(2025, 2, 28), date(2026, 2, 27))
+    h = row("anchor31_apr_semiannual", "2024-10-31")
+    assert (h["period_start"], h["period_end"]) == (date(2024, 10, 31), date(2025, 4, 29))
     # cancelled mid-period: last row on end_date carries the remainder
     assert max(d for (s, d) in rows if s == "cancelled_mid") == date(2024, 5, 20)
     last = row("cancelled_mid", "2024-05-20")
     assert (last["period_start"], last["active_days"], last["period_days"]) == (date(2024, 5, 10), 11, 31)
-    # discounts: 12.5 % of 5 x 19.99; a percent above 100 is capped (no rows); a fixed discount above the charge
+    # discounts: 12.5 % of 5 x 19.99, fixed 10.5; a negative percent counts as 0; NULL value: no discount
     assert row("pct_seats", "2024-02-05")["period_charge"] == Decimal("87.456250000")
     assert row("fixed_part", "2024-02-20")["period_charge"] == Decimal("38.500000001")
     assert row("pct_negative", "2024-01-01")["period_charge"] == Decimal("70.000000007")
@@ -357,17 +470,101 @@ async def test_known_values(service: app.Service) -> None:
     assert row("semiannual_zeroseats", "2024-02-10")["list_charge"] == Decimal("5000.123456789")
 
 
-@pytest.mark.parametrize(("fiscal_start", "checks"), [
-    (1, {"2023-12-31": (2023, 4), "2024-01-01": (2024, 1), "2024-03-31": (2024, 1), "2024-04-01": (2024, 2),
-         "2024-12-31": (2024, 4)}),
-    (4, {"2024-03-31": (2024, 4), "2024-04-01": (2025, 1), "2024-06-30": (2025, 1), "2024-07-01": (2025, 2),
-         "2024-12-31": (2025, 3), "2025-01-01": (2025, 4), "2025-03-31": (2025, 4), "2025-04-01": (2026, 1)}),
-    (10, {"2024-09-30": (2024, 4), "2024-10-01": (2025, 1), "2024-12-31": (2025, 1), "2025-01-01": (2025, 2),
-          "2025-03-31": (2025, 2), "2025-04-01": (2025, 3), "2025-07-01": (2025, 4), "2025-09-30": (2025, 4),
-          "2025-10-01": (2026, 1)}),
-])
-async def test_fiscal_year_and_quarter(service: app.Service, fiscal_start: int,
-                                       checks: dict[str, tuple[int, int]]) -> None:
+def random_plans(seed: int, count: int) -> list[dict[str, Any]]:
+    """Plans with every attribute drawn at random, biased to month ends and large anchors."""
+    rnd = random.Random(seed)
+    plans = []
+    for i in range(count):
+        if rnd.random() < 0.3:  # the last day of a month
+            year, month = rnd.randrange(2022, 2026), rnd.randrange(1, 13)
+            start = date(year, month, calendar.monthrange(year, month)[1])
+        else:
+            start = date(2022, 1, 1) + timedelta(days=rnd.randrange(1460))
+        extra: dict[str, Any] = {
+            "status": rnd.choice(["active", "active", "cancelled", "expired", "pending"]),
+            "pricing_model": rnd.choice(["per_seat", "flat_fee"]),
+            "seats": rnd.choice([None, 0, -2, 1, 3, 250]),
+        }
+        if rnd.random() < 0.5:
+            extra["billing_anchor_day"] = rnd.choice([1, 15, 28, 29, 30, 31, rnd.randrange(1, 32)])
+        if rnd.random() < 0.4:
+            extra["end_date"] = (start + timedelta(days=rnd.randrange(-10, 500))).isoformat()
+        discount = rnd.choice([None, "percent", "fixed"])
+        if discount:
+            extra["discount_type"] = discount
+            extra["discount_value"] = rnd.choice(
+                [
+                    None,
+                    "0",
+                    "100",
+                    "150",
+                    "-3",
+                    str(Decimal(rnd.randrange(10**11)) * NANO),
+                    str(Decimal(rnd.randrange(10**13)) * NANO),
+                ]
+            )
+        price = str(Decimal(rnd.randrange(10 ** rnd.choice([6, 10, 14]))) * NANO)
+        cycle = rnd.choice(["weekly", *MONTHS])
+        plans.append(plan(f"r{i}_random", start.isoformat(), cycle, price, **extra))
+    return plans
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+async def test_random_plans_match_the_model(service: app.Service, seed: int) -> None:
+    rnd = random.Random(seed)
+    plans = random_plans(seed, 300)
+    org = await new_org(service, plans, rnd.randrange(1, 13))
+    first = date(2023, 1, 1) + timedelta(days=rnd.randrange(900))
+    last = first + timedelta(days=rnd.randrange(366))
+    await run(service, org, first, last)
+    assert_rows_equal(await stored(service, org), expected_rows(plans, first, last, org.fiscal_start))
+
+
+@pytest.mark.parametrize(
+    ("fiscal_start", "checks"),
+    [
+        (
+            1,
+            {
+                "2023-12-31": (2023, 4),
+                "2024-01-01": (2024, 1),
+                "2024-03-31": (2024, 1),
+                "2024-04-01": (2024, 2),
+                "2024-12-31": (2024, 4),
+            },
+        ),
+        (
+            4,
+            {
+                "2024-03-31": (2024, 4),
+                "2024-04-01": (2025, 1),
+                "2024-06-30": (2025, 1),
+                "2024-07-01": (2025, 2),
+                "2024-12-31": (2025, 3),
+                "2025-01-01": (2025, 4),
+                "2025-03-31": (2025, 4),
+                "2025-04-01": (2026, 1),
+            },
+        ),
+        (
+            10,
+            {
+                "2024-09-30": (2024, 4),
+                "2024-10-01": (2025, 1),
+                "2024-12-31": (2025, 1),
+                "2025-01-01": (2025, 2),
+                "2025-03-31": (2025, 2),
+                "2025-04-01": (2025, 3),
+                "2025-07-01": (2025, 4),
+                "2025-09-30": (2025, 4),
+                "2025-10-01": (2026, 1),
+            },
+        ),
+    ],
+)
+async def test_fiscal_year_and_quarter(
+    service: app.Service, fiscal_start: int, checks: dict[str, tuple[int, int]]
+) -> None:
     plans = [plan("fy_monthly", "2023-06-15", "monthly", "100.000000001", billing_anchor_day=1)]
     org = await new_org(service, plans, fiscal_start)
     first, last = date(2023, 12, 1), date(2024, 11, 30)
@@ -378,7 +575,10 @@ async def test_fiscal_year_and_quarter(service: app.Service, fiscal_start: int,
     for day, (year, quarter) in checks.items():
         got = rows[("fy_monthly", date.fromisoformat(day))]
         assert (got["fiscal_year"], got["fiscal_quarter"]) == (year, quarter), (fiscal_start, day)
-    expected = {**expected_rows(plans, first, last, fiscal_start), **expected_rows(plans, *second, fiscal_start)}
+    expected = {
+        **expected_rows(plans, first, last, fiscal_start),
+        **expected_rows(plans, *second, fiscal_start),
+    }
     assert_rows_equal(rows, expected)
 
 
@@ -428,7 +628,10 @@ async def test_plans_changed_between_runs_replace_the_window_rows(service: app.S
     window = (date(2024, 6, 1), date(2024, 12, 31))
     await run(service, org, *window)
     rows = await stored(service, org)
-    expected = {**expected_rows(plans, date(2024, 1, 1), date(2024, 5, 31)), **expected_rows(changed, *window)}
+    expected = {
+        **expected_rows(plans, date(2024, 1, 1), date(2024, 5, 31)),
+        **expected_rows(changed, *window),
+    }
     assert_rows_equal(rows, expected)
 
 
@@ -445,17 +648,24 @@ async def test_orgs_do_not_touch_each_other(service: app.Service) -> None:
     assert_rows_equal(rows_b, expected_rows(PLAN_SET[6:12], *YEAR_2024))
 
 
-async def test_window_limits(service: app.Service) -> None:
+async def test_argument_checks_and_window_limits(service: app.Service) -> None:
     plans = [plan("limits", "2023-01-01", "monthly", "100.000000001")]
     org = await new_org(service, plans)
     await run(service, org, date(2024, 1, 1), date(2024, 12, 31))  # 366 days: the limit is allowed
     before = await stored(service, org)
     assert len(before) == 366
-    for first, last, message in ((date(2024, 1, 1), date(2025, 1, 1), "367 days exceeds"),
-                                 (date(2023, 1, 1), date(2024, 12, 31), "731 days exceeds"),
-                                 (date(2024, 2, 1), date(2024, 1, 31), "must not be after")):
+    for first, last, message in (
+        (date(2024, 1, 1), date(2025, 1, 1), "367 days exceeds"),
+        (date(2023, 1, 1), date(2024, 12, 31), "731 days exceeds"),
+        (date(2024, 2, 1), date(2024, 1, 31), "must not be after"),
+    ):
         with pytest.raises(TerminalError, match=message):
             await run(service, org, first, last)
+    call, jan = service.warehouse.call_procedure, (date(2024, 1, 1), date(2024, 1, 2))
+    with pytest.raises(TerminalError, match="p_dataset must be a dataset name"):
+        await call("organizations", PROCEDURE, [org.dataset + "-x", *jan, "p", "r"])
+    with pytest.raises(TerminalError, match="p_pipeline_id and p_run_id are required"):
+        await call("organizations", PROCEDURE, [org.dataset, *jan, "p", None])
     assert await stored(service, org) == before  # a refused call writes nothing
     await run(service, org, date(2024, 2, 29), date(2024, 2, 29))  # a one-day window
     assert compared(await stored(service, org)) == compared(before)
