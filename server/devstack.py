@@ -84,10 +84,10 @@ Pipeline Service is running (Ctrl-C stops everything)
 Try:
   export KEY={demo["api_key"]} ROOT={root}
   curl -s {rest}/api/v1/pipelines -H "X-API-Key: $KEY"
-  curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/saas_subscription/costs/saas_cost \
+  curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/saas_subscription/costs/saas_cost \\
        -H "X-API-Key: $KEY" -d '{{}}'
   curl -s "{rest}/api/v1/pipelines/runs?page_size=5" -H "X-API-Key: $KEY"
-  .venv/bin/pipeline-service query "SELECT subscription_id, SUM(daily_cost) AS cost \
+  .venv/bin/pipeline-service query "SELECT subscription_id, SUM(daily_cost) AS cost \\
        FROM {demo["dataset"]}.saas_subscription_plan_costs_daily GROUP BY 1 ORDER BY 1"
   curl -s {rest}/api/v1/procedures -H "X-CA-Root-Key: $ROOT"
   curl -s -X POST {rest}/api/v1/procedures/sync -H "X-CA-Root-Key: $ROOT" -d '{{}}'
