@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -12,26 +11,9 @@ import aiohttp
 
 from server.localstack.emulator import Emulator
 from server.settings import Settings
+from tests.integration.cli_runner import run_cli
 
-CLI = str(Path(".venv/bin/pipeline-service").resolve())
-
-
-async def cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[int, str]:
-    env = {
-        **os.environ,
-        "PIPELINE_ENV": "local",
-        "BIGQUERY_ENDPOINT": emulator.endpoint,
-        "GCP_PROJECT_ID": settings.gcp_project_id,
-        "META_DATASET": settings.meta_dataset,
-        "EMULATOR_EMBEDDED": "false",
-        "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
-        "CONFIGS_DIR": str(settings.configs_dir),
-    }
-    proc = await asyncio.create_subprocess_exec(
-        CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
+cli = run_cli
 
 
 async def test_org_lifecycle_through_the_cli_and_the_api(

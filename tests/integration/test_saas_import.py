@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from server.localstack.emulator import Emulator
 from server.saas import import_plans, parse_plans
 from server.settings import Settings
 from tests.conftest import make_org
+from tests.integration.cli_runner import run_cli
 
 HEADER = (
     "subscription_id,provider,plan_name,category,status,start_date,end_date,billing_cycle,pricing_model,"
@@ -98,9 +97,11 @@ async def test_import_replaces_plans_with_the_same_id(service: app.Service, tmp_
     await import_plans(service.warehouse, org.dataset, plans[:1])
     table = service.warehouse.table_ref(org.dataset, "saas_subscription_plans")
     rows = await service.warehouse.query(
-        f"SELECT subscription_id, unit_price FROM {table} ORDER BY subscription_id"
+        f"SELECT subscription_id, unit_price, JSON_VALUE(tags, '$.team') AS team FROM {table} "
+        "ORDER BY subscription_id"
     )
     assert [r["subscription_id"] for r in rows] == ["p1", "p2"]
+    assert [r["team"] for r in rows] == ["ops", None]  # tags are stored as a JSON object, not a string
     assert rows[0]["unit_price"] == Decimal("7.123456789")
 
 
@@ -108,23 +109,10 @@ async def test_cli_import_is_all_or_nothing(
     service: app.Service, settings: Settings, emulator: Emulator, tmp_path: Path
 ) -> None:
     org = await make_org(service, "saascli")
-    env = {
-        **os.environ,
-        "PIPELINE_ENV": "local",
-        "BIGQUERY_ENDPOINT": emulator.endpoint,
-        "GCP_PROJECT_ID": settings.gcp_project_id,
-        "META_DATASET": settings.meta_dataset,
-        "EMULATOR_EMBEDDED": "false",
-        "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
-    }
-    cli = str(Path(".venv/bin/pipeline-service").resolve())
 
     async def run(*args: str) -> tuple[int, dict[str, object]]:
-        proc = await asyncio.create_subprocess_exec(
-            cli, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        return proc.returncode or 0, json.loads(out)
+        code, out = await run_cli(settings, emulator, *args)
+        return code, json.loads(out)
 
     code, body = await run(
         "saas", "import", org.slug, str(write(tmp_path, "bad.csv", [HEADER, GOOD[0], "p9,,,,,,,,,,,,,,,,"]))
