@@ -328,6 +328,8 @@ class RunManager:
             step.rows_written += event.rows_written if event.state == "SUCCEEDED" else 0
             # The attempt that this event ends (none for steps that never ran an attempt).
             attempt_start = started.pop((step.step_id, event.attempt), None)
+            if attempt_start is None and event.attempt > 0:
+                attempt_start = event.at  # failed before it could start (template or config error)
             if attempt_start is not None:
                 # A retried attempt ended in a transient failure: the attempt row says FAILED.
                 state = "FAILED" if event.state == "RETRYING" else event.state

@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from server import app
 from tests.conftest import Org
 
 PS = pipeline_service_pb2
@@ -115,3 +116,28 @@ async def test_pipeline_timeout(pipelines: pipeline_service_pb2_grpc.PipelineSer
     ).run
     assert run.state == RS.RUN_STATE_TIMEOUT and run.reason == "PIPELINE_TIMEOUT"
     assert run.steps[0].state == RS.STEP_STATE_CANCELLED
+
+
+async def test_template_error_fails_the_step_with_the_field_named_and_is_in_the_ledger(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org, service: app.Service
+) -> None:
+    run = (
+        await pipelines.RunPipeline(
+            PS.RunPipelineRequest(
+                org_slug=acme.slug, provider="engine", domain="runs", pipeline="bad_template", wait=True
+            ),
+            metadata=acme.metadata,
+            timeout=30,
+        )
+    ).run
+    assert run.state == RS.RUN_STATE_FAILED
+    step = run.steps[0]
+    assert step.state == RS.STEP_STATE_FAILED and step.error_reason == "TEMPLATE_ERROR"
+    assert "no_such_name" in step.error and "steps.render.config.outputs.x" in step.error
+    await service.runs._ledger.flush()
+    events = service.warehouse.table_ref(service.settings.meta_dataset, "pipeline_run_events")
+    rows = await service.warehouse.query(
+        f"SELECT to_state, error_reason FROM {events} WHERE run_id = @id AND kind = 'STEP_ATTEMPT'",
+        {"id": run.run_id},
+    )
+    assert rows == [{"to_state": "FAILED", "error_reason": "TEMPLATE_ERROR"}]
