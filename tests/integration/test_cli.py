@@ -9,7 +9,9 @@ from pathlib import Path
 
 import aiohttp
 
+from server import app, devstack, meta
 from server.localstack.emulator import Emulator
+from server.orgs import OrgRepository
 from server.settings import Settings
 from tests.integration.cli_runner import run_cli
 
@@ -87,3 +89,22 @@ async def test_configs_validate(settings: Settings, emulator: Emulator, tmp_path
     )
     code, out = await cli(settings, emulator, "configs", "validate", str(folder / "unknown.yml"))
     assert code == 1 and "nope.thing" in json.loads(out)["message"]
+
+
+async def test_demo_org_is_created_once_with_its_plans(service: app.Service, tmp_path: Path) -> None:
+    """What `make run` does on its first and later starts (the demo org lives in its own meta dataset)."""
+    meta_dataset = f"demo_meta_{uuid.uuid4().hex[:8]}"
+    await meta.bootstrap(service.warehouse, meta_dataset, service.settings.schemas_dir)
+    orgs = OrgRepository(
+        service.warehouse, meta_dataset, f"d{uuid.uuid4().hex[:6]}", service.settings.schemas_dir
+    )
+    first = await devstack.demo_org(orgs, tmp_path)
+    again = await devstack.demo_org(orgs, tmp_path)
+    assert first == again and first["org_slug"] == "demo"
+    assert (tmp_path / "demo-org.json").stat().st_mode & 0o777 == 0o600
+    plans = service.warehouse.table_ref(first["dataset"], "saas_subscription_plans")
+    rows = await service.warehouse.query(f"SELECT status, COUNT(*) AS n FROM {plans} GROUP BY status")
+    counts = {r["status"]: r["n"] for r in rows}
+    assert counts == {"active": 7, "cancelled": 1, "pending": 1}  # seeded once, not twice
+    await service.warehouse.delete_dataset(first["dataset"])
+    await service.warehouse.delete_dataset(meta_dataset)
