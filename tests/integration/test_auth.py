@@ -33,10 +33,10 @@ from server import app
 from server.localstack.envoy import Envoy
 from server.settings import Settings
 from tests.conftest import ROOT_HEADERS, ROOT_KEY, ROOT_METADATA, Org
+from tests.integration.rpc_errors import DOMAIN, error_info, status_of
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
-DOMAIN = "cloudact.io"
 MIGRATION = "normalize_saas_plan_values"
 # A well-formed key (same shape as issued keys) that was never issued.
 UNKNOWN_KEY = "ca_" + "A" * 43
@@ -74,33 +74,12 @@ async def rest_error(
     return info
 
 
-def rpc_status(exc: aio.AioRpcError) -> status_pb2.Status:
-    """The google.rpc.Status of a failed call, from its `grpc-status-details-bin` trailer."""
-    raw = [v for k, v in exc.trailing_metadata() or () if k == "grpc-status-details-bin"]
-    assert len(raw) == 1, exc.trailing_metadata()
-    assert isinstance(raw[0], bytes)
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == exc.code().value[0]
-    assert status.message == exc.details()
-    return status
-
-
-def error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
-    """The one ErrorInfo detail of a status."""
-    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
-    assert len(infos) == 1, status
-    info = error_details_pb2.ErrorInfo()
-    assert infos[0].Unpack(info)
-    assert info.domain == DOMAIN
-    return info
-
-
 async def grpc_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> status_pb2.Status:
     """Await a call that must fail with `code` and an ErrorInfo with `reason`; return the status."""
     with pytest.raises(aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == code, caught.value.details()
-    status = rpc_status(caught.value)
+    status = status_of(caught.value)
     assert error_info(status).reason == reason
     return status
 

@@ -20,7 +20,7 @@ import aiohttp
 import grpc
 import pytest
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from cloudact.pipeline.v1 import procedure_pb2, procedure_service_pb2, procedure_service_pb2_grpc
@@ -30,6 +30,7 @@ from server.errors import InvalidInputError, NotFoundError
 from server.procedures import ProcedureManager
 from server.warehouse.schema import load_schema
 from tests.conftest import ROOT_HEADERS, ROOT_METADATA, Org, make_org
+from tests.integration.rpc_errors import details, error_info, status_of
 
 MIGRATION = "normalize_saas_plan_values"
 CENTRAL = "organizations"
@@ -74,20 +75,9 @@ def assert_rest_error(status: int, body: Any, http_status: int, reason: str) -> 
 def rpc_details(
     exc: aio.AioRpcError,
 ) -> tuple[error_details_pb2.ErrorInfo, error_details_pb2.BadRequest | None]:
-    """ErrorInfo and (if present) BadRequest from the `grpc-status-details-bin` trailer."""
-    raw = [v for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
-    assert len(raw) == 1, exc
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == exc.code().value[0]
-    info, bad = error_details_pb2.ErrorInfo(), None
-    for any_detail in status.details:
-        if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            any_detail.Unpack(info)
-        elif any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            any_detail.Unpack(bad)
-    assert info.domain == "cloudact.io"
-    return info, bad
+    """ErrorInfo and (if present) BadRequest of a failed call."""
+    bad = details(status_of(exc), error_details_pb2.BadRequest)
+    return error_info(exc), bad[0] if bad else None
 
 
 def sha256(path: Path) -> str:

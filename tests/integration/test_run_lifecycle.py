@@ -24,7 +24,7 @@ from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipelin
 from server import app
 from server.orgs import Plan
 from tests.conftest import Org, make_org
-from tests.integration.rpc_errors import error_info, status_of
+from tests.integration.rpc_errors import error_info, one_detail, status_of
 from tests.integration.test_runs import run_rest, wait_terminal
 
 PS = pipeline_service_pb2
@@ -112,13 +112,7 @@ async def rpc_failure(call: Awaitable[Any], code: grpc.StatusCode, reason: str) 
 
 
 def retry_info(error: aio.AioRpcError) -> error_details_pb2.RetryInfo:
-    found = []
-    for detail in status_of(error).details:
-        info = error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            found.append(info)
-    assert len(found) == 1, status_of(error)
-    return found[0]
+    return one_detail(status_of(error), error_details_pb2.RetryInfo)
 
 
 def rest_details(body: dict[str, Any], kind: str) -> list[dict[str, Any]]:
