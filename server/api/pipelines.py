@@ -16,14 +16,14 @@ from cloudact.pipeline.v1 import (
 )
 from server.api.convert import timestamp
 from server.api.interceptor import org_principal, principal_name
-from server.api.paging import decode_token, encode_token, paginate
+from server.api.paging import decode_token, encode_token, invalid_token, page_size, paginate
 from server.engine.manager import RunManager, RunRequest
-from server.engine.run import Event, Run
+from server.engine.run import ACTIVE, TERMINAL, Event, Run
 from server.errors import FieldViolation, InvalidInputError
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 
 MAX_WAIT_SECONDS = 600.0
-_RUN_STATES = {"PENDING", "RUNNING", "COMPLETED", "FAILED", "TIMEOUT", "CANCELLING", "CANCELLED"}
+_RUN_STATES = ACTIVE | TERMINAL
 
 
 def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
@@ -113,11 +113,7 @@ def _cursor(token: str) -> tuple[datetime, str] | None:
     try:
         return datetime.fromisoformat(created), run_id
     except ValueError as exc:
-        raise InvalidInputError(
-            "invalid page token",
-            [FieldViolation("page_token", "not a token from this API")],
-            reason="INVALID_PAGE_TOKEN",
-        ) from exc
+        raise invalid_token() from exc
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
@@ -172,11 +168,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     async def ListPipelineRuns(
         self, request: pipeline_service_pb2.ListPipelineRunsRequest, context: aio.ServicerContext[Any, Any]
     ) -> pipeline_service_pb2.ListPipelineRunsResponse:
-        if request.page_size < 0:
-            raise InvalidInputError(
-                "page_size must not be negative", [FieldViolation("page_size", "negative")]
-            )
-        size = min(request.page_size or 50, 500)
+        size = page_size(request.page_size, default=50, maximum=500)
         runs = await self._runs.list(
             org_principal().org_slug,
             pipeline_key=request.pipeline,
