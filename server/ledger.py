@@ -16,6 +16,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from server.engine.run import Run, StepView
 from server.warehouse.bigquery import BigQueryWarehouse, Row
 
@@ -25,8 +27,12 @@ RUNS = "pipeline_runs"
 EVENTS = "pipeline_run_events"
 
 
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def _identity(run: Run) -> str:
-    return json.dumps(
+    return _json(
         {
             "pipeline_key": run.pipeline_key,
             "pipeline_id": run.pipeline_id,
@@ -49,14 +55,14 @@ def run_row(run: Run) -> dict[str, Any]:
         "state": run.state,
         "trigger": run.trigger,
         "triggered_by": run.triggered_by,
-        "parameters": json.dumps(run.parameters),
+        "parameters": _json(run.parameters),
         "request_id": run.request_id,
         "create_time": run.create_time,
         "start_time": run.start_time,
         "end_time": run.end_time,
         "reason": run.reason,
         "error": run.error,
-        "steps": json.dumps([s.as_json() for s in run.steps.values()]),
+        "steps": _json([s.as_json() for s in run.steps.values()]),
     }
 
 

@@ -15,7 +15,7 @@ from cloudact.pipeline.v1 import (
     pipeline_service_pb2_grpc,
 )
 from server.api.convert import timestamp
-from server.api.interceptor import org_principal, principal_name
+from server.api.guard import org_principal, principal_name
 from server.api.paging import decode_token, encode_token, invalid_token, page_size, paginate
 from server.engine.manager import RunManager, RunRequest
 from server.engine.run import ACTIVE, TERMINAL, Event, Run

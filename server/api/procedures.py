@@ -9,7 +9,7 @@ from grpc import aio
 
 from cloudact.pipeline.v1 import procedure_pb2, procedure_service_pb2, procedure_service_pb2_grpc
 from server.api.convert import timestamp
-from server.api.interceptor import principal_name
+from server.api.guard import principal_name
 from server.api.paging import paginate
 from server.procedures import MigrationRun, ProcedureManager, ProcedureView
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
-import uuid
+import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from server import metrics
 from server.engine import templates
@@ -134,7 +135,8 @@ class RunManager:
             if earlier is not None:
                 return earlier
         parameters = self._parameters(config, request)
-        dedupe = hashlib.sha256(json.dumps([org.org_slug, config.key, parameters], sort_keys=True).encode())
+        identity = orjson.dumps([org.org_slug, config.key, parameters], option=orjson.OPT_SORT_KEYS)
+        dedupe = hashlib.sha256(identity)
         active = self._by_dedupe.get(dedupe.hexdigest())
         if active is not None:
             raise ConflictError(
@@ -149,7 +151,7 @@ class RunManager:
             metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
             raise
         run = Run(
-            run_id=uuid.uuid4().hex,
+            run_id=secrets.token_hex(16),  # 32 hex digits, like a uuid4 without its version bits
             org_slug=org.org_slug,
             pipeline_key=config.key,
             pipeline_id=config.spec.pipeline_id,
@@ -415,7 +417,7 @@ class RunManager:
             return
         sent = 0
         while True:
-            changed = run.changed
+            changed = run.next_change()
             while sent < len(run.events):
                 yield run.events[sent], run
                 sent += 1

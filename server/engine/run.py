@@ -92,7 +92,7 @@ class Run:
     steps: dict[str, StepView] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     dedupe_key: str = ""
-    changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _changed: asyncio.Event | None = field(default=None, repr=False)  # made when someone waits
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -118,5 +118,12 @@ class Run:
     def notify(self, event: Event) -> None:
         """Append an event and wake the watchers."""
         self.events.append(event)
-        self.changed.set()
-        self.changed = asyncio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def next_change(self) -> asyncio.Event:
+        """An event set by the next `notify` (only runs someone watches pay for one)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed

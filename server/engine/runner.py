@@ -316,16 +316,27 @@ class _Run:
         failed_step = ""
         try:
             while True:
-                for step_id in [s for s in waiting if all(d in self._finished for d in self._deps[s])]:
+                ready = [s for s in waiting if all(d in self._finished for d in self._deps[s])]
+                for step_id in ready:
                     waiting.remove(step_id)
-                    task = asyncio.create_task(self._run_step(step_id), name=f"step:{step_id}")
-                    tasks[task] = step_id
-                if not tasks:
-                    break
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    step_id = tasks.pop(task)
-                    task.result()  # a bug in the runner itself: stop the run below
+                if len(ready) == 1 and not tasks:
+                    # The only step that can run (always so in a sequential pipeline): run it in this
+                    # task; cancelling the run reaches it just the same, without a task per step.
+                    step_id = ready[0]
+                    await self._run_step(step_id)
+                    done_ids = [step_id]
+                else:
+                    for step_id in ready:
+                        task = asyncio.create_task(self._run_step(step_id), name=f"step:{step_id}")
+                        tasks[task] = step_id
+                    if not tasks:
+                        break
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    done_ids = []
+                    for task in done:
+                        done_ids.append(tasks.pop(task))
+                        task.result()  # a bug in the runner itself: stop the run below
+                for step_id in done_ids:
                     outcome = self._outcomes[step_id]
                     fatal = outcome.state in FAILURES and self._steps[step_id].on_failure == "fail"
                     if fatal and not failed_step:

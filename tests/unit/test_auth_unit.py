@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from server.api.interceptor import _client_of, _peer_address
+from server.api.guard import _client_of, _peer_address
 from server.auth import (
     Access,
     Authenticator,

@@ -1,4 +1,4 @@
-"""The one server interceptor: authentication, org matching and error mapping for every RPC.
+"""The one guard of every RPC: authentication, org matching and error mapping.
 
 Servicers never read headers: the caller's principal is in `current_principal` while the RPC runs.
 A request message with an `org_slug` field must name the org of the caller's key.
@@ -7,13 +7,14 @@ A request message with an `org_slug` field must name the org of the caller's key
 from __future__ import annotations
 
 import logging
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc import aio
 
 from server import errors
@@ -68,14 +69,31 @@ def _client_of(
     return hops[-1] if hops and peer in trusted_proxies else peer
 
 
-if TYPE_CHECKING:  # grpc-stubs makes the interceptor generic; at runtime it is not subscriptable.
-    _ServerInterceptor: TypeAlias = aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = aio.ServerInterceptor
+AddServicer = Callable[[Any, Any], None]  # a generated `add_*Servicer_to_server(servicer, server)`
 
 
-class ServiceInterceptor(_ServerInterceptor):
-    """Wraps each handler of the methods listed in `policies`; unknown methods are refused."""
+class _Captured:
+    """Stands in for the server while a generated `add_*_to_server` registers its method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """The same handlers arrive, by method name, in `add_registered_method_handlers`."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+class Guard:
+    """Registers servicers with every handler wrapped once: auth, org match and error mapping.
+
+    The wrapping happens at registration, not per call (an `aio.ServerInterceptor` would build a new
+    handler for every RPC). A method without a policy cannot be registered, so none goes unguarded.
+    """
 
     def __init__(
         self,
@@ -87,41 +105,57 @@ class ServiceInterceptor(_ServerInterceptor):
         self._auth = authenticator
         self._policies = policies
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
+    def register(self, server: aio.Server, add: AddServicer, servicer: object) -> None:
+        """`add(servicer, server)` with each of the servicer's handlers guarded."""
+        captured = _Captured()
+        add(servicer, captured)
+        service = captured.service
+        guarded = {
+            name: self._guard(f"/{service}/{name}", handler) for name, handler in captured.handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        cast(Any, server).add_registered_method_handlers(service, guarded)
+
+    def _guard(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        policy = self._policies.get(details.method)
-        if handler is None or policy is None:
-            return handler
+        policy = self._policies.get(method)
+        if policy is None:
+            raise LookupError(f"{method} has no access policy")
+        service, _, name = method.strip("/").rpartition("/")
+        fields = descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type.fields_by_name
+        names_org = "org_slug" in fields
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(policy, handler.unary_unary),
+                self._wrap_unary(policy, names_org, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(policy, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)),
+                self._wrap_stream(
+                    policy, names_org, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
+                ),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        raise TypeError(f"{method}: only unary and server-streaming methods are supported")
 
-    async def _enter(self, policy: Policy, request: Any, context: aio.ServicerContext[Any, Any]) -> str:
+    async def _enter(
+        self, policy: Policy, names_org: bool, request: Any, context: aio.ServicerContext[Any, Any]
+    ) -> str:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
-        log_fields.set({"request_id": request_id})
+        request_id = metadata.get("x-request-id") or secrets.token_hex(16)
         principal = await self._auth.authenticate(
             policy, metadata, _client_of(metadata, context, self._trusted_proxies)
         )
-        if "org_slug" in request.DESCRIPTOR.fields_by_name:
+        if names_org:
             check_org(principal, request.org_slug)
         current_principal.set(principal)
         if isinstance(principal, OrgContext):
             log_fields.set({"request_id": request_id, "org_slug": principal.org_slug})
+        else:
+            log_fields.set({"request_id": request_id})
         return request_id
 
     async def _fail(
@@ -135,12 +169,12 @@ class ServiceInterceptor(_ServerInterceptor):
         await cast(Any, context).abort_with_status(to_status(exc, request_id))
 
     def _wrap_unary(
-        self, policy: Policy, behavior: Callable[..., Awaitable[Any]]
+        self, policy: Policy, names_org: bool, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             request_id = "-"
             try:
-                request_id = await self._enter(policy, request, context)
+                request_id = await self._enter(policy, names_org, request, context)
                 return await behavior(request, context)
             except aio.AbortError:
                 raise
@@ -150,12 +184,12 @@ class ServiceInterceptor(_ServerInterceptor):
         return wrapped
 
     def _wrap_stream(
-        self, policy: Policy, behavior: Callable[..., AsyncIterator[Any]]
+        self, policy: Policy, names_org: bool, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             request_id = "-"
             try:
-                request_id = await self._enter(policy, request, context)
+                request_id = await self._enter(policy, names_org, request, context)
                 async for item in behavior(request, context):
                     yield item
             except aio.AbortError:
