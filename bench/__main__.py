@@ -57,7 +57,9 @@ class Route:
     concurrency: int
 
     def letter(self, target: str) -> str:
-        """The brief's (a)-(d) names, (e)/(f) for the extra gRPC-through-Envoy pair."""
+        """The brief's (a)-(d) names, (e)/(f) for the extra gRPC-through-Envoy pair, (g) for the floor."""
+        if target == "floor":
+            return "(g)"
         base = {("grpc", False): "ac", ("rest", True): "bd", ("grpc", True): "ef"}[
             (self.transport, self.via_envoy)
         ]
@@ -71,6 +73,7 @@ PATHS = [
     Route("REST via Envoy", "rest", True, 32),
     Route("gRPC via Envoy", "grpc", True, 32),
 ]
+FLOOR_PATH = PATHS[1]  # the floor server (bench/echo.py) is measured on the target's path only
 CPU_PARTS = ("server", "envoy", "emulator", "client")
 
 
@@ -79,7 +82,7 @@ class Measured:
     """A cell's result with what the server side saw meanwhile."""
 
     path: Route
-    target: str  # "real" or "bare"
+    target: str  # "real", "bare" or "floor"
     round: int
     result: CellResult
     stall_ms: float | None = None
@@ -114,16 +117,19 @@ def _target(stack: Stack, path: Route, target: str) -> str:
     if path.via_envoy:
         envoy = stack.envoy if target == "real" else stack.echo_envoy
         return envoy.rest_url if path.transport == "rest" else f"127.0.0.1:{envoy.rest_port}"
-    port = stack.service.port if target == "real" else stack.echo.port
+    assert stack.floor is not None
+    port = {"real": stack.service.port, "bare": stack.echo.port, "floor": stack.floor.port}[target]
     return f"127.0.0.1:{port}"
 
 
 def _cpu_snapshot(stack: Stack, target: str) -> dict[str, float]:
     assert stack.emulator is not None and stack.envoy is not None
     assert stack.echo is not None and stack.echo_envoy is not None
+    assert stack.floor is not None
     envoy = stack.envoy if target == "real" else stack.echo_envoy
+    echo = stack.floor if target == "floor" else stack.echo
     return {
-        "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(stack.echo.pid),
+        "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(echo.pid),
         "envoy": cpu.tree_seconds(envoy.pid),
         "emulator": cpu.tree_seconds(stack.emulator.pid),
     }
@@ -133,7 +139,8 @@ def _ours_seconds(stack: Stack) -> float:
     """CPU seconds of every process the benchmark runs (ended load clients included)."""
     assert stack.emulator is not None and stack.envoy is not None
     assert stack.echo is not None and stack.echo_envoy is not None
-    pids = (stack.emulator.pid, stack.envoy.pid, stack.echo_envoy.pid, stack.echo.pid)
+    assert stack.floor is not None
+    pids = (stack.emulator.pid, stack.envoy.pid, stack.echo_envoy.pid, stack.echo.pid, stack.floor.pid)
     return cpu.self_seconds() + cpu.waited_children_seconds() + sum(cpu.tree_seconds(p) for p in pids)
 
 
@@ -280,6 +287,14 @@ def throughput_markdown(measured: list[Measured]) -> list[str]:
             f"| {path.letter('real')}/{path.letter('bare')} {path.label} | {path.concurrency} | {cps(real)} "
             f"| {lat(real)} | {cps(bare)} | {lat(bare)} | {'-' if ratio is None else f'{ratio:.2f}'} |"
         )
+        floor = summarize(measured, path, "floor") if path == FLOOR_PATH else None
+        if floor:
+            ratio = _ratio(floor, bare)
+            lines.append(
+                f"| {path.letter('floor')}/{path.letter('bare')} floor server, {path.label} "
+                f"| {path.concurrency} | {cps(floor)} | {lat(floor)} | {cps(bare)} | {lat(bare)} "
+                f"| {'-' if ratio is None else f'{ratio:.2f}'} |"
+            )
     return lines
 
 
@@ -291,7 +306,8 @@ def cpu_markdown(measured: list[Measured]) -> list[str]:
     ]
     for path in PATHS:
         real, bare = summarize(measured, path, "real"), summarize(measured, path, "bare")
-        for target, s in (("real", real), ("bare", bare)):
+        floor = summarize(measured, path, "floor")
+        for target, s in (("real", real), ("bare", bare), ("floor", floor)):
             if s is None:
                 continue
             extra = f"{real.cpu_ms['server'] - bare.cpu_ms['server']:+.3f}" if real and bare else "-"
@@ -332,7 +348,9 @@ def summary_markdown(
         f"per cell {WARMUP} warm-up then {CALLS} measured calls; median of {rounds} rounds (min-max of",
         "calls/s in brackets); client-side latency, nearest-rank p50/p99. *Bare* is a grpc.aio",
         "`PipelineService` in its own process whose RunPipeline returns a captured real response at once",
-        "(no interceptor, auth, engine, ledger or warehouse), behind an identical Envoy.",
+        "(no guard, auth, engine, ledger or warehouse), behind an identical Envoy. *Floor* (g) is the same",
+        "server doing per call only what any RunPipeline must: a new run message (id, time, names,",
+        "parameters, steps) and a task for it (`bench/echo.py`); gRPC direct at 32 in flight only.",
         "",
         *throughput_markdown(measured),
         "",
@@ -382,7 +400,8 @@ async def throughput(stack: Stack, deadline: float) -> list[Measured]:
     for round_ in range(1, ROUNDS + 1):
         order = ("real", "bare") if round_ % 2 else ("bare", "real")
         for path in PATHS:
-            for target in order:
+            targets = (*order, "floor") if path == FLOOR_PATH else order
+            for target in targets:
                 left = deadline - time.perf_counter() - RESERVE_SECONDS
                 if left < 10:
                     print(f"| {round_:>3} | round cut short: time budget reached")
@@ -402,7 +421,7 @@ async def main() -> int:
     print(f"machine: {host}")
     print(f"python:  {sys.version.split()[0]} at {sys.executable}")
     print(
-        f"plan:    {ROUNDS} rounds x {len(PATHS) * 2} cells of {WARMUP} warm-up + {CALLS} calls "
+        f"plan:    {ROUNDS} rounds x {len(PATHS) * 2 + 1} cells of {WARMUP} warm-up + {CALLS} calls "
         f"({CELL_SECONDS:.0f} s cap per cell), budget {BUDGET_SECONDS:.0f} s"
     )
     engine_overhead.write_config(CONFIGS)
@@ -434,6 +453,14 @@ async def main() -> int:
             ratio = _ratio(summarize(measured, path, "real"), summarize(measured, path, "bare"))
             verdict = "-" if ratio is None else f"{ratio:.2f} ({'meets' if ratio >= 0.70 else 'BELOW'} 0.70)"
             print(f"real/bare calls/s at 32 in flight, {path.label}: {verdict}")
+        floor_ratio = _ratio(
+            summarize(measured, FLOOR_PATH, "floor"), summarize(measured, FLOOR_PATH, "bare")
+        )
+        if floor_ratio is not None:
+            print(
+                f"floor/bare calls/s at 32 in flight, {FLOOR_PATH.label}: {floor_ratio:.2f} (a new run "
+                "message and a task per call, nothing else: the ceiling of any real RunPipeline here)"
+            )
         print()
         print(foreign_note(measured))
         print()

@@ -1,5 +1,10 @@
 """The bare baseline: a `grpc.aio` server exposing `PipelineService` whose RunPipeline returns a constant
-response at once; no interceptor, auth, engine, ledger or warehouse.
+response at once; no guard, auth, engine, ledger or warehouse.
+
+Its *floor* variant does per call the least that any RunPipeline implementation must do: a new run
+(fresh id, create time, the request's names and parameters, the pipeline's steps) handed to a task that
+ends at once, and that run as the answer. Still no auth, validation, engine, ledger or warehouse: what
+the floor loses against the bare server is lost before the service does any of its own work.
 
 It serves the real service descriptor, so Envoy's JSON transcoder routes REST calls to it exactly as it
 does to the real service. The constant response is a real one captured from the service, so both
@@ -12,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from grpc import aio
 
-from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
+from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from server.api.convert import timestamp
+from server.ids import new_id
 
 START_SECONDS = 30.0  # the child must listen within this
 STOP_SECONDS = 10.0  # and exit within this once its stdin is closed
@@ -34,6 +42,38 @@ class EchoPipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         return self._response
 
 
+async def _ends_at_once() -> None:
+    return None
+
+
+class FloorPipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    """RunPipeline makes a new run per call and starts a task for it; nothing else."""
+
+    def __init__(self, response: pipeline_service_pb2.RunPipelineResponse) -> None:
+        self._steps = list(response.run.steps)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def RunPipeline(
+        self, request: pipeline_service_pb2.RunPipelineRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pipeline_service_pb2.RunPipelineResponse:
+        run = pipeline_run_pb2.PipelineRun(
+            run_id=new_id(),
+            org_slug=request.org_slug,
+            provider=request.provider,
+            domain=request.domain,
+            pipeline=request.pipeline,
+            state=pipeline_run_pb2.RUN_STATE_PENDING,
+            trigger=pipeline_run_pb2.TRIGGER_API,
+            parameters=request.parameters,
+            create_time=timestamp(datetime.now(UTC)),
+            steps=self._steps,
+        )
+        task = asyncio.create_task(_ends_at_once())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return pipeline_service_pb2.RunPipelineResponse(run=run)
+
+
 class EchoServer:
     """A running echo server on 127.0.0.1."""
 
@@ -42,14 +82,15 @@ class EchoServer:
         self.port = port
 
     @classmethod
-    async def start(cls, response: pipeline_service_pb2.RunPipelineResponse) -> EchoServer:
-        """Serve on a free port with the real server's options (no interceptors)."""
+    async def start(
+        cls, response: pipeline_service_pb2.RunPipelineResponse, *, floor: bool = False
+    ) -> EchoServer:
+        """Serve on a free port with the real server's options (no guard)."""
         server = aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
         )
-        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-            EchoPipelineServicer(response), server
-        )
+        servicer = FloorPipelineServicer(response) if floor else EchoPipelineServicer(response)
+        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return cls(server, port)
@@ -60,10 +101,9 @@ class EchoServer:
 
 
 async def _serve_until_stdin_closes() -> None:
-    response = pipeline_service_pb2.RunPipelineResponse.FromString(
-        bytes.fromhex(sys.stdin.readline().strip())
-    )
-    echo = await EchoServer.start(response)
+    response_hex, _, mode = sys.stdin.readline().strip().partition(" ")
+    response = pipeline_service_pb2.RunPipelineResponse.FromString(bytes.fromhex(response_hex))
+    echo = await EchoServer.start(response, floor=mode == "floor")
     sys.stdout.write(f"{echo.port}\n")
     sys.stdout.flush()
     await asyncio.to_thread(sys.stdin.read)  # returns when the parent closes our stdin (or dies)
@@ -83,8 +123,10 @@ class EchoProcess:
         return self.process.pid
 
     @classmethod
-    async def start(cls, response: pipeline_service_pb2.RunPipelineResponse) -> EchoProcess:
-        """Start `python -m bench.echo` answering `response`; return once it listens."""
+    async def start(
+        cls, response: pipeline_service_pb2.RunPipelineResponse, *, floor: bool = False
+    ) -> EchoProcess:
+        """Start `python -m bench.echo` (the floor variant if `floor`); return once it listens."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -93,7 +135,8 @@ class EchoProcess:
             stdout=asyncio.subprocess.PIPE,
         )
         assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(response.SerializeToString().hex().encode() + b"\n")
+        mode = " floor" if floor else ""
+        process.stdin.write(f"{response.SerializeToString().hex()}{mode}\n".encode())
         await process.stdin.drain()
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_SECONDS)

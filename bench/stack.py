@@ -1,5 +1,5 @@
-"""The benchmark's local stack: emulator, real service (in this process), echo server (in its own
-process) and one Envoy in front of each.
+"""The benchmark's local stack: emulator, real service (in this process), echo server and its floor
+variant (each in its own process), and one Envoy in front of the service and of the echo server.
 
 Everything binds 127.0.0.1 on free ports and lives in a temporary folder; `Stack.stop` stops what was
 started, in reverse order, even after a partial start.
@@ -42,6 +42,7 @@ class Stack:
     envoy: Envoy | None = None
     echo: EchoProcess | None = None
     echo_envoy: Envoy | None = None
+    floor: EchoProcess | None = None
     org_slug: str = ""
     key: IssuedKey | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class Stack:
         steps: list[tuple[str, object]] = [
             ("echo envoy", self.echo_envoy),
             ("echo server", self.echo),
+            ("floor server", self.floor),
             ("envoy", self.envoy),
             ("service", self.service),
             ("emulator", self.emulator),
@@ -118,9 +120,10 @@ async def start_stack(stack: Stack) -> None:
 
 
 async def start_echo(stack: Stack, response: pipeline_service_pb2.RunPipelineResponse) -> None:
-    """Start the echo server answering `response` and an Envoy in front of it."""
+    """Start the echo server answering `response`, an Envoy in front of it, and the floor server."""
     echo = await EchoProcess.start(response)
     stack.echo = echo
+    stack.floor = await EchoProcess.start(response, floor=True)
     stack.echo_envoy = await asyncio.to_thread(
         Envoy, grpc_port=echo.port, work_dir=stack.folder / "echo-envoy"
     )

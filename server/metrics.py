@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 RUNS_STARTED = Counter("pipeline_runs_started_total", "Runs accepted", ["pipeline"])
 RUNS_FINISHED = Counter(
@@ -18,6 +24,12 @@ STEP_SECONDS = Histogram(
 QUOTA_REJECTIONS = Counter(
     "pipeline_quota_rejections_total", "RunPipeline calls refused by a quota", ["reason"]
 )
+
+
+@functools.cache
+def labelled(metric: M, *values: str) -> M:
+    """`metric.labels(*values)`, looked up once per label set (`labels` locks and builds a key per call)."""
+    return metric.labels(*values)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> int:

@@ -7,7 +7,6 @@ A request message with an `org_slug` field must name the org of the caller's key
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
@@ -20,6 +19,7 @@ from grpc import aio
 from server import errors
 from server.api.status import to_status
 from server.auth import Authenticator, Policy, Principal, RootPrincipal, check_org
+from server.ids import new_id
 from server.logs import log_fields
 from server.orgs import OrgContext
 
@@ -145,7 +145,7 @@ class Guard:
         self, policy: Policy, names_org: bool, request: Any, context: aio.ServicerContext[Any, Any]
     ) -> str:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        request_id = metadata.get("x-request-id") or secrets.token_hex(16)
+        request_id = metadata.get("x-request-id") or new_id()
         principal = await self._auth.authenticate(
             policy, metadata, _client_of(metadata, context, self._trusted_proxies)
         )

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from server.engine.quotas import Quotas, Reservation
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
+from server.ids import new_id
 from server.ledger import Ledger
 from server.logs import log_fields
 from server.orgs import OrgContext
@@ -148,10 +148,10 @@ class RunManager:
             self._quotas.check_rate(org)
             reservation = self._quotas.reserve(org)
         except ThrottledError as exc:
-            metrics.QUOTA_REJECTIONS.labels(exc.reason).inc()
+            metrics.labelled(metrics.QUOTA_REJECTIONS, exc.reason).inc()
             raise
         run = Run(
-            run_id=secrets.token_hex(16),  # 32 hex digits, like a uuid4 without its version bits
+            run_id=new_id(),
             org_slug=org.org_slug,
             pipeline_key=config.key,
             pipeline_id=config.spec.pipeline_id,
@@ -169,7 +169,7 @@ class RunManager:
             self._by_request[(org.org_slug, run.request_id)] = run
         self._ledger.transition(run, "", "PENDING")
         run.notify(Event(run.create_time, "PENDING"))
-        metrics.RUNS_STARTED.labels(config.key).inc()
+        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
         metrics.RUNS_ACTIVE.inc()
         run.task = asyncio.create_task(self._execute(run, config, org, reservation), name=f"run-{run.run_id}")
         run.task.add_done_callback(lambda _: self._cancelled_before_start(run, config, reservation))
@@ -275,7 +275,7 @@ class RunManager:
             old = self._recent.popitem(last=False)[1]
             self._by_request.pop((old.org_slug, old.request_id), None)
         metrics.RUNS_ACTIVE.dec()
-        metrics.RUNS_FINISHED.labels(config.key, run.state).inc()
+        metrics.labelled(metrics.RUNS_FINISHED, config.key, run.state).inc()
 
     def _variables(self, run: Run, org: OrgContext, steps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return templates.template_variables(
@@ -350,7 +350,7 @@ class RunManager:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
             step.ended_at = event.at
-            metrics.STEP_SECONDS.labels(step.ps_type, event.state).observe(step.duration_ms / 1000)
+            metrics.labelled(metrics.STEP_SECONDS, step.ps_type, event.state).observe(step.duration_ms / 1000)
         self._ledger.transition(
             run, previous, event.state, step=step, attempt=event.attempt, error=event.error
         )
