@@ -109,7 +109,12 @@ async def start(
             global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
             per_run_limit=settings.max_parallel_steps_per_run,
         ),
-        ledger=Ledger(warehouse, settings.meta_dataset, interval=settings.ledger_flush_seconds),
+        ledger=Ledger(
+            warehouse,
+            settings.meta_dataset,
+            interval=settings.ledger_flush_seconds,
+            loads_per_day=settings.ledger_loads_per_day,
+        ),
         quotas=Quotas(),
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,

@@ -2,8 +2,13 @@
 `pipeline_run_events` (every run and step transition, one STEP_ATTEMPT row per attempt).
 
 Nothing is written row by row: rows are buffered and written by one load job per table per flush
-(every `interval` seconds, and on close), shared by every run of the process. The PENDING transition of
-a run carries its identity, so a run that a crash interrupted can be found (a PENDING event without a
+(every `interval` seconds, and on close), shared by every run of the process. BigQuery allows a fixed
+number of load jobs per table per day (1,500), so the periodic flushes draw on a budget of
+`loads_per_day` (a token bucket holding an hour of it): while busy for long, rows are written in
+bigger, rarer batches instead of failing with quotaExceeded. Finished runs stay readable from memory
+until their row is written. A flush whose outcome is unknown (the job ran, its answer was lost) is
+written again, so every reader here tolerates a row stored twice. The PENDING transition of a run
+carries its identity, so a run that a crash interrupted can be found (a PENDING event without a
 `pipeline_runs` row) and closed as FAILED with reason INTERRUPTED when the service starts again.
 """
 
@@ -13,6 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,15 +95,48 @@ def run_from_row(row: Row) -> Run:
     return run
 
 
+class LoadBudget:
+    """A token bucket of load jobs: `per_day` a day, holding at most an hour's worth (0: unlimited)."""
+
+    def __init__(self, per_day: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = per_day / 86400.0
+        self._capacity = max(1.0, per_day / 24.0)
+        self._tokens = self._capacity
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> bool:
+        """Spend one load if the budget has one."""
+        if not self._rate:
+            return True
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class Ledger:
     """Buffers ledger rows and writes them in batches; reads finished runs back."""
 
-    def __init__(self, warehouse: BigQueryWarehouse, dataset: str, *, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        warehouse: BigQueryWarehouse,
+        dataset: str,
+        *,
+        interval: float = 0.5,
+        loads_per_day: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._wh = warehouse
         self._dataset = dataset
         self._interval = interval
+        self._budget = LoadBudget(loads_per_day, clock)
         self._runs: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
+        self._unwritten: dict[str, Run] = {}  # finished runs whose row is not in the table yet
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -168,6 +208,15 @@ class Ledger:
     def finished(self, run: Run) -> None:
         """Buffer the `pipeline_runs` row of a run that reached a terminal state."""
         self._runs.append(run_row(run))
+        self._unwritten[run.run_id] = run
+
+    def unwritten(self, run_id: str) -> Run | None:
+        """A finished run whose row is not written yet (the table cannot answer for it)."""
+        return self._unwritten.get(run_id)
+
+    def unwritten_runs(self) -> list[Run]:
+        """Every finished run whose row is not written yet."""
+        return list(self._unwritten.values())
 
     @property
     def pending(self) -> int:
@@ -190,11 +239,13 @@ class Ledger:
             except Exception:
                 self._runs[:0] = runs  # the events are written; only the run rows are retried
                 raise
+            for row in runs:
+                self._unwritten.pop(row["run_id"], None)
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            if self.pending:
+            if self.pending and self._budget.take():
                 try:
                     await self.flush()
                 except Exception as exc:  # keep the rows; the next tick retries
@@ -246,7 +297,7 @@ class Ledger:
             where.append("(create_time < @t OR (create_time = @t AND run_id < @id))")
             params.update(t=before[0], id=before[1])
         rows = await self._wh.query(
-            f"SELECT * FROM {self._t(RUNS)} WHERE {' AND '.join(where)} "
+            f"SELECT DISTINCT * FROM {self._t(RUNS)} WHERE {' AND '.join(where)} "
             "ORDER BY create_time DESC, run_id DESC LIMIT @limit",
             params,
         )
@@ -255,8 +306,10 @@ class Ledger:
     async def counts(self, month_start: datetime, day_start: datetime) -> dict[str, tuple[int, int]]:
         """Runs accepted per org since `month_start` and since `day_start`: {org: (month, day)}."""
         rows = await self._wh.query(
-            f"SELECT org_slug, COUNT(*) AS month, COUNTIF(at >= @day) AS day FROM {self._t(EVENTS)} "
-            "WHERE kind = 'RUN_TRANSITION' AND to_state = 'PENDING' AND at >= @month GROUP BY org_slug",
+            "SELECT e.org_slug, COUNT(DISTINCT e.run_id) AS month, "
+            f"COUNT(DISTINCT IF(e.at >= @day, e.run_id, NULL)) AS day FROM {self._t(EVENTS)} AS e "
+            "WHERE e.kind = 'RUN_TRANSITION' AND e.to_state = 'PENDING' AND e.at >= @month "
+            "GROUP BY e.org_slug",
             {"month": month_start, "day": day_start},
         )
         return {r["org_slug"]: (int(r["month"]), int(r["day"])) for r in rows}
@@ -264,7 +317,7 @@ class Ledger:
     async def recover_interrupted(self) -> list[str]:
         """Close runs that a dead process left active: FAILED with reason INTERRUPTED."""
         rows = await self._wh.query(
-            f"SELECT e.run_id, e.org_slug, e.run FROM {self._t(EVENTS)} AS e "
+            f"SELECT DISTINCT e.run_id, e.org_slug, e.run FROM {self._t(EVENTS)} AS e "
             f"LEFT JOIN {self._t(RUNS)} AS r ON r.run_id = e.run_id "
             "WHERE e.kind = 'RUN_TRANSITION' AND e.to_state = 'PENDING' AND r.run_id IS NULL"
         )

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     max_concurrent_steps: int = Field(32, description="Step attempts executing at once, over all runs.")
     max_parallel_steps_per_run: int = Field(4, description="Independent steps of one run executing at once.")
     ledger_flush_seconds: float = Field(0.5, description="How often buffered ledger rows are written.")
+    ledger_loads_per_day: int = Field(
+        1400,
+        ge=0,
+        description="Ledger flushes (one load job per table each) allowed per day; BigQuery allows 1,500 "
+        "load jobs per table per day. 0: no limit (the emulator has none).",
+    )
     metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")

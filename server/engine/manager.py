@@ -182,7 +182,14 @@ class RunManager:
             self._finish(run, config, reservation)
 
     async def _replay(self, org_slug: str, request_id: str) -> Run | None:
-        run = self._by_request.get((org_slug, request_id))
+        run = self._by_request.get((org_slug, request_id)) or next(
+            (
+                r
+                for r in self._ledger.unwritten_runs()
+                if r.org_slug == org_slug and r.request_id == request_id
+            ),
+            None,
+        )
         if run is not None:
             return run
         stored = await self._ledger.find_request(org_slug, request_id)
@@ -360,7 +367,7 @@ class RunManager:
 
     async def get(self, org_slug: str, run_id: str) -> Run:
         """A run of the org; NotFoundError for unknown runs and for other orgs' runs alike."""
-        run = self._active.get(run_id) or self._recent.get(run_id)
+        run = self._active.get(run_id) or self._recent.get(run_id) or self._ledger.unwritten(run_id)
         if run is None and len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
             run = await self._ledger.get(org_slug, run_id)
         if run is None or run.org_slug != org_slug:
@@ -372,21 +379,19 @@ class RunManager:
     async def list(
         self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None, limit: int
     ) -> list[Run]:
-        """Runs of the org, newest first, before the cursor: active and unflushed ones from memory too."""
-        # Always: with nothing buffered this still waits for a flush in progress, whose runs are neither
-        # active any more nor readable from the table yet.
-        await self._ledger.flush()
-        stored = await self._ledger.finished_runs(
-            org_slug, pipeline_key=pipeline_key, state=state, before=before, limit=limit
-        )
+        """Runs of the org, newest first, before the cursor: active and unwritten ones from memory too."""
+        # Memory first: a run leaves it only once its row is written, so no run falls between the two.
         live = [
             r
-            for r in self._active.values()
+            for r in (*self._active.values(), *self._ledger.unwritten_runs())
             if r.org_slug == org_slug
             and (not pipeline_key or r.pipeline_key == pipeline_key)
             and (not state or r.state == state)
             and (before is None or (r.create_time, r.run_id) < before)
         ]
+        stored = await self._ledger.finished_runs(
+            org_slug, pipeline_key=pipeline_key, state=state, before=before, limit=limit
+        )
         merged = {r.run_id: r for r in stored} | {r.run_id: r for r in live}
         ordered = sorted(merged.values(), key=lambda r: (r.create_time, r.run_id), reverse=True)
         return ordered[:limit]
