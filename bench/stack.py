@@ -77,7 +77,8 @@ class Stack:
 
 
 def bench_settings(endpoint: str, state_dir: Path) -> Settings:
-    """The service's settings for the benchmark: defaults except ports, paths, project and root key."""
+    """The service's settings for the benchmark: defaults except ports, paths, project and root key, and
+    the local ledger cadence (a flush every 0.5 s, no daily load budget: the emulator has no quota)."""
     return Settings(
         pipeline_env="local",
         gcp_project_id="bench-project",
@@ -90,6 +91,7 @@ def bench_settings(endpoint: str, state_dir: Path) -> Settings:
         configs_dir=CONFIGS,
         state_dir=state_dir,
         metrics_port=0,
+        ledger_loads_per_day=0,
     )
 
 
