@@ -15,6 +15,15 @@ _KEY = os.urandom(32)
 _COUNTER = itertools.count()
 
 
+def _rekey() -> None:
+    """A forked child must not repeat its parent's ids: new key, new count."""
+    global _KEY, _COUNTER
+    _KEY, _COUNTER = os.urandom(32), itertools.count()
+
+
+os.register_at_fork(after_in_child=_rekey)
+
+
 def new_id() -> str:
     """32 lowercase hex digits, unique and unpredictable."""
     return hashlib.blake2b(next(_COUNTER).to_bytes(8, "little"), key=_KEY, digest_size=16).hexdigest()
