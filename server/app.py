@@ -92,8 +92,6 @@ async def start(
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
     warehouse = warehouse or build_warehouse(settings)
-    if bootstrap:
-        await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
     orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
     procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
     authenticator = Authenticator(
@@ -119,12 +117,11 @@ async def start(
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
     )
-    await runs.start()
     server = aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
-    # Every method of our services is guarded (a method without a policy fails here); health and
-    # reflection are public.
+    # Every method of our services is guarded (a method without a policy fails here, before anything
+    # is written); health and reflection are public.
     guard = Guard(authenticator, POLICIES, frozenset(settings.trusted_proxies))
     guard.register(
         server,
@@ -142,6 +139,9 @@ async def start(
         (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
+    if bootstrap:
+        await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
+    await runs.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
     for name in ("", *SERVICES):

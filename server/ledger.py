@@ -96,26 +96,39 @@ def run_from_row(row: Row) -> Run:
 
 
 class LoadBudget:
-    """A token bucket of load jobs: `per_day` a day, holding at most an hour's worth (0: unlimited)."""
+    """A token bucket of load jobs: `per_day` a day, holding at most an hour's worth (0: unlimited).
+
+    It starts with one load, not a full hour, so that restarts (deploys, a crash loop) do not each add
+    a burst to BigQuery's rolling day.
+    """
 
     def __init__(self, per_day: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = per_day / 86400.0
         self._capacity = max(1.0, per_day / 24.0)
-        self._tokens = self._capacity
+        self._tokens = 1.0
         self._clock = clock
         self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
 
     def take(self) -> bool:
         """Spend one load if the budget has one."""
         if not self._rate:
             return True
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
-        self._at = now
+        self._refill()
         if self._tokens < 1.0:
             return False
         self._tokens -= 1.0
         return True
+
+    def spend(self) -> None:
+        """Count a load that must happen anyway (on close, after recovery); later ones wait for it."""
+        if self._rate:
+            self._refill()
+            self._tokens -= 1.0
 
 
 class Ledger:
@@ -136,7 +149,10 @@ class Ledger:
         self._budget = LoadBudget(loads_per_day, clock)
         self._runs: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
-        self._unwritten: dict[str, Run] = {}  # finished runs whose row is not in the table yet
+        # Finished runs whose row is not in the table yet, by id, by org and by request id.
+        self._unwritten: dict[str, Run] = {}
+        self._unwritten_by_org: dict[str, dict[str, Run]] = {}
+        self._unwritten_requests: dict[tuple[str, str], Run] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -209,14 +225,32 @@ class Ledger:
         """Buffer the `pipeline_runs` row of a run that reached a terminal state."""
         self._runs.append(run_row(run))
         self._unwritten[run.run_id] = run
+        self._unwritten_by_org.setdefault(run.org_slug, {})[run.run_id] = run
+        if run.request_id:
+            self._unwritten_requests[(run.org_slug, run.request_id)] = run
+
+    def _written(self, run_id: str) -> None:
+        run = self._unwritten.pop(run_id, None)
+        if run is None:
+            return
+        of_org = self._unwritten_by_org.get(run.org_slug, {})
+        of_org.pop(run_id, None)
+        if not of_org:
+            self._unwritten_by_org.pop(run.org_slug, None)
+        if run.request_id:
+            self._unwritten_requests.pop((run.org_slug, run.request_id), None)
 
     def unwritten(self, run_id: str) -> Run | None:
         """A finished run whose row is not written yet (the table cannot answer for it)."""
         return self._unwritten.get(run_id)
 
-    def unwritten_runs(self) -> list[Run]:
-        """Every finished run whose row is not written yet."""
-        return list(self._unwritten.values())
+    def unwritten_request(self, org_slug: str, request_id: str) -> Run | None:
+        """The finished, not yet written run that a call with this request id created."""
+        return self._unwritten_requests.get((org_slug, request_id))
+
+    def unwritten_runs(self, org_slug: str) -> list[Run]:
+        """The org's finished runs whose rows are not written yet."""
+        return list(self._unwritten_by_org.get(org_slug, {}).values())
 
     @property
     def pending(self) -> int:
@@ -240,7 +274,7 @@ class Ledger:
                 self._runs[:0] = runs  # the events are written; only the run rows are retried
                 raise
             for row in runs:
-                self._unwritten.pop(row["run_id"], None)
+                self._written(row["run_id"])
 
     async def _loop(self) -> None:
         while True:
@@ -262,6 +296,7 @@ class Ledger:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.pending:
+            self._budget.spend()
             await self.flush()
 
     async def get(self, org_slug: str, run_id: str) -> Run | None:
@@ -344,5 +379,6 @@ class Ledger:
             self.finished(run)
             closed.append(run.run_id)
         if closed:
+            self._budget.spend()
             await self.flush()
         return closed

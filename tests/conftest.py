@@ -54,6 +54,7 @@ def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Se
         auth_cache_ttl_seconds=0.5,
         auth_failures_per_minute=10_000,
         bigquery_retry_deadline_seconds=5.0,
+        ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
         configs_dir=DATA / "configs",
         state_dir=tmp_path_factory.mktemp("state"),
     )

@@ -110,6 +110,10 @@ class Guard:
         captured = _Captured()
         add(servicer, captured)
         service = captured.service
+        if not service or not captured.handlers:
+            raise LookupError(
+                f"{add.__name__} registered no method handlers (stubs from an older grpcio-tools?)"
+            )
         guarded = {
             name: self._guard(f"/{service}/{name}", handler) for name, handler in captured.handlers.items()
         }
@@ -146,6 +150,7 @@ class Guard:
     ) -> str:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         request_id = metadata.get("x-request-id") or new_id()
+        log_fields.set({"request_id": request_id})
         principal = await self._auth.authenticate(
             policy, metadata, _client_of(metadata, context, self._trusted_proxies)
         )
@@ -154,8 +159,6 @@ class Guard:
         current_principal.set(principal)
         if isinstance(principal, OrgContext):
             log_fields.set({"request_id": request_id, "org_slug": principal.org_slug})
-        else:
-            log_fields.set({"request_id": request_id})
         return request_id
 
     async def _fail(

@@ -182,13 +182,8 @@ class RunManager:
             self._finish(run, config, reservation)
 
     async def _replay(self, org_slug: str, request_id: str) -> Run | None:
-        run = self._by_request.get((org_slug, request_id)) or next(
-            (
-                r
-                for r in self._ledger.unwritten_runs()
-                if r.org_slug == org_slug and r.request_id == request_id
-            ),
-            None,
+        run = self._by_request.get((org_slug, request_id)) or self._ledger.unwritten_request(
+            org_slug, request_id
         )
         if run is not None:
             return run
@@ -383,7 +378,7 @@ class RunManager:
         # Memory first: a run leaves it only once its row is written, so no run falls between the two.
         live = [
             r
-            for r in (*self._active.values(), *self._ledger.unwritten_runs())
+            for r in (*self._active.values(), *self._ledger.unwritten_runs(org_slug))
             if r.org_slug == org_slug
             and (not pipeline_key or r.pipeline_key == pipeline_key)
             and (not state or r.state == state)

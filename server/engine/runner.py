@@ -34,9 +34,12 @@ cancelled (CANCELLED), the steps that have not started become NOT_RUN, and the r
 error naming the step.
 
 Cancellation. When the task awaiting `run()` is cancelled (a cancel request or the pipeline timeout),
-this run's step tasks are cancelled at once, even in the middle of a processor call or a backoff; steps
-in progress become CANCELLED, steps not started NOT_RUN, and the CancelledError is re-raised once the
-step tasks have finished. Only this run's own tasks are ever cancelled.
+the steps in progress are cancelled at once, even in the middle of a processor call or a backoff:
+concurrent steps run as tasks of their own, and the only step that can run runs in the calling task
+itself (no task per step in a sequential pipeline), where a processor that swallows the
+cancellation does not keep the run going. Steps in progress become CANCELLED, steps not started
+NOT_RUN, and the CancelledError is re-raised once they have finished. Only this run's own steps are
+ever cancelled.
 
 Events. `on_event` is called synchronously on every state change. Per step: RUNNING (attempt n), then
 RETRYING (the failed attempt n, with its error) and RUNNING (n + 1) for each retry, then exactly one
@@ -324,6 +327,8 @@ class _Run:
                     # task; cancelling the run reaches it just the same, without a task per step.
                     step_id = ready[0]
                     await self._run_step(step_id)
+                    _raise_if_cancelled()  # a processor may have swallowed the run's cancellation
+                    await asyncio.sleep(0)  # steps that never wait still let the loop serve others
                     done_ids = [step_id]
                 else:
                     for step_id in ready:
@@ -480,6 +485,13 @@ class _Run:
             self._on_event(event)
         except Exception:
             logger.exception("on_event failed for step %s (%s)", event.step_id, event.state)
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that its code caught and did not re-raise."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _result(raw: object) -> _AttemptResult:

@@ -330,8 +330,6 @@ def _json_default(value: Any) -> Any:
     """What orjson cannot write itself (it writes datetimes and dates as RFC 3339 already)."""
     if isinstance(value, Decimal):
         return str(value)
-    if isinstance(value, datetime | date):
-        return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     raise TypeError(f"cannot serialise {type(value).__name__}")

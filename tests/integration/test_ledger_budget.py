@@ -33,16 +33,28 @@ class Clock:
         return self.now
 
 
-def test_the_budget_holds_an_hour_and_refills_at_its_daily_rate() -> None:
+def test_the_budget_starts_with_one_holds_an_hour_and_refills_at_its_daily_rate() -> None:
     clock = Clock()
     budget = LoadBudget(48, clock)  # 2 an hour, one every 30 minutes
-    assert [budget.take() for _ in range(3)] == [True, True, False]
+    assert [budget.take() for _ in range(2)] == [True, False]
     clock.now += 29 * 60
     assert not budget.take()
     clock.now += 60
     assert budget.take() and not budget.take()
     clock.now += 10 * 3600  # idle for long: never more than an hour's worth
     assert [budget.take() for _ in range(3)] == [True, True, False]
+
+
+def test_loads_that_must_happen_are_counted_against_later_ones() -> None:
+    clock = Clock()
+    budget = LoadBudget(48, clock)
+    assert budget.take()
+    budget.spend()  # a close or a recovery flush with nothing left: the budget goes into debt
+    assert not budget.take()
+    clock.now += 30 * 60
+    assert not budget.take()  # the first refill pays the debt
+    clock.now += 30 * 60
+    assert budget.take()
 
 
 def test_a_budget_of_zero_is_no_limit() -> None:

@@ -79,6 +79,20 @@ class Slow:
         return {"status": "SUCCESS"}
 
 
+class Stubborn:
+    """Swallows a cancellation, cleans up and returns SUCCESS as if nothing happened."""
+
+    def __init__(self) -> None:
+        self.swallowed = 0
+
+    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return {"status": "SUCCESS"}
+
+
 class ReturnsFailed:
     async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
         return {"status": "FAILED", "error": "quota exceeded", "rows_written": 3}
@@ -186,6 +200,7 @@ class Harness:
         gauge: Gauge | None = None,
     ) -> None:
         self.ok, self.slow, self.terminal, self.gauge = Ok(), Slow(), Terminal(), gauge or Gauge()
+        self.stubborn = Stubborn()
         self.registry = Registry(
             {
                 "test.ok": self.ok,
@@ -193,6 +208,7 @@ class Harness:
                 "test.transient": AlwaysTransient(),
                 "test.terminal": self.terminal,
                 "test.slow": self.slow,
+                "test.stubborn": self.stubborn,
                 "test.failed": ReturnsFailed(),
                 "test.skipped": ReturnsSkipped(),
                 "test.garbage": Garbage(),
@@ -615,6 +631,31 @@ async def test_cancelling_the_run_cancels_steps_promptly() -> None:
     check_events(h.events, {"slow": "CANCELLED", "retrying": "CANCELLED", "after": "NOT_RUN"})
     assert {e.error_reason for e in h.events if e.state in ("CANCELLED", "NOT_RUN")} == {"RUN_CANCELLED"}
     await drain(h.global_limit, 100)
+
+
+async def test_a_processor_swallowing_the_cancel_does_not_keep_the_run_going() -> None:
+    h = Harness()
+    spec = pipeline(step("stubborn", "test.stubborn"), step("after"))  # sequential: runs in the run's task
+    task = asyncio.create_task(
+        h.runner.run(spec, prepare=default_prepare, make_context=make_context, on_event=h.on_event)
+    )
+    await wait_for(h.reached("stubborn", "RUNNING"))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert h.stubborn.swallowed == 1
+    assert h.states("after") == ["NOT_RUN"]
+    assert h.ok.calls == []
+
+
+async def test_a_pipeline_timeout_ends_a_run_whose_processor_swallows_the_cancel() -> None:
+    h = Harness()
+    spec = pipeline(step("stubborn", "test.stubborn"), step("after"))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await h.runner.run(spec, prepare=default_prepare, make_context=make_context, on_event=h.on_event)
+    assert h.stubborn.swallowed == 1
+    assert h.states("after") == ["NOT_RUN"]
 
 
 async def test_cancelling_one_run_leaves_another_completing() -> None:
