@@ -25,6 +25,7 @@ from server.engine import templates
 from server.engine.processor import RunIdentity, StepContext
 from server.engine.quotas import Quotas, Reservation
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
+from server.engine.runner import TERMINAL as STEP_TERMINAL
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
 from server.ids import new_id
@@ -36,8 +37,6 @@ from server.pipelines.spec import StepSpec
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
-
-_STEP_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "TIMEOUT", "CANCELLED", "NOT_RUN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +135,8 @@ class RunManager:
                 return earlier
         parameters = self._parameters(config, request)
         identity = orjson.dumps([org.org_slug, config.key, parameters], option=orjson.OPT_SORT_KEYS)
-        dedupe = hashlib.sha256(identity)
-        active = self._by_dedupe.get(dedupe.hexdigest())
+        dedupe_key = hashlib.sha256(identity).hexdigest()
+        active = self._by_dedupe.get(dedupe_key)
         if active is not None:
             raise ConflictError(
                 f"a run of {config.key} with these parameters is active: {active.run_id}",
@@ -160,7 +159,7 @@ class RunManager:
             parameters=parameters,
             request_id=request.request_id,
             create_time=datetime.now(UTC),
-            dedupe_key=dedupe.hexdigest(),
+            dedupe_key=dedupe_key,
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
         self._active[run.run_id] = run
@@ -234,7 +233,6 @@ class RunManager:
         self, run: Run, config: PipelineConfig, org: OrgContext, reservation: Reservation
     ) -> None:
         log_fields.set({"org_slug": run.org_slug, "run_id": run.run_id})
-        started: dict[tuple[str, int], datetime] = {}
         try:
             self._set_state(run, "RUNNING")
             async with asyncio.timeout(config.spec.timeout):
@@ -242,7 +240,7 @@ class RunManager:
                     config.spec,
                     prepare=lambda step, steps: self._prepare(run, org, step, steps),
                     make_context=lambda step, attempt, steps: self._context(run, org, step, attempt, steps),
-                    on_event=lambda event: self._on_step(run, event, started),
+                    on_event=lambda event: self._on_step(run, event),
                 )
             if outcome.state == "COMPLETED":
                 self._set_state(run, "COMPLETED")
@@ -267,7 +265,7 @@ class RunManager:
         if self._active.pop(run.run_id, None) is None:
             return
         for step in run.steps.values():
-            if step.state not in _STEP_TERMINAL:
+            if step.state not in STEP_TERMINAL:
                 step.state = "NOT_RUN"
         self._quotas.release(reservation)
         self._ledger.finished(run)
@@ -319,22 +317,17 @@ class RunManager:
             log=logger,
         )
 
-    def _on_step(self, run: Run, event: StepEvent, started: dict[tuple[str, int], datetime]) -> None:
+    def _on_step(self, run: Run, event: StepEvent) -> None:
         step = run.steps[event.step_id]
         previous = step.state
         step.state = event.state
         step.attempts = max(step.attempts, event.attempt)
         if event.state == "RUNNING":
-            started[(step.step_id, event.attempt)] = event.at
             step.started_at = step.started_at or event.at
         else:
             step.error, step.error_reason = event.error, event.error_reason
             step.rows_written += event.rows_written if event.state == "SUCCEEDED" else 0
-            # The attempt that this event ends (none for steps that never ran an attempt).
-            attempt_start = started.pop((step.step_id, event.attempt), None)
-            if attempt_start is None and event.attempt > 0:
-                attempt_start = event.at  # failed before it could start (template or config error)
-            if attempt_start is not None:
+            if event.attempt_started_at is not None:  # the event ends an attempt: its ledger row
                 # A retried attempt ended in a transient failure: the attempt row says FAILED.
                 state = "FAILED" if event.state == "RETRYING" else event.state
                 self._ledger.attempt(
@@ -342,13 +335,13 @@ class RunManager:
                     step,
                     event.attempt,
                     state,
-                    attempt_start,
+                    event.attempt_started_at,
                     event.at,
                     event.error,
                     event.error_reason,
                     event.rows_written,
                 )
-        if event.state in _STEP_TERMINAL:
+        if event.state in STEP_TERMINAL:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
             step.ended_at = event.at

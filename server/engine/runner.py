@@ -98,6 +98,9 @@ class StepEvent:
         error_reason: A stable reason code for `error`.
         duration_ms: The failed attempt's duration for RETRYING; the whole step's for terminal states.
         rows_written: The processor's `rows_written` output, when it gave one.
+        attempt_started_at: When the attempt that this event ends started: set on RETRYING and on a
+            terminal event that ends an attempt (not on one after a backoff, nor on a step that
+            never ran an attempt), so each attempt is reported as ended exactly once.
     """
 
     step_id: str
@@ -108,6 +111,7 @@ class StepEvent:
     error_reason: str = ""
     duration_ms: int = 0
     rows_written: int = 0
+    attempt_started_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -413,7 +417,12 @@ class _Run:
                 delay = self._runner.backoff(policy, attempt)
                 self._outcomes[step_id].state = "RETRYING"
                 took = _ms(time.monotonic() - began)
-                self._emit(StepEvent(step_id, "RETRYING", attempt, _now(), result.error, result.reason, took))
+                started_at = self._outcomes[step_id].attempts[-1].started_at
+                self._emit(
+                    StepEvent(
+                        step_id, "RETRYING", attempt, _now(), result.error, result.reason, took, 0, started_at
+                    )
+                )
                 await self._runner._sleep(delay)
                 continue
             outputs = result.outputs or {"status": "FAILED", "error": result.error}
@@ -472,13 +481,27 @@ class _Run:
         self, step_id: str, state: StepState, outputs: dict[str, Any], error: str, reason: str
     ) -> None:
         outcome = self._outcomes[step_id]
+        # The last attempt ends with this event unless a RETRYING event already ended it.
+        last = outcome.attempts[-1] if outcome.attempts and outcome.state != "RETRYING" else None
         outcome.state, outcome.outputs, outcome.error = state, dict(outputs), error
         if state not in ("CANCELLED", "NOT_RUN"):
             self._finished[step_id] = MappingProxyType(dict(outputs))
         started = self._started.get(step_id)
         duration = _ms(time.monotonic() - started) if started is not None else 0
         attempt = outcome.attempts[-1].attempt if outcome.attempts else 0
-        self._emit(StepEvent(step_id, state, attempt, _now(), error, reason, duration, _rows(outputs)))
+        self._emit(
+            StepEvent(
+                step_id,
+                state,
+                attempt,
+                _now(),
+                error,
+                reason,
+                duration,
+                _rows(outputs),
+                last.started_at if last else None,
+            )
+        )
 
     def _emit(self, event: StepEvent) -> None:
         try:

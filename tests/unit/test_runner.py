@@ -633,6 +633,28 @@ async def test_cancelling_the_run_cancels_steps_promptly() -> None:
     await drain(h.global_limit, 100)
 
 
+async def test_each_attempt_is_reported_as_ended_exactly_once() -> None:
+    h = Harness(sleep=asyncio.sleep)
+    spec = pipeline(
+        step("ok", depends_on=[]),
+        step("retrying", "test.transient", depends_on=[], retry=no_retry_backoff(3, initial=30)),
+    )
+    task = asyncio.create_task(
+        h.runner.run(spec, prepare=default_prepare, make_context=make_context, on_event=h.on_event)
+    )
+    await wait_for(h.reached("ok", "SUCCEEDED"))
+    await wait_for(h.reached("retrying", "RETRYING"))
+    task.cancel()  # "retrying" sits in its backoff: attempt 1 was already reported by RETRYING
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    ends = {(e.step_id, e.state): e.attempt_started_at for e in h.events}
+    running = {e.step_id: e.at for e in h.events if e.state == "RUNNING"}
+    assert ends[("ok", "SUCCEEDED")] == running["ok"]
+    assert ends[("retrying", "RETRYING")] == running["retrying"]
+    assert ends[("retrying", "CANCELLED")] is None
+    assert all(e.attempt_started_at is None for e in h.events if e.state == "RUNNING")
+
+
 async def test_a_processor_swallowing_the_cancel_does_not_keep_the_run_going() -> None:
     h = Harness()
     spec = pipeline(step("stubborn", "test.stubborn"), step("after"))  # sequential: runs in the run's task
