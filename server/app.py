@@ -92,7 +92,7 @@ async def start(
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
     warehouse = warehouse or build_warehouse(settings)
-    orgs = OrgRepository(warehouse, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+    orgs = OrgRepository.for_settings(warehouse, settings)
     procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
     authenticator = Authenticator(
         root_key=settings.ca_root_api_key.get_secret_value(),

@@ -61,13 +61,14 @@ class FailureThrottle:
         self._failures: dict[str, deque[float]] = {}
 
     def _recent(self, client: str) -> deque[float]:
-        now = self._clock()
-        times = self._failures.setdefault(client, deque())
-        while times and times[0] <= now - self._window:
+        times = self._failures.get(client)
+        if times is None:
+            return deque()
+        cutoff = self._clock() - self._window
+        while times and times[0] <= cutoff:
             times.popleft()
         if not times:
             del self._failures[client]
-            return deque()
         return times
 
     def check(self, client: str) -> None:

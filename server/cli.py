@@ -55,7 +55,7 @@ def _print(data: object) -> None:
 
 async def org_create(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
-        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        orgs = OrgRepository.for_settings(wh, settings)
         dataset, key = await orgs.create_org(
             args.slug,
             company_name=args.company or "",
@@ -77,7 +77,7 @@ async def org_create(settings: Settings, args: argparse.Namespace) -> None:
 async def key_create(settings: Settings, args: argparse.Namespace) -> None:
     expires = datetime.now(UTC) + timedelta(days=args.expires_in_days) if args.expires_in_days else None
     async with warehouse_for(settings) as wh:
-        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        orgs = OrgRepository.for_settings(wh, settings)
         key = await orgs.create_key(args.slug, tuple(args.scope or DEFAULT_SCOPES), expires)
     _print(
         {
@@ -92,16 +92,14 @@ async def key_create(settings: Settings, args: argparse.Namespace) -> None:
 
 async def key_revoke(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
-        await OrgRepository(
-            wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir
-        ).revoke_key(args.key_id)
+        await OrgRepository.for_settings(wh, settings).revoke_key(args.key_id)
     _print({"revoked": args.key_id, "effective_within_seconds": settings.auth_cache_ttl_seconds})
 
 
 async def saas_import(settings: Settings, args: argparse.Namespace) -> None:
     plans = saas.parse_plans(Path(args.file))
     async with warehouse_for(settings) as wh:
-        orgs = OrgRepository(wh, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+        orgs = OrgRepository.for_settings(wh, settings)
         if not await orgs.exists(args.org):
             raise NotFoundError(f"org {args.org!r} not found", reason="ORG_NOT_FOUND")
         dataset = await orgs.ensure_org_tables(args.org)

@@ -12,7 +12,7 @@ from pathlib import Path
 from server import app, saas
 from server.localstack import emulator
 from server.localstack.envoy import Envoy
-from server.orgs import OrgRepository
+from server.orgs import IssuedKey, OrgRepository
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,15 @@ async def demo_org(orgs: OrgRepository, state: Path) -> dict[str, str]:
     """The demo org, its key and its SaaS plans: created on the first run; the key is kept in the
     git-ignored state folder so later runs can print it again."""
     path = state / "demo-org.json"
-    if await orgs.exists(DEMO_ORG):
-        dataset = await orgs.ensure_org_tables(DEMO_ORG)
-        if path.exists():
-            demo: dict[str, str] = json.loads(path.read_text())
-        else:
-            key = await orgs.create_key(DEMO_ORG)
-            demo = {
-                "org_slug": DEMO_ORG,
-                "dataset": dataset,
-                "api_key": key.api_key,
-                "api_key_id": key.org_api_key_id,
-            }
-    else:
+    key: IssuedKey | None
+    if not await orgs.exists(DEMO_ORG):
         dataset, key = await orgs.create_org(DEMO_ORG, company_name="Demo Org")
+    else:
+        dataset = await orgs.ensure_org_tables(DEMO_ORG)
+        key = None if path.exists() else await orgs.create_key(DEMO_ORG)
+    if key is None:
+        demo: dict[str, str] = json.loads(path.read_text())
+    else:
         demo = {
             "org_slug": DEMO_ORG,
             "dataset": dataset,

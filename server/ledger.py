@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from server.engine.run import Run, StepView
+from server.token_bucket import TokenBucket
 from server.warehouse.bigquery import BigQueryWarehouse, Row
 
 log = logging.getLogger(__name__)
@@ -96,39 +97,27 @@ def run_from_row(row: Row) -> Run:
 
 
 class LoadBudget:
-    """A token bucket of load jobs: `per_day` a day, holding at most an hour's worth (0: unlimited).
+    """Load jobs allowed: `per_day` a day, holding at most an hour's worth (0: unlimited).
 
     It starts with one load, not a full hour, so that restarts (deploys, a crash loop) do not each add
     a burst to BigQuery's rolling day.
     """
 
     def __init__(self, per_day: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate = per_day / 86400.0
-        self._capacity = max(1.0, per_day / 24.0)
-        self._tokens = 1.0
-        self._clock = clock
-        self._at = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
-        self._at = now
+        self._bucket = (
+            TokenBucket(per_day / 86400.0, max(1.0, per_day / 24.0), tokens=1.0, clock=clock)
+            if per_day
+            else None
+        )
 
     def take(self) -> bool:
         """Spend one load if the budget has one."""
-        if not self._rate:
-            return True
-        self._refill()
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
+        return self._bucket is None or self._bucket.take()
 
     def spend(self) -> None:
         """Count a load that must happen anyway (on close, after recovery); later ones wait for it."""
-        if self._rate:
-            self._refill()
-            self._tokens -= 1.0
+        if self._bucket is not None:
+            self._bucket.spend()
 
 
 class Ledger:

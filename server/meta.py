@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -16,7 +15,6 @@ def meta_schemas(schemas_dir: Path) -> list[TableSchema]:
 
 async def bootstrap(warehouse: BigQueryWarehouse, dataset: str, schemas_dir: Path) -> list[str]:
     """Create the central dataset and every missing meta table; return the table names."""
-    await warehouse.ensure_dataset(dataset)
     schemas = meta_schemas(schemas_dir)
-    await asyncio.gather(*(warehouse.ensure_table(dataset, s) for s in schemas))
+    await warehouse.ensure_tables(dataset, schemas)
     return [s.name for s in schemas]

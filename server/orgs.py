@@ -6,7 +6,6 @@ A key is `ca_` plus 43 URL-safe random characters; only its SHA-256 hash is stor
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from server.errors import AlreadyExistsError, FieldViolation, InvalidInputError, NotFoundError
+from server.settings import Settings
 from server.warehouse.bigquery import BigQueryWarehouse, Typed
 from server.warehouse.schema import load_schemas
 
@@ -29,12 +29,16 @@ def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def check_org_slug(org_slug: str, field: str = "org_slug") -> str:
-    """Return `org_slug` if well-formed, else raise InvalidInputError naming `field`."""
+def check_org_slug(org_slug: str) -> str:
+    """Return `org_slug` if well-formed, else raise InvalidInputError naming the field."""
     if not ORG_SLUG.fullmatch(org_slug):
         raise InvalidInputError(
             f"invalid org slug {org_slug!r}",
-            [FieldViolation(field, "3-50 lowercase letters, digits or underscores, starting with a letter")],
+            [
+                FieldViolation(
+                    "org_slug", "3-50 lowercase letters, digits or underscores, starting with a letter"
+                )
+            ],
             reason="INVALID_ORG_SLUG",
         )
     return org_slug
@@ -86,11 +90,15 @@ class OrgRepository:
         self._suffix = dataset_suffix
         self._org_schemas = load_schemas(schemas_dir / "org")
 
+    @classmethod
+    def for_settings(cls, warehouse: BigQueryWarehouse, settings: Settings) -> OrgRepository:
+        """The repository of these settings' meta dataset and environment."""
+        return cls(warehouse, settings.meta_dataset, settings.pipeline_env.value, settings.schemas_dir)
+
     async def ensure_org_tables(self, org_slug: str) -> str:
         """Create the org's dataset and its standard tables (`configs/schemas/org/`) if missing."""
         dataset = self.dataset_of(check_org_slug(org_slug))
-        await self._wh.ensure_dataset(dataset)
-        await asyncio.gather(*(self._wh.ensure_table(dataset, s) for s in self._org_schemas))
+        await self._wh.ensure_tables(dataset, self._org_schemas)
         return dataset
 
     @property
@@ -165,7 +173,7 @@ class OrgRepository:
                 "now": now,
             },
         )
-        return dataset, await self.create_key(org_slug)
+        return dataset, await self._insert_key(org_slug, DEFAULT_SCOPES, None)
 
     async def create_key(
         self, org_slug: str, scopes: tuple[str, ...] = DEFAULT_SCOPES, expires_at: datetime | None = None
@@ -178,6 +186,11 @@ class OrgRepository:
             )
         if not await self.exists(org_slug):
             raise NotFoundError(f"org {org_slug!r} not found", reason="ORG_NOT_FOUND")
+        return await self._insert_key(org_slug, scopes, expires_at)
+
+    async def _insert_key(
+        self, org_slug: str, scopes: tuple[str, ...], expires_at: datetime | None
+    ) -> IssuedKey:
         api_key = "ca_" + secrets.token_urlsafe(32)
         key_id = f"key_{uuid.uuid4().hex[:16]}"
         await self._wh.query(

@@ -146,8 +146,8 @@ class ProcedureManager:
         if missing:
             raise InvalidInputError("unknown procedures", missing, reason="PROCEDURE_FILE_NOT_FOUND")
         chosen = [f for f in files if (not names or f.name in names) and (not domain or f.domain == domain)]
-        deployed = {r.name for r in await self._wh.list_routines(self._dataset)}
-        recorded = await self._checksums()
+        routines, recorded = await asyncio.gather(self._wh.list_routines(self._dataset), self._checksums())
+        deployed = {r.name for r in routines}
         results: list[SyncResult] = []
         try:
             for file in chosen:
@@ -187,15 +187,14 @@ class ProcedureManager:
 
     async def deployed(self) -> list[ProcedureView]:
         """Every deployed procedure, ordered by name."""
-        routines = [r for r in await self._wh.list_routines(self._dataset) if r.routine_type_is_procedure]
-        recorded = await self._checksums()
+        routines, recorded = await asyncio.gather(self._wh.list_routines(self._dataset), self._checksums())
         files = {f.name: f for f in self.files()}
-        return [self._view(r, recorded, files) for r in routines]
+        return [self._view(r, recorded, files) for r in routines if r.routine_type_is_procedure]
 
     async def get(self, name: str) -> ProcedureView:
         """One deployed procedure with its definition."""
-        routine = await self._routine(name)
-        return self._view(routine, await self._checksums(), {f.name: f for f in self.files()})
+        routine, recorded = await asyncio.gather(self._routine(name), self._checksums())
+        return self._view(routine, recorded, {f.name: f for f in self.files()})
 
     async def delete(self, name: str) -> str:
         """Drop a procedure and forget its checksum; return its full name."""

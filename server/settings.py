@@ -89,10 +89,6 @@ class Settings(BaseSettings):
             raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")
         return self
 
-    def org_dataset(self, org_slug: str) -> str:
-        """The per-org dataset name, `{org_slug}_{env}`."""
-        return f"{org_slug}_{self.pipeline_env.value}"
-
 
 def load_settings(environment: str | None = None, **overrides: Any) -> Settings:
     """Read the settings of `environment` (default from `PIPELINE_ENV`) with explicit overrides."""

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -89,9 +90,11 @@ class Org:
         return (("x-api-key", self.key.api_key),)
 
 
-async def make_org(service: app.Service, prefix: str) -> Org:
+async def make_org(service: app.Service, prefix: str, **fields: Any) -> Org:
+    """A fresh org named `{prefix}_{8 hex}`; `fields` go to `create_org` (plan, fiscal year, ...)."""
     slug = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    dataset, key = await service.orgs.create_org(slug, company_name=prefix.title())
+    fields.setdefault("company_name", prefix.title())
+    dataset, key = await service.orgs.create_org(slug, **fields)
     return Org(slug, dataset, key)
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-focus"
-MARKER = VENV / ".installed"
 REQUIREMENTS = ("focus-validator==2.2.1", "numpy<2", "pyarrow<18")
 FOCUS_VERSION = "1.2"
 

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from server.errors import ThrottledError
 from server.orgs import OrgContext
+from server.token_bucket import TokenBucket
 
 
 def _next_day(now: datetime) -> datetime:
@@ -48,7 +49,7 @@ class Quotas:
         self._day: dict[tuple[str, date], int] = {}
         self._month: dict[tuple[str, int, int], int] = {}
         self._active: dict[str, int] = {}
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     def seed(self, counts: dict[str, tuple[int, int]], as_of: datetime) -> None:
         """Start from the ledger's counts `{org: (month, day)}` as of `as_of`."""
@@ -68,18 +69,17 @@ class Quotas:
     def check_rate(self, org: OrgContext) -> None:
         """Take one token from the org's RunPipeline bucket (capacity = requests per minute)."""
         rate = max(org.requests_per_minute, 1)
-        now = self._monotonic()
-        tokens, last = self._buckets.get(org.org_slug, (float(rate), now))
-        tokens = min(float(rate), tokens + (now - last) * rate / 60.0)
-        if tokens < 1.0:
-            self._buckets[org.org_slug] = (tokens, now)
+        bucket = self._buckets.get(org.org_slug)
+        if bucket is None:
+            bucket = self._buckets[org.org_slug] = TokenBucket(rate / 60.0, rate, clock=self._monotonic)
+        bucket.rate, bucket.capacity = rate / 60.0, rate  # the plan may have changed
+        if not bucket.take():
             raise ThrottledError(
                 f"more than {rate} RunPipeline calls per minute",
                 reason="RATE_LIMITED",
-                retry_after=(1.0 - tokens) * 60.0 / rate,
+                retry_after=bucket.wait_seconds(),
                 metadata={"limit": str(rate)},
             )
-        self._buckets[org.org_slug] = (tokens - 1.0, now)
 
     def reserve(self, org: OrgContext) -> Reservation:
         """Count a new run and hold a concurrency slot, or raise ThrottledError naming the limit."""

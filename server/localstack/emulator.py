@@ -62,7 +62,7 @@ class Emulator:
             log_path,
             env={"HOME": str(BQE_HOME)},
         )
-        self._child.wait_until(lambda: http_ok(f"{self.endpoint}/healthz", '"ok"'), timeout)
+        self._child.wait_until(lambda: is_running(self.endpoint), timeout)
 
     @property
     def pid(self) -> int:

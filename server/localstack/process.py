@@ -38,7 +38,6 @@ class ChildProcess:
         argv: Sequence[str],
         log_path: Path,
         env: dict[str, str] | None = None,
-        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -50,7 +49,6 @@ class ChildProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            cwd=cwd,
             start_new_session=True,
         )
 

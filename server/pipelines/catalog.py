@@ -79,8 +79,7 @@ class PipelineCatalog:
         for config in self._configs.values():
             for index, step in enumerate(config.spec.steps):
                 try:
-                    registry.get(step.ps_type)
-                    registry.validate_config(step.ps_type, step.config)
+                    registry.validate_config(step.ps_type, step.config)  # gets the processor first
                 except InvalidInputError as exc:
                     rel = f"{config.key}.yml:steps.{index}"
                     raise ConfigError(

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 SEGMENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Identifier = Annotated[str, StringConstraints(pattern=SEGMENT.pattern)]
 
 
 class _Strict(BaseModel):

@@ -175,6 +175,11 @@ class BigQueryWarehouse:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
+    def _ref(self, dataset: str, name: str = "") -> str:
+        """`project.dataset[.name]` for the client's calls, each part validated."""
+        ref = f"{self.project}.{sql.check_name(dataset)}"
+        return f"{ref}.{sql.check_name(name)}" if name else ref
+
     def table_ref(self, dataset: str, table: str) -> str:
         """`project.dataset.table`, validated and backtick-quoted."""
         return sql.table(self.project, dataset, table)
@@ -213,7 +218,7 @@ class BigQueryWarehouse:
 
     async def ensure_dataset(self, dataset: str) -> None:
         """Create the dataset if it does not exist."""
-        ref = bigquery.Dataset(f"{self.project}.{sql.check_name(dataset)}")
+        ref = bigquery.Dataset(self._ref(dataset))
         ref.location = self.location
         await self._run(
             f"create dataset {dataset}",
@@ -222,7 +227,7 @@ class BigQueryWarehouse:
 
     async def dataset_exists(self, dataset: str) -> bool:
         """Whether the dataset exists."""
-        ref = f"{self.project}.{sql.check_name(dataset)}"
+        ref = self._ref(dataset)
         try:
             await self._run(f"dataset {dataset}", partial(self._client.get_dataset, ref, retry=self._retry))
         except NotFoundError:
@@ -235,17 +240,22 @@ class BigQueryWarehouse:
             f"delete dataset {dataset}",
             partial(
                 self._client.delete_dataset,
-                f"{self.project}.{sql.check_name(dataset)}",
+                self._ref(dataset),
                 delete_contents=True,
                 not_found_ok=True,
                 retry=self._retry,
             ),
         )
 
+    async def ensure_tables(self, dataset: str, schemas: Sequence[TableSchema]) -> None:
+        """Create the dataset and each of its tables that is missing."""
+        await self.ensure_dataset(dataset)
+        await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
+
     async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
         """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way)."""
         table = bigquery.Table(
-            f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(schema.name)}",
+            self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
         )
         table.description = schema.description
@@ -268,7 +278,7 @@ class BigQueryWarehouse:
             source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON,
             write_disposition="WRITE_TRUNCATE" if replace else "WRITE_APPEND",
         )
-        target = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(table)}"
+        target = self._ref(dataset, table)
 
         def run() -> int:
             self.jobs_started += 1
@@ -285,14 +295,14 @@ class BigQueryWarehouse:
         """The routines of a dataset, ordered by name (definitions left empty)."""
 
         def run() -> list[RoutineInfo]:
-            found = self._client.list_routines(f"{self.project}.{sql.check_name(dataset)}", retry=self._retry)
+            found = self._client.list_routines(self._ref(dataset), retry=self._retry)
             return sorted((self._info(dataset, r) for r in found), key=lambda r: r.name)
 
         return await self._run(f"list routines of {dataset}", run)
 
     async def get_routine(self, dataset: str, name: str) -> RoutineInfo:
         """One routine with its definition; `NotFoundError` if it does not exist."""
-        ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
+        ref = self._ref(dataset, name)
         routine = await self._run(
             f"routine {dataset}.{name}", partial(self._client.get_routine, ref, retry=self._retry)
         )
@@ -300,7 +310,7 @@ class BigQueryWarehouse:
 
     async def delete_routine(self, dataset: str, name: str) -> None:
         """Drop one routine; `NotFoundError` if it does not exist."""
-        ref = f"{self.project}.{sql.check_name(dataset)}.{sql.check_name(name)}"
+        ref = self._ref(dataset, name)
         await self._run(
             f"routine {dataset}.{name}", partial(self._client.delete_routine, ref, retry=self._retry)
         )
@@ -315,10 +325,6 @@ class BigQueryWarehouse:
             definition=routine.body or "",
             routine_type=routine.type_ or "",
         )
-
-    async def ping(self) -> None:
-        """Cheap round trip that proves the warehouse answers."""
-        await self.query("SELECT 1 AS ok")
 
     async def close(self) -> None:
         """Release the client and the thread pool."""

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 
 from server.localstack.emulator import Emulator
-from server.settings import Settings
+from server.settings import PROJECT_ROOT, Settings
 
-CLI = str(Path(".venv/bin/pipeline-service").resolve())
+CLI = PROJECT_ROOT / ".venv" / "bin" / "pipeline-service"
 
 
-async def run_cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[int, str]:
-    """Run one command with the session's settings; return its exit code and standard output."""
-    env = {
-        **os.environ,
+def cli_env(settings: Settings, emulator: Emulator, **overrides: str) -> dict[str, str]:
+    """The variables that point the script at the session's emulator, meta dataset and configs."""
+    return {
         "PIPELINE_ENV": "local",
         "BIGQUERY_ENDPOINT": emulator.endpoint,
         "GCP_PROJECT_ID": settings.gcp_project_id,
@@ -23,7 +21,13 @@ async def run_cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[i
         "EMULATOR_EMBEDDED": "false",
         "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
         "CONFIGS_DIR": str(settings.configs_dir),
+        **overrides,
     }
+
+
+async def run_cli(settings: Settings, emulator: Emulator, *args: str) -> tuple[int, str]:
+    """Run one command with the session's settings; return its exit code and standard output."""
+    env = {**os.environ, **cli_env(settings, emulator)}
     proc = await asyncio.create_subprocess_exec(
         CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )

@@ -29,11 +29,11 @@ from server.localstack.process import free_port
 from server.orgs import OrgRepository
 from server.settings import PROJECT_ROOT, Settings
 from tests.conftest import Org, make_org
-from tests.integration.test_runs import wait_terminal
+from tests.integration.cli_runner import CLI, cli_env
+from tests.integration.runs import wait_terminal
 
 PS = pipeline_service_pb2
 RS = pipeline_run_pb2
-SERVE = PROJECT_ROOT / ".venv" / "bin" / "pipeline-service"
 READY_SECONDS = 60.0
 
 
@@ -65,7 +65,7 @@ class ServerProcess:
         """Start the server (the console script's own python process, no shell in between)."""
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                str(SERVE),
+                str(CLI),
                 "serve",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
@@ -146,20 +146,16 @@ async def running(env: dict[str, str], log_path: Path) -> AsyncIterator[tuple[Se
 
 def server_env(settings: Settings, emulator: Emulator, meta_dataset: str) -> dict[str, str]:
     """The environment of a `pipeline-service serve` on the session emulator with its own meta dataset."""
-    return {
-        "PIPELINE_ENV": "local",
-        "BIGQUERY_ENDPOINT": emulator.endpoint,
-        "GCP_PROJECT_ID": settings.gcp_project_id,
-        "META_DATASET": meta_dataset,
-        "CA_ROOT_API_KEY": settings.ca_root_api_key.get_secret_value(),
-        "CONFIGS_DIR": str(settings.configs_dir),
-        "SCHEMAS_DIR": str(settings.schemas_dir),
-        "EMULATOR_EMBEDDED": "false",
-        "LEDGER_FLUSH_SECONDS": "0.2",
-        "BIGQUERY_RETRY_DEADLINE_SECONDS": "5",
-        "GRPC_GRACE_SECONDS": "1",
-        "METRICS_PORT": "0",
-    }
+    return cli_env(
+        settings,
+        emulator,
+        META_DATASET=meta_dataset,
+        CA_ROOT_API_KEY=settings.ca_root_api_key.get_secret_value(),
+        SCHEMAS_DIR=str(settings.schemas_dir),
+        LEDGER_FLUSH_SECONDS="0.2",
+        GRPC_GRACE_SECONDS="1",
+        METRICS_PORT="0",
+    )
 
 
 @pytest.mark.timeout(300)

@@ -17,9 +17,8 @@ from grpc import aio
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 from server import app
 from server.ledger import RUNS, LoadBudget
-from server.orgs import Plan
 from server.settings import Settings
-from tests.conftest import Org
+from tests.conftest import Org, make_org
 
 PS = pipeline_service_pb2
 Stub = pipeline_service_pb2_grpc.PipelineServiceStub
@@ -71,10 +70,9 @@ async def paced(settings: Settings) -> AsyncIterator[tuple[app.Service, Stub, Or
         )
     )
     try:
-        slug = f"paced_{uuid.uuid4().hex[:8]}"
-        dataset, key = await svc.orgs.create_org(slug, company_name="Paced", plan=Plan())
+        org = await make_org(svc, "paced")
         async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            yield svc, Stub(channel), Org(slug, dataset, key)
+            yield svc, Stub(channel), org
     finally:
         await svc.stop()
 

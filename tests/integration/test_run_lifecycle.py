@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import aiohttp
@@ -25,7 +25,16 @@ from server import app
 from server.orgs import Plan
 from tests.conftest import Org, make_org
 from tests.integration.rpc_errors import error_info, one_detail, status_of
-from tests.integration.test_runs import run_rest, wait_terminal
+from tests.integration.runs import (
+    cancel,
+    cancel_and_wait,
+    get,
+    run_request,
+    start,
+    wait_state,
+    wait_terminal,
+)
+from tests.integration.test_runs import run_rest
 
 PS = pipeline_service_pb2
 RS = pipeline_run_pb2
@@ -37,7 +46,6 @@ RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 QUICK = "engine/runs/quick"
 SLEEPY = "engine/runs/sleepy"
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-TERMINAL = (RS.RUN_STATE_COMPLETED, RS.RUN_STATE_FAILED, RS.RUN_STATE_TIMEOUT, RS.RUN_STATE_CANCELLED)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -45,60 +53,7 @@ TERMINAL = (RS.RUN_STATE_COMPLETED, RS.RUN_STATE_FAILED, RS.RUN_STATE_TIMEOUT, R
 
 async def plan_org(service: app.Service, prefix: str, **limits: int) -> Org:
     """A fresh org whose subscription has the given limits (the rest from `Plan`'s defaults)."""
-    slug = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    dataset, key = await service.orgs.create_org(slug, company_name=prefix.title(), plan=Plan(**limits))
-    return Org(slug, dataset, key)
-
-
-def run_request(
-    org: Org, pipeline: str = "quick", params: dict[str, str] | None = None, **fields: Any
-) -> PS.RunPipelineRequest:
-    return PS.RunPipelineRequest(
-        org_slug=org.slug,
-        provider="engine",
-        domain="runs",
-        pipeline=pipeline,
-        parameters=params or {},
-        **fields,
-    )
-
-
-async def start(
-    stub: Stub, org: Org, pipeline: str = "quick", params: dict[str, str] | None = None, **fields: Any
-) -> RS.PipelineRun:
-    """RunPipeline over gRPC; the accepted (or, with wait=True, the finished) run."""
-    response = await stub.RunPipeline(
-        run_request(org, pipeline, params, **fields), metadata=org.metadata, timeout=30
-    )
-    return response.run
-
-
-async def get(stub: Stub, org: Org, run_id: str) -> RS.PipelineRun:
-    return (await stub.GetPipelineRun(PS.GetPipelineRunRequest(run_id=run_id), metadata=org.metadata)).run
-
-
-async def wait_state(stub: Stub, org: Org, run_id: str, state: int, within: float = 10) -> RS.PipelineRun:
-    """Poll until the run is in `state`."""
-    async with asyncio.timeout(within):
-        while True:
-            run = await get(stub, org, run_id)
-            if run.state == state:
-                return run
-            assert run.state not in TERMINAL or state in TERMINAL, run
-            await asyncio.sleep(0.02)
-
-
-async def cancel(stub: Stub, org: Org, run_id: str) -> RS.PipelineRun:
-    request = PS.CancelPipelineRunRequest(run_id=run_id)
-    return (await stub.CancelPipelineRun(request, metadata=org.metadata)).run
-
-
-async def cancel_and_wait(stub: Stub, org: Org, run_ids: Sequence[str]) -> None:
-    """Cleanup: cancel the runs (active or not) and wait until each has ended."""
-    for run_id in run_ids:
-        await cancel(stub, org, run_id)
-    for run_id in run_ids:
-        await wait_terminal(stub, org, run_id, timeout=10)
+    return await make_org(service, prefix, plan=Plan(**limits))
 
 
 async def rpc_failure(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> aio.AioRpcError:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 from server import app
 from tests.conftest import Org
+from tests.integration.runs import wait_terminal
 
 PS = pipeline_service_pb2
 RS = pipeline_run_pb2
@@ -19,23 +18,6 @@ async def run_rest(
 ) -> tuple[int, dict[str, object]]:
     async with http.post(f"/api/v1/pipelines/run/{org.slug}/{path}", headers=org.headers, json=body) as r:
         return r.status, await r.json()
-
-
-async def wait_terminal(
-    stub: pipeline_service_pb2_grpc.PipelineServiceStub, org: Org, run_id: str, timeout: float = 30
-) -> RS.PipelineRun:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        run = (await stub.GetPipelineRun(PS.GetPipelineRunRequest(run_id=run_id), metadata=org.metadata)).run
-        if run.state in (
-            RS.RUN_STATE_COMPLETED,
-            RS.RUN_STATE_FAILED,
-            RS.RUN_STATE_TIMEOUT,
-            RS.RUN_STATE_CANCELLED,
-        ):
-            return run
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not end")
 
 
 async def test_seed_bodies_work_verbatim_over_rest(
