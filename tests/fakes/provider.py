@@ -8,6 +8,7 @@ client sent. Replies can be slow before the headers (`delay`) or in the middle o
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ class Seen:
     path: str
     query: dict[str, str]
     headers: dict[str, str]
+    at: float  # time.monotonic() on arrival
 
 
 Script = Reply | Callable[[web.Request], Reply]
@@ -72,7 +74,9 @@ class FakeProvider:
             self.active[path] -= 1
 
     async def _reply(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(Seen(request.method, request.path, dict(request.query), dict(request.headers)))
+        self.seen.append(
+            Seen(request.method, request.path, dict(request.query), dict(request.headers), time.monotonic())
+        )
         queue = self.routes.get(request.path)
         if not queue:
             return web.json_response({"error": {"message": "no such route"}}, status=404)
