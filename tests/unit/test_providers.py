@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server import devstack
 from server.errors import InvalidInputError, NotFoundError
 from server.providers import ApiKeyHeaderAuth, ProviderRegistry
-from server.settings import PROJECT_ROOT
+from server.settings import PROJECT_ROOT, Settings
 
 SHIPPED = PROJECT_ROOT / "configs" / "system" / "providers.yml"
 
@@ -73,3 +74,10 @@ def test_credential_documents_are_validated_without_echoing_values() -> None:
     with pytest.raises(NotFoundError) as unknown:
         registry.validate_credential("openaii", {})
     assert unknown.value.reason == "UNKNOWN_PROVIDER" and "openaii" in unknown.value.message
+
+
+def test_make_run_prints_how_to_add_a_credential() -> None:
+    demo = {"org_slug": "demo", "dataset": "demo_local", "api_key": "ca_x"}
+    text = devstack.banner(Settings(pipeline_env="local"), demo, "http://127.0.0.1:8001")
+    assert "pipeline-service credentials set demo openai --from-file -" in text
+    assert "credentials test demo openai" in text and "the local key" in text
