@@ -618,7 +618,9 @@ async def test_migration_errors(http: aiohttp.ClientSession, acme: Org) -> None:
     assert detail(body, ERROR_INFO)["metadata"] == {"dataset": missing}
 
 
-async def test_migration_for_every_active_org_dataset(http: aiohttp.ClientSession, service: app.Service) -> None:
+async def test_migration_for_every_active_org_dataset(
+    http: aiohttp.ClientSession, service: app.Service
+) -> None:
     """The seed's call verbatim: root key, `dry_run=true`, no body. It runs the migration once for every
     active org's dataset and records one history row per dataset."""
     first, second = await make_org(service, "mig_all"), await make_org(service, "mig_all")
