@@ -32,6 +32,8 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 from server.credentials.model import Credential
 from server.errors import FieldViolation, InvalidInputError
 from server.http.types import HttpResponse, Paging, StreamedResponse
+from server.warehouse.schema import TableInfo, TableSchema
+from server.warehouse.sql import Typed
 
 __all__ = [
     "Credential",
@@ -45,7 +47,10 @@ __all__ = [
     "StepContext",
     "StepStatus",
     "StreamedResponse",
+    "TableInfo",
+    "TableSchema",
     "Templated",
+    "Typed",
     "Warehouse",
     "parse_config",
 ]
@@ -102,6 +107,27 @@ class Warehouse(Protocol):
         self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]], *, replace: bool = False
     ) -> int:
         """Bulk-load rows with one load job (atomic); return how many were written."""
+        ...
+
+    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
+        """Create the table from its schema if it is missing."""
+        ...
+
+    async def drop_table(self, dataset: str, table: str) -> None:
+        """Drop the table if it exists."""
+        ...
+
+    async def table_info(self, project: str, dataset: str, table: str) -> TableInfo:
+        """`tables.get` of any table the principal can see (`WAREHOUSE_NOT_FOUND`,
+        `WAREHOUSE_PERMISSION_DENIED`)."""
+        ...
+
+    def as_service_account(
+        self, info: Mapping[str, Any], *, project: str, scopes: Sequence[str] = ...
+    ) -> AbstractAsyncContextManager[Warehouse]:
+        """`async with warehouse.as_service_account(key, project=p) as source:` the same warehouse seen
+        as another principal (a customer's service account key, in memory only), jobs run in `project`.
+        A rejected key surfaces as `CREDENTIAL_REJECTED`."""
         ...
 
 

@@ -1,6 +1,7 @@
 """The provider registry: `configs/system/providers.yml`, validated at start (unknown keys rejected).
 
-Per provider: display name, base URL (overridden by the environment variable `PROVIDER_BASE_URL_<ID>`),
+Per provider: display name, base URL (overridden by the environment variable `PROVIDER_BASE_URL_<ID>`;
+the token URL of a token scheme by `PROVIDER_TOKEN_URL_<ID>`),
 static headers, the auth scheme and which credential fields it uses, the credential's fields
 (required/optional, secret or not), rate limits per org and per process, page limits, and the one cheap
 authenticated call that `pipeline-service credentials test` makes.
@@ -215,6 +216,9 @@ class ProviderRegistry:
                 override = environ.get(f"PROVIDER_BASE_URL_{str(pid).upper()}")
                 if override:
                     document["base_url"] = override
+                token_override = environ.get(f"PROVIDER_TOKEN_URL_{str(pid).upper()}")
+                if token_override and isinstance(document.get("auth"), dict):
+                    document["auth"] = {**document["auth"], "token_url": token_override}
                 providers[pid] = ProviderSpec.model_validate(document)
             except ValidationError as exc:
                 violations = [
@@ -238,6 +242,15 @@ class ProviderRegistry:
                 reason="UNKNOWN_PROVIDER",
             )
         return spec
+
+    def google_token_url(self, provider: str = "gcp") -> str | None:
+        """The token URL of a `google_service_account` provider (None when it has another scheme)."""
+        spec = self._providers.get(provider)
+        return (
+            spec.auth.token_url
+            if spec is not None and isinstance(spec.auth, GoogleServiceAccountAuth)
+            else None
+        )
 
     def __iter__(self) -> Any:
         return iter(sorted(self._providers.values(), key=lambda p: p.id))
