@@ -162,7 +162,14 @@ class ProviderSpec(_Strict):
     base_url: str = Field(description="Scheme and host (and a base path); empty: set by the environment.")
     headers: dict[str, str] = Field(default_factory=dict)
     auth: Auth
-    credential: CredentialSpec
+    credential: CredentialSpec | None = Field(
+        None, description="The credential document; omitted with credential_from (the other's is used)."
+    )
+    credential_from: str | None = Field(
+        None,
+        pattern=PROVIDER_ID,
+        description="Another provider whose credential this one uses (Google APIs share the org's gcp key).",
+    )
     rate_limits: RateLimits
     pages: Pages = Pages()
     test: TestCall | None = None
@@ -173,6 +180,15 @@ class ProviderSpec(_Strict):
             parts = urlsplit(self.base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
                 raise ValueError(f"base_url {self.base_url!r} must be http(s)://host[/path]")
+        if (self.credential is None) == (self.credential_from is None):
+            raise ValueError("give either credential or credential_from")
+        if self.credential is None:
+            return self  # checked against the other provider's credential by the registry
+        self.check_fields(self.credential)
+        return self
+
+    def check_fields(self, credential: CredentialSpec) -> None:
+        """Every credential field the auth scheme uses is declared."""
         used: list[str] = []
         match self.auth:
             case BearerAuth() | ApiKeyHeaderAuth():
@@ -184,9 +200,19 @@ class ProviderSpec(_Strict):
             case GoogleServiceAccountAuth():
                 used = ["client_email", "private_key", "private_key_id"]
         for name in used:
-            if name not in self.credential.fields:
+            if name not in credential.fields:
                 raise ValueError(f"auth uses field {name!r}, which the credential does not declare")
-        return self
+
+    @property
+    def credential_provider(self) -> str:
+        """The provider whose credentials authenticate calls to this one (itself, or credential_from)."""
+        return self.credential_from or self.id
+
+    @property
+    def credential_spec(self) -> CredentialSpec:
+        """The credential document (resolved from credential_from by the registry)."""
+        assert self.credential is not None, f"{self.id}: credential_from not resolved"
+        return self.credential
 
 
 class ProviderRegistry:
@@ -231,6 +257,25 @@ class ProviderRegistry:
                     violations,
                     reason="INVALID_PROVIDER_REGISTRY",
                 ) from exc
+        for pid, spec in list(providers.items()):
+            if spec.credential_from is None:
+                continue
+            other = providers.get(spec.credential_from)
+            if other is None or other.credential is None:
+                raise InvalidInputError(
+                    f"{path.name}: provider {pid}: credential_from names no provider with a credential",
+                    [FieldViolation(f"providers.{pid}.credential_from", "unknown provider")],
+                    reason="INVALID_PROVIDER_REGISTRY",
+                )
+            try:
+                spec.check_fields(other.credential)
+            except ValueError as exc:
+                raise InvalidInputError(
+                    f"{path.name}: provider {pid}: {exc}",
+                    [FieldViolation(f"providers.{pid}.auth", str(exc))],
+                    reason="INVALID_PROVIDER_REGISTRY",
+                ) from exc
+            providers[pid] = spec.model_copy(update={"credential": other.credential})
         return cls(providers)
 
     def get(self, provider: str) -> ProviderSpec:
@@ -264,7 +309,7 @@ class ProviderRegistry:
         InvalidInputError `INVALID_CREDENTIAL` names each missing, unknown or malformed field (never a
         value).
         """
-        spec = self.get(provider).credential
+        spec = self.get(provider).credential_spec
         if not isinstance(document, dict):
             raise InvalidInputError(
                 "the credential must be a JSON object",

@@ -114,7 +114,7 @@ class CredentialStore:
         """Validate, encrypt and store (create or replace) the org's credential."""
         fields = self.registry.validate_credential(provider, document)
         check_name(name)
-        spec = self.registry.get(provider).credential
+        spec = self.registry.get(provider).credential_spec
         existing = await self._find(org_slug, provider, name)
         credential_id = existing.credential_id if existing else "cred_" + uuid.uuid4().hex
         version = existing.version + 1 if existing else 1
@@ -214,7 +214,7 @@ class CredentialStore:
             name=name,
             version=int(row["version"]),
             fields=fields,
-            secret_fields=self.registry.get(provider).credential.secret_fields,
+            secret_fields=self.registry.get(provider).credential_spec.secret_fields,
         )
 
     async def _touch(self, row: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ JWT bearer: an assertion signed with the service account's private key, `google.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
@@ -47,13 +48,15 @@ class AuthApplier:
     def __init__(self, fetch_token: FetchToken, clock: Callable[[], float] = time.monotonic) -> None:
         self._fetch = fetch_token
         self._clock = clock
-        self._tokens: dict[tuple[str, int], tuple[SecretStr, float]] = {}
+        # (credential id, version, provider): a token is minted for one provider's scopes
+        self._tokens: dict[tuple[str, int, str], tuple[SecretStr, float]] = {}
+        self._minting: dict[tuple[str, int, str], asyncio.Lock] = {}
 
     async def headers(self, spec: ProviderSpec, credential: Credential | None) -> dict[str, str]:
         """The auth headers for one request (none without a credential)."""
         if credential is None:
             return {}
-        if credential.provider != spec.id:
+        if credential.provider != spec.credential_provider:
             raise TerminalError(
                 f"a {credential.provider} credential cannot authenticate calls to {spec.id}",
                 reason="CREDENTIAL_PROVIDER_MISMATCH",
@@ -90,31 +93,37 @@ class AuthApplier:
     async def _google(
         self, spec: ProviderSpec, auth: GoogleServiceAccountAuth, credential: Credential
     ) -> str:
-        cached = self._cached(credential)
-        if cached is not None:
-            return cached
-        token_url = _absolute(spec, auth.token_url)
-        info = credential.reveal()
-        try:
-            signer = crypt.RSASigner.from_service_account_info(info)  # type: ignore[no-untyped-call]
-        except (ValueError, KeyError, TypeError):
-            raise TerminalError(
-                f"{spec.id}: the service account's private key is unusable", reason="CREDENTIAL_REJECTED"
-            ) from None
-        now = int(time.time())
-        claims = {
-            "iss": info["client_email"],
-            "scope": " ".join(auth.scopes),
-            "aud": token_url,
-            "iat": now,
-            "exp": now + 3600,
-        }
-        assertion = jwt.encode(signer, claims).decode("ascii")  # type: ignore[no-untyped-call]
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+        async def form() -> dict[str, str]:
+            token_url = _absolute(spec, auth.token_url)
+            info = credential.reveal()
+            try:
+                signer = crypt.RSASigner.from_service_account_info(info)  # type: ignore[no-untyped-call]
+            except (ValueError, KeyError, TypeError):
+                raise TerminalError(
+                    f"{spec.id}: the service account's private key is unusable", reason="CREDENTIAL_REJECTED"
+                ) from None
+            now = int(time.time())
+            claims = {
+                "iss": info["client_email"],
+                "scope": " ".join(auth.scopes),
+                "aud": token_url,
+                "iat": now,
+                "exp": now + 3600,
+            }
+            # RSA signing takes a millisecond or two: off the event loop.
+            assertion = await asyncio.to_thread(jwt.encode, signer, claims)
+            return {
+                "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+                "assertion": assertion.decode(),
+            }
+
         return await self._token(spec, auth.token_url, credential, form, None)
 
-    def _cached(self, credential: Credential) -> str | None:
-        cached = self._tokens.get((credential.id, credential.version))
+    def _key(self, spec: ProviderSpec, credential: Credential) -> tuple[str, int, str]:
+        return (credential.id, credential.version, spec.id)
+
+    def _cached(self, spec: ProviderSpec, credential: Credential) -> str | None:
+        cached = self._tokens.get(self._key(spec, credential))
         return cached[0].get_secret_value() if cached is not None and cached[1] > self._clock() else None
 
     async def _token(
@@ -122,27 +131,40 @@ class AuthApplier:
         spec: ProviderSpec,
         token_url: str,
         credential: Credential,
-        form: dict[str, str],
+        form: dict[str, str] | Callable[[], Awaitable[dict[str, str]]],
         basic: str | None,
     ) -> str:
-        cached = self._cached(credential)
+        """The cached token, else one minted (one request at a time per credential and provider: many
+        concurrent calls wait for the same token)."""
+        cached = self._cached(spec, credential)
         if cached is not None:
             return cached
-        body = await self._fetch(_absolute(spec, token_url), form, basic)
-        token = body.get("access_token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token:
-            raise TerminalError(
-                f"{spec.id}: the token endpoint returned no access_token", reason="CREDENTIAL_REJECTED"
+        key = self._key(spec, credential)
+        async with self._minting.setdefault(key, asyncio.Lock()):
+            cached = self._cached(spec, credential)
+            if cached is not None:
+                return cached
+            body = await self._fetch(
+                _absolute(spec, token_url), form if isinstance(form, dict) else await form(), basic
             )
-        expires = body.get("expires_in", 3600)
-        lifetime = (
-            float(expires) if isinstance(expires, int | float | str) and str(expires).isdigit() else 3600.0
-        )
-        self._tokens[(credential.id, credential.version)] = (
-            SecretStr(token),
-            self._clock() + max(0.0, lifetime - 60.0),
-        )
-        return token
+            token = body.get("access_token") if isinstance(body, dict) else None
+            if not isinstance(token, str) or not token:
+                raise TerminalError(
+                    f"{spec.id}: the token endpoint returned no access_token", reason="CREDENTIAL_REJECTED"
+                )
+            expires = body.get("expires_in", 3600)
+            lifetime = (
+                float(expires)
+                if isinstance(expires, int | float | str) and str(expires).isdigit()
+                else 3600.0
+            )
+            # refreshed a minute before it expires (and at once after a 401: forget)
+            self._tokens[key] = (SecretStr(token), self._clock() + max(0.0, lifetime - 60.0))
+            return token
+
+    def uses_tokens(self, spec: ProviderSpec) -> bool:
+        """Whether the scheme sends a minted token (which a 401 may mean has expired or been revoked)."""
+        return isinstance(spec.auth, OAuth2ClientCredentialsAuth | GoogleServiceAccountAuth)
 
     def forget(self, credential_id: str) -> None:
         """Drop cached tokens of a credential (a 401 with a cached token)."""

@@ -327,6 +327,7 @@ class OutboundHttp:
         started = self._clock()
         waited = 0.0
         attempt = 0
+        refreshed = False
         while True:
             attempt += 1
             request_headers = {**spec.headers, **(headers or {})}
@@ -384,6 +385,10 @@ class OutboundHttp:
                     else:
                         if status in (401, 403) and credential is not None:
                             self.auth.forget(credential.id)
+                            if status == 401 and not refreshed and self.auth.uses_tokens(spec):
+                                # the token may have been revoked or expired early: mint one, once
+                                refreshed = True
+                                continue
                         reason = "CREDENTIAL_REJECTED" if status in (401, 403) else "PROVIDER_REJECTED"
                         self._log_failure(ids, spec.id, method, shown, attempt, detail, reason)
                         raise TerminalError(f"{spec.id}: {method} {shown}: {detail}", reason=reason)

@@ -73,6 +73,7 @@ class FakeGoogle:
     catalog_skus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     projects: list[dict[str, Any]] = field(default_factory=list)
     short_pages: bool = True
+    repeat_token: bool = False  # every page names the same next token (a looping API)
     failures: dict[str, list[int]] = field(default_factory=dict)
     seen: list[tuple[str, dict[str, str], str]] = field(default_factory=list)  # path, query, authorization
     port: int = 0
@@ -157,6 +158,8 @@ class FakeGoogle:
         following = start + len(chunk)
         body: dict[str, Any] = {key: chunk}
         body["nextPageToken"] = str(following) if following < len(items) else ""
+        if self.repeat_token:
+            body["nextPageToken"] = "1"
         return _json(200, body)
 
     async def _services(self, request: web.Request) -> web.Response:
