@@ -147,7 +147,7 @@ async def test_catalog_skus_every_page_exact_prices_one_token(
     assert result.steps[0].rows_written == 12  # 9 SKUs; egress has 3 tiers, BigQuery analysis 2
     assert len(fake_google.token_calls) - tokens_before == 1  # concurrent walks share one token
     calls = fake_google.seen[seen_before:]
-    # pages of 3 answered with 2 items (short pages): services 2, Compute 4 (+429, +503), BigQuery 1, Storage 1
+    # pages of 3 answered with 2 items: services 2 pages, Compute 4 (+429, +503), BigQuery 1, Storage 1
     compute = [c for c in calls if c[0] == "/v1/services/6F81-5844-456A/skus"]
     assert [c[1].get("pageToken", "") for c in compute] == ["", "", "", "2", "4", "6"]
     assert all(c[1]["pageSize"] == "3" and c[1]["currencyCode"] == "USD" for c in compute)
