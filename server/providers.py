@@ -44,6 +44,14 @@ class ApiKeyHeaderAuth(_Strict):
     header: str = "x-api-key"
 
 
+class ApiKeyQueryAuth(_Strict):
+    """The secret as a query parameter (`?api_key=<field>`); redacted wherever the URL is shown."""
+
+    scheme: Literal["api_key_query"]
+    field: str
+    param: str = Field("api_key", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
 class BasicAuth(_Strict):
     """HTTP Basic with two credential fields."""
 
@@ -82,6 +90,7 @@ class NoAuth(_Strict):
 Auth = Annotated[
     BearerAuth
     | ApiKeyHeaderAuth
+    | ApiKeyQueryAuth
     | BasicAuth
     | OAuth2ClientCredentialsAuth
     | GoogleServiceAccountAuth
@@ -191,7 +200,7 @@ class ProviderSpec(_Strict):
         """Every credential field the auth scheme uses is declared."""
         used: list[str] = []
         match self.auth:
-            case BearerAuth() | ApiKeyHeaderAuth():
+            case BearerAuth() | ApiKeyHeaderAuth() | ApiKeyQueryAuth():
                 used = [self.auth.field]
             case BasicAuth():
                 used = [self.auth.username_field, self.auth.password_field]

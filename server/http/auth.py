@@ -1,9 +1,11 @@
 """Auth schemes of the provider registry, applied to an outgoing request from the step's credential.
 
-`bearer`, `api_key_header`, `basic` and `none` only add a header. The token schemes fetch an access token
-and cache it per credential version until a minute before it expires: `oauth2_client_credentials`
-(RFC 6749 section 4.4, the client authenticated with HTTP Basic) and `google_service_account` (RFC 7523
-JWT bearer: an assertion signed with the service account's private key, `google.auth.crypt`).
+`bearer`, `api_key_header`, `basic` and `none` only add a header; `api_key_query` a query parameter.
+The token schemes fetch an access token and cache it per credential version, provider and scheme until a
+minute before it expires (one fetch in flight: concurrent calls wait for it; the client drops the token
+and mints once more after a 401): `oauth2_client_credentials` (RFC 6749 section 4.4, the client
+authenticated with HTTP Basic) and `google_service_account` (RFC 7523 JWT bearer: an assertion signed
+with the service account's private key, `google.auth.crypt`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from server.credentials.model import Credential
 from server.errors import TerminalError
 from server.providers import (
     ApiKeyHeaderAuth,
+    ApiKeyQueryAuth,
     BasicAuth,
     BearerAuth,
     GoogleServiceAccountAuth,
@@ -67,6 +70,8 @@ class AuthApplier:
                 return {"Authorization": "Bearer " + credential.secret(auth.field).get_secret_value()}
             case ApiKeyHeaderAuth():
                 return {auth.header: credential.secret(auth.field).get_secret_value()}
+            case ApiKeyQueryAuth():
+                return {}  # see query_params
             case BasicAuth():
                 user = credential.reveal()[auth.username_field]
                 return {
@@ -120,7 +125,8 @@ class AuthApplier:
         return await self._token(spec, auth.token_url, credential, form, None)
 
     def _key(self, spec: ProviderSpec, credential: Credential) -> tuple[str, int, str]:
-        return (credential.id, credential.version, spec.id)
+        # one token per credential version, provider and auth (a step may give its own auth: scopes differ)
+        return (credential.id, credential.version, f"{spec.id}|{spec.auth.model_dump_json()}")
 
     def _cached(self, spec: ProviderSpec, credential: Credential) -> str | None:
         cached = self._tokens.get(self._key(spec, credential))
@@ -161,6 +167,13 @@ class AuthApplier:
             # refreshed a minute before it expires (and at once after a 401: forget)
             self._tokens[key] = (SecretStr(token), self._clock() + max(0.0, lifetime - 60.0))
             return token
+
+    @staticmethod
+    def query_params(spec: ProviderSpec, credential: Credential | None) -> dict[str, str]:
+        """The auth query parameters of one request (`api_key_query` only)."""
+        if credential is None or not isinstance(spec.auth, ApiKeyQueryAuth):
+            return {}
+        return {spec.auth.param: credential.secret(spec.auth.field).get_secret_value()}
 
     def uses_tokens(self, spec: ProviderSpec) -> bool:
         """Whether the scheme sends a minted token (which a 401 may mean has expired or been revoked)."""
