@@ -40,18 +40,22 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from processors.base import Credential, Paging, StepContext, parse_config
 from server.errors import TerminalError
+from server.warehouse.schema import load_schema
 
 PAGES = Paging("page_token", next_field="nextPageToken", param="pageToken")
 CATALOG = "gcp_billing_catalog"
 RESOURCE_MANAGER = "gcp_resource_manager"
 NANOS = Decimal(1_000_000_000)
 TABLES = {"billing_catalog_skus": "gcp_billing_catalog_skus", "projects": "gcp_projects"}
+SCHEMA_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "schemas" / "org"
+SCHEMAS = {resource: load_schema(SCHEMA_DIR / f"{table}.json") for resource, table in TABLES.items()}
 
 
 class ExtractorConfig(BaseModel):
@@ -180,6 +184,8 @@ class GoogleApiExtractor:
             ]
             extra = {}
         table = config.table or TABLES[config.resource]
+        if table == TABLES[config.resource]:  # orgs created before the table existed get it here
+            await context.warehouse.ensure_table(context.run.dataset, SCHEMAS[config.resource])
         now = datetime.now(UTC)
         lineage = {
             "x_pipeline_id": context.run.pipeline_id,

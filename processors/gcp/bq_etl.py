@@ -273,6 +273,8 @@ class BillingExportEtl:
         job_project = config.job_project or str(credential.value("project_id") or project)
         today = datetime.now(UTC).date()
         span = window(context, config.trailing_days, today)
+        if config.raw_table == RAW_SCHEMA.name:  # orgs created before the table existed get it here
+            await context.warehouse.ensure_table(context.run.dataset, RAW_SCHEMA)
         async with context.warehouse.as_service_account(_key(credential), project=job_project) as customer:
             info = await self._probe(customer, project, dataset, table)
             part = partitioning(info, config.partition_expression)
