@@ -147,7 +147,11 @@ class CredentialStore:
                 "ciphertext": b64(ciphertext),
                 "wrapped": b64(wrapped),
                 "kek": kek_version,
-                "fingerprint": fingerprint(fields[spec.fingerprint]),
+                # the fingerprint field, else the first secret field present (optional fingerprints)
+                "fingerprint": fingerprint(
+                    fields.get(spec.fingerprint)
+                    or next((fields[n] for n in sorted(spec.secret_fields) if n in fields), "")
+                ),
                 "now": now,
             },
         )
