@@ -455,3 +455,27 @@ async def test_google_service_account_jwt_bearer(fake: FakeProvider) -> None:
         await out.bind("acme").get_json("gcpsa", "/sa/api", credential=broken_id)
     assert caught.value.reason == "CREDENTIAL_REJECTED" and "not a key" not in caught.value.message
     await out.close()
+
+
+async def test_a_stream_holds_its_slot_until_read_and_expected_statuses_return(fake: FakeProvider) -> None:
+    single = provider(
+        "single",
+        fake.url,
+        BEARER,
+        rate_limits={
+            "per_org": {"requests_per_minute": 6000, "concurrent": 1},
+            "per_process": {"requests_per_minute": 6000, "concurrent": 10},
+        },
+    )
+    fake.script("/s/export", Reply(200, b"x" * 300_000))
+    fake.script("/s/gone", Reply(404, {"message": "no export yet"}))
+    out, _ = client(fake, single)
+    http = out.bind("acme")
+    async with http.stream("single", "GET", "/s/export") as response:
+        other = asyncio.create_task(http.request("single", "GET", "/s/gone", expect=(404,)))
+        await asyncio.sleep(0.2)
+        assert not other.done()  # the org's only slot is the open stream's
+        size = sum([len(c) async for c in response.chunks()])
+    gone = await asyncio.wait_for(other, 5)
+    assert size == 300_000 and gone.status == 404 and gone.json() == {"message": "no export yet"}
+    await out.close()
