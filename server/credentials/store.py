@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import uuid
@@ -247,6 +248,14 @@ class CredentialStore:
             )
         except ServiceError as exc:
             log.warning("last_used_at of %d credentials not recorded (%s)", len(ids), exc.reason)
+
+    async def close(self) -> None:
+        """Drop pending use times (best effort), then release the KEK's connections."""
+        if self._touching is not None and not self._touching.done():
+            self._touching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._touching
+        await self.kek.close()
 
     async def record_test(self, org_slug: str, credential_id: str, reason: str | None) -> None:
         """Remember the outcome of `credentials test` (VALID, or REJECTED with the reason)."""
