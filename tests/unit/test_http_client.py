@@ -20,6 +20,7 @@ from server.credentials.model import Credential
 from server.errors import TerminalError, TransientError
 from server.http.client import HttpSettings, OutboundHttp, parse_retry_after, redact_url
 from server.http.types import Paging
+from server.localstack.process import free_port
 from server.providers import ProviderRegistry, ProviderSpec
 from tests.fakes.provider import FakeProvider, Reply
 
@@ -478,4 +479,14 @@ async def test_a_stream_holds_its_slot_until_read_and_expected_statuses_return(f
         size = sum([len(c) async for c in response.chunks()])
     gone = await asyncio.wait_for(other, 5)
     assert size == 300_000 and gone.status == 404 and gone.json() == {"message": "no export yet"}
+    await out.close()
+
+
+async def test_connection_refused_is_retried_then_transient(fake: FakeProvider) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out, sleeps = client(fake, provider("nowhere", closed, BEARER), max_attempts=3)
+    with pytest.raises(TransientError) as caught:
+        await out.bind("acme").get_json("nowhere", "/x")
+    assert caught.value.reason == "PROVIDER_UNAVAILABLE" and "ClientConnectorError" in caught.value.message
+    assert len(sleeps.delays) == 2
     await out.close()
