@@ -20,6 +20,7 @@ from server.credentials.model import Credential
 from server.errors import TerminalError, TransientError
 from server.http.client import HttpSettings, OutboundHttp, parse_retry_after, redact_url
 from server.http.types import Paging
+from server.localstack.process import free_port
 from server.providers import ProviderRegistry, ProviderSpec
 from tests.fakes.provider import FakeProvider, Reply
 
@@ -454,4 +455,38 @@ async def test_google_service_account_jwt_bearer(fake: FakeProvider) -> None:
     with pytest.raises(TerminalError) as caught:
         await out.bind("acme").get_json("gcpsa", "/sa/api", credential=broken_id)
     assert caught.value.reason == "CREDENTIAL_REJECTED" and "not a key" not in caught.value.message
+    await out.close()
+
+
+async def test_a_stream_holds_its_slot_until_read_and_expected_statuses_return(fake: FakeProvider) -> None:
+    single = provider(
+        "single",
+        fake.url,
+        BEARER,
+        rate_limits={
+            "per_org": {"requests_per_minute": 6000, "concurrent": 1},
+            "per_process": {"requests_per_minute": 6000, "concurrent": 10},
+        },
+    )
+    fake.script("/s/export", Reply(200, b"x" * 300_000))
+    fake.script("/s/gone", Reply(404, {"message": "no export yet"}))
+    out, _ = client(fake, single)
+    http = out.bind("acme")
+    async with http.stream("single", "GET", "/s/export") as response:
+        other = asyncio.create_task(http.request("single", "GET", "/s/gone", expect=(404,)))
+        await asyncio.sleep(0.2)
+        assert not other.done()  # the org's only slot is the open stream's
+        size = sum([len(c) async for c in response.chunks()])
+    gone = await asyncio.wait_for(other, 5)
+    assert size == 300_000 and gone.status == 404 and gone.json() == {"message": "no export yet"}
+    await out.close()
+
+
+async def test_connection_refused_is_retried_then_transient(fake: FakeProvider) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out, sleeps = client(fake, provider("nowhere", closed, BEARER), max_attempts=3)
+    with pytest.raises(TransientError) as caught:
+        await out.bind("acme").get_json("nowhere", "/x")
+    assert caught.value.reason == "PROVIDER_UNAVAILABLE" and "ClientConnectorError" in caught.value.message
+    assert len(sleeps.delays) == 2
     await out.close()
