@@ -237,6 +237,44 @@ async def test_late_rows_and_a_correction_recopy_exactly_the_changed_partitions(
     assert len(await raw_rows(service, c.org)) == len(first) + len(second)
 
 
+async def test_a_standard_export_in_euros_and_a_date_range(
+    service: app.Service, fake_google: FakeGoogle, pipelines: Stub
+) -> None:
+    """The standard export has no resource or subscription columns; money stays in the billing currency."""
+    org = await make_org(service, "gcpeur")
+    bq = export.client(service.settings.bigquery_endpoint)
+    dataset = f"billing_{uuid.uuid4().hex[:8]}"
+    standard = [f for f in export.schema() if f.name not in ("resource", "subscription")]
+    table_id = f"{bq.project}.{dataset}.gcp_billing_export_v1_01A2B3_C4D5E6_F7A8B9"
+    await asyncio.to_thread(bq.create_dataset, bigquery.Dataset(f"{bq.project}.{dataset}"))
+    table = bigquery.Table(table_id, schema=standard)
+    table.time_partitioning = bigquery.TimePartitioning(field="export_time")
+    await asyncio.to_thread(bq.create_table, table)
+    a = export.anchor()
+    rows = [
+        {k: v for k, v in r.items() if k not in ("resource", "subscription")}
+        | {"currency": "EUR", "currency_conversion_rate": 0.921234}
+        for r in export.first_batch(a)
+    ]
+    await asyncio.to_thread(export.append, bq, table_id, rows)
+    account = ServiceAccount.generate("reader@gcpeur.iam.gserviceaccount.com", export.CUSTOMER_PROJECT)
+    fake_google.add_service_account(account)
+    await service.vault.store.set(org.slug, "gcp", account.info(billing_export_table=table_id))
+    window = {
+        "start_date": (a - timedelta(days=2)).isoformat(),
+        "end_date": (a - timedelta(days=1)).isoformat(),
+    }
+    result = completed(await run(pipelines, org, **window))
+    assert result.steps[0].rows_written == 12  # every partition from the first day on is new
+    focus = await focus_rows(service, org)
+    assert {r["BillingCurrency"] for r in focus} == {"EUR"} and {r["ResourceId"] for r in focus} == {None}
+    assert billed_by_month(focus) == export.totals_by_month(rows)
+    # again: only the partitions holding that usage, a-2 (3 rows), a (3) and a+2 (the late row's, 4)
+    again = completed(await run(pipelines, org, **window))
+    assert again.steps[0].rows_written == 10
+    assert billed_by_month(await focus_rows(service, org)) == export.totals_by_month(rows)
+
+
 async def test_focus_validator_accepts_the_gcp_rows(
     service: app.Service, loaded: dict[str, Any], tmp_path: Path
 ) -> None:
