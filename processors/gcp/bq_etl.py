@@ -12,6 +12,8 @@
     raw_table: gcp_billing_export_raw
     focus_table: cost_data_focus_1_2
     focus: true                  # rebuild FOCUS for the invoice months the copy touched
+    partitions_per_query: 7      # changed partitions copied per query (sorted, so usually adjacent days)
+    load_batch_rows: 100000      # rows buffered before a load job into the staging table
 ```
 
 The export is append-only and has no row key: a late row or a correction is a new row, appended to the
@@ -102,6 +104,8 @@ class EtlConfig(BaseModel):
     raw_table: str = Field("gcp_billing_export_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
     focus_table: str = Field("cost_data_focus_1_2", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
     focus: bool = True
+    partitions_per_query: int = Field(7, ge=1, le=60)
+    load_batch_rows: int = Field(100_000, ge=1, le=2_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,26 +406,33 @@ class BillingExportEtl:
         columns: list[str],
         changed: list[date],
     ) -> tuple[int, int]:
-        """Copy the changed partitions into a fresh staging table, one partition at a time."""
+        """Copy the changed partitions into a fresh staging table: `partitions_per_query` partitions per
+        query, loaded in batches of at least `load_batch_rows` rows (each load job copies the staging
+        table on the emulator, so fewer, bigger loads)."""
         wh = context.warehouse
         staging = _staging_name(config.raw_table, context.run.run_id)
         await wh.drop_table(context.run.dataset, staging)
         await wh.ensure_table(context.run.dataset, TableSchema(staging, "staging", RAW_SCHEMA.fields))
         now = datetime.now(UTC)
         copied = scanned = 0
-        for day in changed:
-            params = {"days": Typed("ARRAY<DATE>", [day]), "lo": day, "hi": day}
+        pending: list[dict[str, Any]] = []
+        step = config.partitions_per_query
+        for start in range(0, len(changed), step):
+            days = changed[start : start + step]
+            params = {"days": Typed("ARRAY<DATE>", days), "lo": days[0], "hi": days[-1]}
             result = await self._customer_query(customer, copy_sql(source, part, columns), params)
             scanned += result.bytes_processed
-            rows = result.rows
-            for row in rows:
+            for row in result.rows:
                 row["x_source_table"] = source_id
                 row["x_invoice_month"] = (row.get("invoice") or {}).get("month")
                 row["x_pipeline_id"] = context.run.pipeline_id
                 row["x_run_id"] = context.run.run_id
                 row["x_ingested_at"] = now
                 row["x_tags"] = tags(row)
-            copied += await wh.load_rows(context.run.dataset, staging, [_loadable(r) for r in rows])
+                pending.append(_loadable(row))
+            if len(pending) >= config.load_batch_rows or start + step >= len(changed):
+                copied += await wh.load_rows(context.run.dataset, staging, pending)
+                pending = []
         return copied, scanned
 
     @staticmethod
