@@ -20,13 +20,13 @@ from server.api.procedures import ProcedureServicer
 from server.auth import Access, Authenticator, Policy
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
-from server.engine.quotas import Quotas
 from server.engine.runner import StepRunner
 from server.ledger import Ledger
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
 from server.settings import Settings
+from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,20 @@ def build_warehouse(settings: Settings) -> BigQueryWarehouse:
     )
 
 
+async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateStore:
+    """The state store for these settings (DATABASE_URL, or Cloud SQL through the Python Connector);
+    with `upgrade`, its schema migrations are applied first."""
+    return await StateStore.connect(
+        dsn=settings.database_url.get_secret_value(),
+        cloud_sql_instance=settings.cloud_sql_instance,
+        user=settings.database_user,
+        database=settings.database_name,
+        pool_size=settings.database_pool_size,
+        lease_seconds=settings.replica_lease_seconds,
+        upgrade=upgrade,
+    )
+
+
 @dataclass
 class Service:
     """A running gRPC server and what it owns."""
@@ -74,13 +88,17 @@ class Service:
     procedures: ProcedureManager
     catalog: PipelineCatalog
     runs: RunManager
+    state: StateStore
+    ledger: Ledger
     metrics_port: int = 0
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, flush the ledger, close."""
+        """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, give the lease up, close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
         await self.runs.close()
+        await self.ledger.close()
+        await self.state.close()
         await self.warehouse.close()
 
 
@@ -100,6 +118,7 @@ async def start(
         ttl=settings.auth_cache_ttl_seconds,
         failures_per_minute=settings.auth_failures_per_minute,
     )
+    state = await connect_state(settings)
     runs = RunManager(
         catalog=catalog,
         runner=StepRunner(
@@ -107,15 +126,16 @@ async def start(
             global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
             per_run_limit=settings.max_parallel_steps_per_run,
         ),
-        ledger=Ledger(
-            warehouse,
-            settings.meta_dataset,
-            interval=settings.ledger_flush_seconds,
-            loads_per_day=settings.ledger_loads_per_day,
-        ),
-        quotas=Quotas(),
+        store=state,
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
+    )
+    ledger = Ledger(
+        warehouse,
+        settings.meta_dataset,
+        state,
+        interval=settings.ledger_flush_seconds,
+        loads_per_day=settings.ledger_loads_per_day,
     )
     server = aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
@@ -142,6 +162,7 @@ async def start(
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
     await runs.start()
+    ledger.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
     for name in ("", *SERVICES):
@@ -149,5 +170,16 @@ async def start(
     metrics_port = metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port else 0
     log.info("gRPC server listening", extra={"fields": {"address": f"{settings.grpc_host}:{port}"}})
     return Service(
-        settings, warehouse, server, health_servicer, port, orgs, procedures, catalog, runs, metrics_port
+        settings,
+        warehouse,
+        server,
+        health_servicer,
+        port,
+        orgs,
+        procedures,
+        catalog,
+        runs,
+        state,
+        ledger,
+        metrics_port,
     )

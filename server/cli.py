@@ -9,9 +9,11 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service saas import ORG FILE        load SaaS plans from CSV or JSON lines (all or nothing)
     pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given)
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
+    pipeline-service db status                   the state store's schema migrations, applied or not
+    pipeline-service db upgrade                  apply the missing migrations (the server does at start)
 
-Locally, commands that need the warehouse start the embedded emulator for their duration when it is not
-already running.
+Locally, commands that need the warehouse or the state store start the embedded emulator or PostgreSQL
+for their duration when it is not already running.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from server import devstack, logs, meta, saas
-from server.app import build_warehouse
+from server.app import build_warehouse, connect_state
 from server.engine.processor import ProcessorRegistry
 from server.errors import NotFoundError, ServiceError
-from server.localstack import emulator
+from server.localstack import emulator, postgres
 from server.orgs import DEFAULT_SCOPES, OrgRepository
 from server.pipelines.catalog import PipelineCatalog, load_config
 from server.settings import Settings, load_settings
+from server.state import migrate
 from server.warehouse.bigquery import BigQueryWarehouse
 from server.warehouse.rows import json_value
 
@@ -123,6 +126,26 @@ async def query(settings: Settings, args: argparse.Namespace) -> None:
             print(json.dumps(json_value(row)))
 
 
+async def db(settings: Settings, args: argparse.Namespace) -> None:
+    async with postgres.embedded(settings):
+        store = await connect_state(settings, upgrade=False)
+        try:
+            async with store.connection() as conn:
+                applied = [m.version for m in await migrate.upgrade(conn)] if args.db == "upgrade" else []
+                migrations = await migrate.status(conn)
+        finally:
+            await store.close()
+    _print(
+        {
+            "applied_now": applied,
+            "migrations": [
+                {"version": m.version, "name": m.name, "applied_at": m.applied_at, "checksum": m.checksum}
+                for m in migrations
+            ],
+        }
+    )
+
+
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
     await devstack.serve_until_signal(settings)
 
@@ -178,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
     q = commands.add_parser("query", help="run one SQL query against the warehouse")
     q.add_argument("sql")
     q.set_defaults(run=query)
+
+    db_cmd = commands.add_parser("db", help="the state store's schema").add_subparsers(
+        dest="db", required=True
+    )
+    db_cmd.add_parser("status", help="show the migrations and which are applied").set_defaults(run=db)
+    db_cmd.add_parser("upgrade", help="apply the missing migrations").set_defaults(run=db)
     return top
 
 

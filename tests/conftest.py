@@ -3,6 +3,8 @@ servers on free 127.0.0.1 ports, stopped at the end of the session."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from cloudact.pipeline.v1 import pipeline_service_pb2_grpc, procedure_service_pb
 from server import app
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
+from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import IssuedKey
 from server.settings import Settings
@@ -43,7 +46,20 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 
 
 @pytest.fixture(scope="session")
-def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def postgres() -> Iterator[Postgres]:
+    # A folder of its own under /tmp: PostgreSQL runs as the `pgserver` user when we are root, and pytest's
+    # temporary folders are private to root.
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    server = Postgres(
+        port=free_port(), data_dir=folder / "data", log_path=folder / "postgres.log", durable=False
+    )
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(emulator: Emulator, postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(
         pipeline_env="local",
         gcp_project_id="test-project",
@@ -56,6 +72,8 @@ def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Se
         auth_failures_per_minute=10_000,
         bigquery_retry_deadline_seconds=5.0,
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
+        database_url=postgres.dsn,
+        replica_lease_seconds=2.0,
         configs_dir=DATA / "configs",
         state_dir=tmp_path_factory.mktemp("state"),
     )
