@@ -34,7 +34,7 @@ from server.logs import log_fields
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.pipelines.spec import StepSpec
-from server.state.store import Limits, StateStore
+from server.state.store import INTERRUPTED_ERROR, Limits, StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ class RunManager:
 
     async def _flush(self) -> None:
         for live in list(self._active.values()):
-            if live.pending or live.written != live.run.state:
-                await self._save(live)
+            await self._save(live)
             if live.run.terminal and (live.fenced or live.written == live.run.state):
                 self._active.pop(live.run.run_id, None)
 
@@ -200,25 +199,28 @@ class RunManager:
             live.run.reason = "INTERRUPTED"
             live.run.task.cancel()
 
-    async def _save(self, live: _Live, draft: Run | None = None) -> bool:
-        """Write the run (or `draft`, its next state) and its pending events; False if not written."""
-        if live.fenced:
-            return False
+    async def _save(self, live: _Live) -> None:
+        """Write the run as it is and its pending events (the background flush)."""
         async with live.lock:
-            run = draft or live.run
-            events, live.pending = live.pending, []
-            try:
-                ok = await self._store.write(run, events)
-            except Exception as exc:  # kept for the next flush
-                live.pending[:0] = events
-                log.warning("run write failed, will retry: %s", type(exc).__name__)
-                return False
-            if not ok:
-                log.warning("run %s was closed by another replica", run.run_id)
-                self._fence(live)
-                return False
-            live.written = run.state
-            return True
+            if not live.fenced and (live.pending or live.written != live.run.state):
+                await self._write(live, live.run)
+
+    async def _write(self, live: _Live, run: Run) -> bool:
+        """Write `run` (the live run or its next state) with the pending events; the caller holds the
+        run's lock. False if not written: kept for the next flush, or no longer ours (fenced)."""
+        events, live.pending = live.pending, []
+        try:
+            ok = await self._store.write(run, events)
+        except Exception as exc:  # kept for the next flush
+            live.pending[:0] = events
+            log.warning("run write failed, will retry: %s", type(exc).__name__)
+            return False
+        if not ok:
+            log.warning("run %s was closed by another replica", run.run_id)
+            self._fence(live)
+            return False
+        live.written = run.state
+        return True
 
     # -- accept ------------------------------------------------------------------------------------
 
@@ -349,23 +351,30 @@ class RunManager:
         }
 
     async def _transition(self, live: _Live, state: str, *, reason: str = "", error: str = "") -> None:
-        """Write a run-level transition to the store, then show it here (Get, Watch)."""
+        """Write a run-level transition to the store, then show it here (Get, Watch). Nothing happens
+        to a run that has ended; a run that is no longer ours (fenced) only changes here."""
         run = live.run
-        now = datetime.now(UTC)
-        changes: dict[str, Any] = {
-            "state": state,
-            "reason": reason or run.reason,
-            "error": error or run.error,
-        }
-        if state == "RUNNING":
-            changes["start_time"] = now
-        if state in TERMINAL:
-            changes["end_time"] = now
-        live.pending.append(self._event(run, run.state, state, reason=reason, error=error, at=now))
-        await self._save(live, replace(run, **changes))
-        for name, value in changes.items():
-            setattr(run, name, value)
-        run.notify(Event(now, state, error=error))
+        async with live.lock:
+            if run.terminal:
+                return
+            now = datetime.now(UTC)
+            changes: dict[str, Any] = {
+                "state": state,
+                "reason": reason or run.reason,
+                "error": error or run.error,
+            }
+            if state == "RUNNING":
+                changes["start_time"] = now
+            if state in TERMINAL:
+                changes["end_time"] = now
+            if not live.fenced:
+                live.pending.append(self._event(run, run.state, state, reason=reason, error=error, at=now))
+                await self._write(live, replace(run, **changes))
+            if live.fenced and state in TERMINAL:  # as the replica that closed it wrote it
+                changes.update(state="FAILED", reason="INTERRUPTED", error=INTERRUPTED_ERROR)
+            for name, value in changes.items():
+                setattr(run, name, value)
+            run.notify(Event(now, run.state, error=run.error))
 
     async def _execute(self, live: _Live, org: OrgContext) -> None:
         run, config = live.run, live.config
