@@ -2,14 +2,14 @@
 one STEP_ATTEMPT row per attempt) and `pipeline_runs` (one row per finished run), exported from the state
 store (PostgreSQL, where the ledger lives and where every reader of runs reads) in batches.
 
-Each export is one load job per table, taken from the state store's outbox (rows not yet marked
-exported), never DML or streaming. BigQuery allows a fixed number of load jobs per table per day (1,500),
-so periodic exports draw on a budget of `loads_per_day` shared by every replica: a token bucket in the
-state store holding an hour of it and starting with one load; while busy for long, rows go out in bigger,
-rarer batches instead of failing with quotaExceeded. One replica exports at a time (an advisory lock).
-Events go first and a run's row only once all its events are out, so a run row never exists without its
-transitions. An export whose answer was lost is loaded again: readers of the copy tolerate a row stored
-twice. Nothing is read back from BigQuery.
+Each export is one load job per table, taken from the state store's outbox (finished runs not yet marked
+exported, with their events), never DML or streaming; a run's events reach BigQuery once it has ended.
+BigQuery allows a fixed number of load jobs per table per day (1,500), so periodic exports draw on a
+budget of `loads_per_day` shared by every replica: a token bucket in the state store holding an hour of it
+and starting with one load; while busy for long, rows go out in bigger, rarer batches instead of failing
+with quotaExceeded. One replica exports at a time (an advisory lock). Events go first and the runs' rows
+after them, so a run row never exists without its transitions. An export whose answer was lost is loaded
+again: readers of the copy tolerate a row stored twice. Nothing is read back from BigQuery.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Ledger:
         await self._wh.load_rows(self._dataset, EVENTS if kind == "events" else RUNS, rows)
 
     async def flush(self) -> int:
-        """Export everything not yet exported now, regardless of the budget; return the rows written."""
+        """Export every finished run not yet exported now, regardless of the budget; return how many."""
         total = 0
         for _ in range(1000):
             done = await self._store.export(self._load, lock_key=EXPORT_LOCK)

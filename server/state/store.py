@@ -49,6 +49,11 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=_dumps, decoder=orjson.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection to the pool as it is: no statement of ours leaves session state behind (the
+    migrations' advisory lock is released by them), so asyncpg's reset round trip per use is saved."""
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """The outcome of `admit`: ACCEPTED, REPLAY or ACTIVE (with `run_id`), or a refusal (a limit's name,
@@ -156,7 +161,12 @@ class StateStore:
             )
         elif dsn:
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=pool_size, init=_init_connection, command_timeout=30
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                init=_init_connection,
+                reset=_keep_session,
+                command_timeout=30,
             )
         else:
             raise RuntimeError("set DATABASE_URL or CLOUD_SQL_INSTANCE: the service needs its state store")
@@ -381,10 +391,9 @@ class StateStore:
     # -- the BigQuery export's outbox --------------------------------------------------------------
 
     async def unexported(self) -> int:
-        """Events and finished runs not yet in BigQuery."""
+        """Finished runs whose rows (the run's and its events') are not yet in BigQuery."""
         n: int = await self._pool.fetchval(
-            "SELECT (SELECT count(*) FROM run_events WHERE NOT exported) + (SELECT count(*) FROM runs "
-            f"WHERE NOT exported AND state NOT IN {ACTIVE_SQL})"
+            f"SELECT count(*) FROM runs WHERE NOT exported AND state NOT IN {ACTIVE_SQL}"
         )
         return n
 
@@ -393,45 +402,32 @@ class StateStore:
         load: Callable[[str, list[dict[str, Any]]], Awaitable[None]],
         *,
         lock_key: int,
-        limit: int = 20_000,
+        limit: int = 2_000,
     ) -> int | None:
-        """Hand unexported events, then the finished runs whose events are all exported, to `load(kind,
-        rows)` and mark them exported once it returned; None if another replica is exporting."""
-        total = 0
+        """Hand the events of up to `limit` finished, unexported runs to `load("events", rows)`, then the
+        runs' rows to `load("runs", rows)`, and mark the runs exported once both returned (a run's row
+        never goes before its events); the number of runs, or None if another replica is exporting."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
                 return None
-            events = await conn.fetch(
-                "SELECT * FROM run_events WHERE NOT exported ORDER BY event_id LIMIT $1", limit
-            )
-            if events:
-                await load("events", [_event_row(r) for r in events])
-                await conn.execute(
-                    "UPDATE run_events SET exported = true WHERE event_id = ANY($1::bigint[])",
-                    [r["event_id"] for r in events],
-                )
-                total += len(events)
-        async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
-                return total
             runs = await conn.fetch(
-                f"SELECT * FROM runs r WHERE NOT exported AND state NOT IN {ACTIVE_SQL} AND NOT EXISTS "
-                "(SELECT 1 FROM run_events e WHERE e.run_id = r.run_id AND NOT e.exported) LIMIT $1",
-                limit,
+                f"SELECT * FROM runs WHERE NOT exported AND state NOT IN {ACTIVE_SQL} LIMIT $1", limit
             )
-            if runs:
-                await load("runs", [_run_row(r) for r in runs])
-                await conn.execute(
-                    "UPDATE runs SET exported = true WHERE run_id = ANY($1::text[])",
-                    [r["run_id"] for r in runs],
-                )
-                total += len(runs)
-        return total
+            if not runs:
+                return 0
+            ids = [r["run_id"] for r in runs]
+            events = await conn.fetch(
+                "SELECT * FROM run_events WHERE run_id = ANY($1::text[]) ORDER BY event_id", ids
+            )
+            await load("events", [_event_row(r) for r in events])
+            await load("runs", [_run_row(r) for r in runs])
+            await conn.execute("UPDATE runs SET exported = true WHERE run_id = ANY($1::text[])", ids)
+            return len(runs)
 
 
 def _event_row(row: asyncpg.Record) -> dict[str, Any]:
     """A `pipeline_run_events` row for BigQuery."""
-    return {k: v for k, v in row.items() if k not in ("event_id", "exported")}
+    return {k: v for k, v in row.items() if k != "event_id"}
 
 
 def _run_row(row: asyncpg.Record) -> dict[str, Any]:

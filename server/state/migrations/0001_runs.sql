@@ -1,5 +1,6 @@
--- The service's operational state: runs, their events (the ledger and its export outbox), quota
--- counters, token buckets and replica leases. Admission of a run is one call of admit_run().
+-- The service's operational state: runs, their events (the ledger), quota counters, token buckets and
+-- replica leases. Admission of a run is one call of admit_run(). Finished runs not yet `exported` are the
+-- outbox of BigQuery's analytics copy (a run's row and its events go together).
 
 CREATE TABLE replicas (
     replica_id  text PRIMARY KEY,
@@ -28,7 +29,7 @@ CREATE TABLE runs (
     reason            text NOT NULL DEFAULT '',
     error             text NOT NULL DEFAULT '',
     steps             jsonb NOT NULL DEFAULT '[]',
-    exported          boolean NOT NULL DEFAULT false -- its pipeline_runs row is in BigQuery
+    exported          boolean NOT NULL DEFAULT false -- its row and its events are in BigQuery
 );
 -- Idempotency (AIP-155): one run per org and request id.
 CREATE UNIQUE INDEX runs_request ON runs (org_slug, request_id) WHERE request_id <> '';
@@ -38,7 +39,8 @@ CREATE UNIQUE INDEX runs_active_dedupe ON runs (dedupe_key)
 CREATE INDEX runs_active_org ON runs (org_slug) WHERE state IN ('PENDING', 'RUNNING', 'CANCELLING');
 CREATE INDEX runs_active_owner ON runs (owner) WHERE state IN ('PENDING', 'RUNNING', 'CANCELLING');
 CREATE INDEX runs_org_newest ON runs (org_slug, create_time DESC, run_id DESC);
-CREATE INDEX runs_unexported ON runs (run_id) WHERE NOT exported;
+CREATE INDEX runs_unexported ON runs (end_time)
+    WHERE NOT exported AND state NOT IN ('PENDING', 'RUNNING', 'CANCELLING');
 
 CREATE TABLE run_events (
     event_id      bigserial PRIMARY KEY,
@@ -58,11 +60,9 @@ CREATE TABLE run_events (
     duration_ms   bigint,
     rows_written  bigint,
     at            timestamptz NOT NULL,
-    run           text,                           -- on PENDING: the run's identity as JSON
-    exported      boolean NOT NULL DEFAULT false  -- the row is in BigQuery
+    run           text                            -- on PENDING: the run's identity as JSON
 );
 CREATE INDEX run_events_run ON run_events (run_id, event_id);
-CREATE INDEX run_events_unexported ON run_events (event_id) WHERE NOT exported;
 
 -- Runs accepted per org and UTC period ('D2026-11-30', 'M2026-11'): a run counts where it was accepted.
 CREATE TABLE quota_usage (
