@@ -282,34 +282,50 @@ class StateStore:
         return Admission(row["outcome"], row["run_id"] or "", float(row["wait"] or 0.0))
 
     async def write(self, run: Run, events: Sequence[dict[str, Any]]) -> bool:
-        """Store the run's state and append its events, in one statement; False if the run is no longer
-        this replica's to write (it ended, or was closed as INTERRUPTED after this lease expired)."""
-        row = await self._pool.fetchrow(
+        """Store the run's state and append its events; False if the run is no longer this replica's to
+        write (it ended, or was closed as INTERRUPTED after this lease expired)."""
+        return run.run_id in await self.write_many([(run, events)])
+
+    async def write_many(self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]]) -> set[str]:
+        """Several runs' `write`s in one statement (one round trip and one commit for all: concurrent
+        runs' transitions are written together); the ids of the runs written. A run appears once."""
+        rows = await self._pool.fetch(
             f"""
-            WITH u AS (
-                UPDATE runs SET state = $3, reason = $4, error = $5, start_time = $6, end_time = $7,
-                    steps = $8
-                WHERE run_id = $1 AND owner = $2 AND state IN {ACTIVE_SQL}
-                RETURNING run_id, org_slug),
-            i AS (
+            WITH input AS (
+                SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+                    run_id text, state text, reason text, error text, start_time timestamptz,
+                    end_time timestamptz, steps jsonb, events jsonb, n integer)),
+            u AS (
+                UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
+                    start_time = i.start_time, end_time = i.end_time, steps = i.steps
+                FROM input i
+                WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
+                RETURNING r.run_id, r.org_slug, i.events, i.n),
+            ev AS (
                 INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
                 SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
-                FROM u, ROWS FROM (jsonb_to_recordset($9::jsonb) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
-                    AS e({_EVENT_NAMES}, n)
-                ORDER BY e.n)
-            SELECT count(*) AS n FROM u
+                FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
+                    AS e({_EVENT_NAMES}, k)
+                ORDER BY u.n, e.k)
+            SELECT run_id FROM u
             """,
-            run.run_id,
             self.replica_id,
-            run.state,
-            run.reason,
-            run.error,
-            run.start_time,
-            run.end_time,
-            _steps(run),
-            list(events),
+            [
+                {
+                    "run_id": run.run_id,
+                    "state": run.state,
+                    "reason": run.reason,
+                    "error": run.error,
+                    "start_time": run.start_time,
+                    "end_time": run.end_time,
+                    "steps": _steps(run),
+                    "events": list(events),
+                    "n": n,
+                }
+                for n, (run, events) in enumerate(writes)
+            ],
         )
-        return bool(row and row["n"])
+        return {r["run_id"] for r in rows}
 
     # -- reads -------------------------------------------------------------------------------------
 
