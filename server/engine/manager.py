@@ -34,7 +34,7 @@ from server.logs import log_fields
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.pipelines.spec import StepSpec
-from server.state.store import INTERRUPTED_ERROR, Limits, StateStore
+from server.state.store import INTERRUPTED_ERROR, Admission, Limits, StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,11 @@ class RunManager:
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
         limits = Limits(org.requests_per_minute, org.concurrent_limit, org.daily_limit, org.monthly_limit)
-        admission = await self._store.admit(run, limits)
+        # Shielded: a caller that goes away (deadline, disconnect) while the admission commits must not
+        # leave an admitted run that nobody executes (it would hold a slot while this replica lives).
+        admitting = asyncio.ensure_future(self._admit(org, run, config, limits))
+        admitting.add_done_callback(lambda t: t.cancelled() or t.exception())  # refusals nobody awaits
+        admission = await asyncio.shield(admitting)
         if admission.outcome == "REPLAY":
             return await self.get(org.org_slug, admission.run_id)
         if admission.outcome == "ACTIVE":
@@ -283,14 +287,20 @@ class RunManager:
             error = self._refusal(admission.outcome, admission.wait, org, run.create_time)
             metrics.labelled(metrics.QUOTA_REJECTIONS, error.reason).inc()
             raise error
-        live = _Live(run, config)
-        self._active[run.run_id] = live
-        run.notify(Event(run.create_time, "PENDING"))
-        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
-        metrics.RUNS_ACTIVE.inc()
-        run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
-        run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
         return run
+
+    async def _admit(self, org: OrgContext, run: Run, config: PipelineConfig, limits: Limits) -> Admission:
+        """The admission transaction; an accepted run starts at once."""
+        admission = await self._store.admit(run, limits)
+        if admission.outcome == "ACCEPTED":
+            live = _Live(run, config)
+            self._active[run.run_id] = live
+            run.notify(Event(run.create_time, "PENDING"))
+            metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
+            metrics.RUNS_ACTIVE.inc()
+            run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
+            run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
+        return admission
 
     @staticmethod
     def _refusal(outcome: str, wait: float, org: OrgContext, now: datetime) -> ThrottledError:
