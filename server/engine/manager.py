@@ -22,13 +22,15 @@ from typing import Any
 
 import orjson
 
+from processors.base import RunIdentity, StepContext
 from server import metrics
+from server.credentials.vault import CredentialVault
 from server.engine import templates
-from server.engine.processor import RunIdentity, StepContext
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
 from server.engine.runner import TERMINAL as STEP_TERMINAL
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
+from server.http.client import OutboundHttp
 from server.ids import new_id
 from server.logs import log_fields
 from server.orgs import OrgContext
@@ -114,6 +116,8 @@ class RunManager:
         store: StateStore,
         warehouse: BigQueryWarehouse,
         meta_dataset: str,
+        http: OutboundHttp,
+        vault: CredentialVault,
         flush_seconds: float = 0.2,
         poll_seconds: float = 0.5,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -123,6 +127,8 @@ class RunManager:
         self._store = store
         self._wh = warehouse
         self._meta = meta_dataset
+        self._http = http
+        self._vault = vault
         self._flush_seconds = flush_seconds
         self._poll_seconds = poll_seconds
         self._clock = clock
@@ -503,6 +509,8 @@ class RunManager:
             warehouse=self._wh,
             meta_dataset=self._meta,
             log=logger,
+            http=self._http.bind(run.org_slug, run.run_id, step.step_id),
+            secrets=self._vault.for_org(run.org_slug),
         )
 
     def _on_step(self, live: _Live, event: StepEvent) -> None:
