@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import cpu, engine_overhead, jobs, saas_cost
+from bench import admission, cpu, engine_overhead, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
@@ -74,7 +74,7 @@ PATHS = [
     Route("gRPC via Envoy", "grpc", True, 32),
 ]
 FLOOR_PATH = PATHS[1]  # the floor server (bench/echo.py) is measured on the target's path only
-CPU_PARTS = ("server", "envoy", "emulator", "client")
+CPU_PARTS = ("server", "envoy", "emulator", "postgres", "client")
 
 
 @dataclass
@@ -132,6 +132,7 @@ def _cpu_snapshot(stack: Stack, target: str) -> dict[str, float]:
         "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(echo.pid),
         "envoy": cpu.tree_seconds(envoy.pid),
         "emulator": cpu.tree_seconds(stack.emulator.pid),
+        "postgres": cpu.tree_seconds(stack.postgres.pid) if stack.postgres else 0.0,
     }
 
 
@@ -141,6 +142,7 @@ def _ours_seconds(stack: Stack) -> float:
     assert stack.echo is not None and stack.echo_envoy is not None
     assert stack.floor is not None
     pids = (stack.emulator.pid, stack.envoy.pid, stack.echo_envoy.pid, stack.echo.pid, stack.floor.pid)
+    pids += (stack.postgres.pid,) if stack.postgres else ()
     return cpu.self_seconds() + cpu.waited_children_seconds() + sum(cpu.tree_seconds(p) for p in pids)
 
 
@@ -209,7 +211,7 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 TABLE_HEADER = (
     "| rnd | cell                 | srv  | in | calls | err |   calls/s |  p50 ms |  p99 ms | stall ms "
-    "| drain s | jobs/run | CPU ms/call srv / envoy / emu / client | other |"
+    "| drain s | jobs/run | CPU ms/call srv / envoy / emu / pg / client | other |"
 )
 
 
@@ -301,8 +303,8 @@ def throughput_markdown(measured: list[Measured]) -> list[str]:
 def cpu_markdown(measured: list[Measured]) -> list[str]:
     """CPU milliseconds per call by process, medians (Markdown)."""
     lines = [
-        "| path | in flight | server | Envoy | emulator | client | server real - bare |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | in flight | server | Envoy | emulator | PostgreSQL | client | server real - bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in PATHS:
         real, bare = summarize(measured, path, "real"), summarize(measured, path, "bare")
@@ -532,6 +534,20 @@ async def main() -> int:
             f"  target <= 3 jobs/run beyond the steps' own work: {'met' if worst <= 3 else 'NOT met'} "
             f"(worst median {worst:g})"
         )
+        print()
+
+        assert stack.postgres is not None
+        print("State store admissions (the admission transaction alone, 100 orgs, 32 in flight per replica):")
+        for replicas in (1, 2):
+            try:
+                a = await admission.measure(stack.postgres.dsn, replicas=replicas)
+            except Exception as exc:  # reported, the rest of the benchmark goes on
+                print(f"  {replicas} replica(s): failed ({type(exc).__name__})")
+                continue
+            print(
+                f"  {replicas} replica(s) x 32 in flight: {a.per_second:,.0f} admissions/s, "
+                f"p50 {a.p50_ms:.2f} ms, p99 {a.p99_ms:.2f} ms ({a.refused} refused)"
+            )
         print()
 
         saas_seconds = min(

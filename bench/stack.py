@@ -1,5 +1,5 @@
-"""The benchmark's local stack: emulator, real service (in this process), echo server and its floor
-variant (each in its own process), and one Envoy in front of the service and of the echo server.
+"""The benchmark's local stack: emulator, PostgreSQL, real service (in this process), echo server and its
+floor variant (each in its own process), and one Envoy in front of the service and of the echo server.
 
 Everything binds 127.0.0.1 on free ports and lives in a temporary folder; `Stack.stop` stops what was
 started, in reverse order, even after a partial start.
@@ -21,6 +21,7 @@ from cloudact.pipeline.v1 import pipeline_service_pb2
 from server import app
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
+from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import IssuedKey, Plan
 from server.settings import Settings
@@ -38,6 +39,7 @@ class Stack:
 
     folder: Path
     emulator: Emulator | None = None
+    postgres: Postgres | None = None
     service: app.Service | None = None
     envoy: Envoy | None = None
     echo: EchoProcess | None = None
@@ -61,13 +63,14 @@ class Stack:
             ("floor server", self.floor),
             ("envoy", self.envoy),
             ("service", self.service),
+            ("postgres", self.postgres),
             ("emulator", self.emulator),
         ]
         for name, part in steps:
             if part is None:
                 continue
             try:
-                if isinstance(part, Envoy | Emulator):
+                if isinstance(part, Envoy | Emulator | Postgres):
                     await asyncio.to_thread(part.stop)
                 elif isinstance(part, EchoProcess | app.Service):
                     await part.stop()
@@ -76,10 +79,12 @@ class Stack:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def bench_settings(endpoint: str, state_dir: Path) -> Settings:
-    """The service's settings for the benchmark: defaults except ports, paths, project and root key, and
-    the local ledger cadence (a flush every 0.5 s, no daily load budget: the emulator has no quota)."""
+def bench_settings(endpoint: str, state_dir: Path, database_url: str) -> Settings:
+    """The service's settings for the benchmark: defaults except ports, paths, project and root key, the
+    state store, and the local ledger cadence (an export every 0.5 s, no daily load budget: the emulator
+    has no quota)."""
     return Settings(
+        database_url=database_url,
         pipeline_env="local",
         gcp_project_id="bench-project",
         bigquery_endpoint=endpoint,
@@ -110,7 +115,15 @@ async def start_stack(stack: Stack) -> None:
     )
     stack.timings["emulator"] = loop.time() - began
     began = loop.time()
-    stack.service = await app.start(bench_settings(stack.emulator.endpoint, folder / "state"))
+    # Durable (fsync on, the defaults): a commit costs what it costs in production.
+    stack.postgres = await asyncio.to_thread(
+        Postgres, port=free_port(), data_dir=folder / "postgres", log_path=folder / "postgres.log"
+    )
+    stack.timings["postgres"] = loop.time() - began
+    began = loop.time()
+    stack.service = await app.start(
+        bench_settings(stack.emulator.endpoint, folder / "state", stack.postgres.dsn)
+    )
     stack.timings["service"] = loop.time() - began
     began = loop.time()
     stack.org_slug = f"bench_{uuid.uuid4().hex[:8]}"
@@ -137,12 +150,12 @@ def new_stack() -> Stack:
 
 
 async def drain(service: app.Service, max_seconds: float = 20.0) -> float:
-    """Wait until no run is active and the ledger has written everything; return the seconds waited."""
+    """Wait until no run is active and the ledger is exported; return the seconds waited."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    tasks = [r.task for r in list(service.runs._active.values()) if r.task is not None]
+    tasks = [live.run.task for live in list(service.runs._active.values()) if live.run.task is not None]
     if tasks:
         await asyncio.wait(tasks, timeout=max_seconds)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(service.runs._ledger.flush(), max(1.0, began + max_seconds - loop.time()))
+        await asyncio.wait_for(service.ledger.flush(), max(1.0, began + max_seconds - loop.time()))
     return loop.time() - began

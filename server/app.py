@@ -22,7 +22,6 @@ from server.credentials.store import CredentialStore
 from server.credentials.vault import CredentialVault
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
-from server.engine.quotas import Quotas
 from server.engine.runner import StepRunner
 from server.http.client import HttpSettings, OutboundHttp
 from server.kms import KeyEncryptionKey
@@ -32,6 +31,7 @@ from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
 from server.providers import ProviderRegistry
 from server.settings import Settings
+from server.state.store import StateStore
 from server.warehouse.bigquery import GOOGLE_TOKEN_URL, BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,20 @@ def build_warehouse(settings: Settings, google_token_url: str | None = None) -> 
         job_timeout=settings.bigquery_job_timeout_seconds,
         retry_deadline=settings.bigquery_retry_deadline_seconds,
         google_token_url=google_token_url or GOOGLE_TOKEN_URL,
+    )
+
+
+async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateStore:
+    """The state store for these settings (DATABASE_URL, or Cloud SQL through the Python Connector);
+    with `upgrade`, its schema migrations are applied first."""
+    return await StateStore.connect(
+        dsn=settings.database_url.get_secret_value(),
+        cloud_sql_instance=settings.cloud_sql_instance,
+        user=settings.database_user,
+        database=settings.database_name,
+        pool_size=settings.database_pool_size,
+        lease_seconds=settings.replica_lease_seconds,
+        upgrade=upgrade,
     )
 
 
@@ -137,15 +151,19 @@ class Service:
     procedures: ProcedureManager
     catalog: PipelineCatalog
     runs: RunManager
+    state: StateStore
+    ledger: Ledger
     http: OutboundHttp
     vault: CredentialVault
     metrics_port: int = 0
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, flush the ledger, close."""
+        """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, give the lease up, close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
         await self.runs.close()
+        await self.ledger.close()
+        await self.state.close()
         await self.http.close()
         await self.vault.store.close()
         await self.warehouse.close()
@@ -172,6 +190,7 @@ async def start(
         ttl=settings.auth_cache_ttl_seconds,
         failures_per_minute=settings.auth_failures_per_minute,
     )
+    state = await connect_state(settings)
     runs = RunManager(
         catalog=catalog,
         runner=StepRunner(
@@ -179,17 +198,18 @@ async def start(
             global_limit=asyncio.Semaphore(settings.max_concurrent_steps),
             per_run_limit=settings.max_parallel_steps_per_run,
         ),
-        ledger=Ledger(
-            warehouse,
-            settings.meta_dataset,
-            interval=settings.ledger_flush_seconds,
-            loads_per_day=settings.ledger_loads_per_day,
-        ),
-        quotas=Quotas(),
+        store=state,
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
         http=http,
         vault=vault,
+    )
+    ledger = Ledger(
+        warehouse,
+        settings.meta_dataset,
+        state,
+        interval=settings.ledger_flush_seconds,
+        loads_per_day=settings.ledger_loads_per_day,
     )
     server = aio.server(options=SERVER_OPTIONS)
     # Every method of our services is guarded (a method without a policy fails here, before anything
@@ -214,6 +234,7 @@ async def start(
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
     await runs.start()
+    ledger.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
     for name in ("", *SERVICES):
@@ -230,6 +251,8 @@ async def start(
         procedures,
         catalog,
         runs,
+        state,
+        ledger,
         http,
         vault,
         metrics_port,

@@ -10,6 +10,8 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given) and
                                                  the provider registry
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
+    pipeline-service db status                   the state store's schema migrations, applied or not
+    pipeline-service db upgrade                  apply the missing migrations (the server does at start)
     pipeline-service credentials set ORG PROVIDER --from-file FILE|- [--name NAME]
                                                  store (or replace) an org's provider credential (JSON)
     pipeline-service credentials list ORG        the org's credentials, masked
@@ -19,8 +21,8 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service credentials rewrap [--new-local-key]
                                                  re-wrap every data key with the KEK's primary version
 
-Locally, commands that need the warehouse start the embedded emulator for their duration when it is not
-already running.
+Locally, commands that need the warehouse or the state store start the embedded emulator or PostgreSQL
+for their duration when it is not already running.
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from server import devstack, logs, meta, saas
-from server.app import build_http, build_kek, build_warehouse
+from server.app import build_http, build_kek, build_warehouse, connect_state
 from server.credentials.probe import probe
 from server.credentials.store import CredentialStore
 from server.engine.processor import ProcessorRegistry
 from server.errors import FailedPreconditionError, InvalidInputError, NotFoundError, ServiceError
 from server.kms.local import LocalKeyFile
-from server.localstack import emulator
+from server.localstack import emulator, postgres
 from server.orgs import DEFAULT_SCOPES, OrgRepository
 from server.pipelines.catalog import PipelineCatalog, load_config
 from server.providers import ProviderRegistry
 from server.settings import Settings, load_settings
+from server.state import migrate
 from server.warehouse.bigquery import BigQueryWarehouse
 from server.warehouse.rows import json_value
 
@@ -135,6 +138,26 @@ async def query(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
         for row in await wh.query(args.sql):
             print(json.dumps(json_value(row)))
+
+
+async def db(settings: Settings, args: argparse.Namespace) -> None:
+    async with postgres.embedded(settings):
+        store = await connect_state(settings, upgrade=False)
+        try:
+            async with store.connection() as conn:
+                applied = [m.version for m in await migrate.upgrade(conn)] if args.db == "upgrade" else []
+                migrations = await migrate.status(conn)
+        finally:
+            await store.close()
+    _print(
+        {
+            "applied_now": applied,
+            "migrations": [
+                {"version": m.version, "name": m.name, "applied_at": m.applied_at, "checksum": m.checksum}
+                for m in migrations
+            ],
+        }
+    )
 
 
 @asynccontextmanager
@@ -297,6 +320,12 @@ def parser() -> argparse.ArgumentParser:
     q = commands.add_parser("query", help="run one SQL query against the warehouse")
     q.add_argument("sql")
     q.set_defaults(run=query)
+
+    db_cmd = commands.add_parser("db", help="the state store's schema").add_subparsers(
+        dest="db", required=True
+    )
+    db_cmd.add_parser("status", help="show the migrations and which are applied").set_defaults(run=db)
+    db_cmd.add_parser("upgrade", help="apply the missing migrations").set_defaults(run=db)
     return top
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from server import app, saas
-from server.localstack import emulator
+from server.localstack import emulator, postgres
 from server.localstack.envoy import Envoy
 from server.orgs import IssuedKey, OrgRepository
 from server.settings import Settings
@@ -77,6 +77,7 @@ def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
     return f"""
 Pipeline Service is running (Ctrl-C stops everything)
   gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
+  state   PostgreSQL on 127.0.0.1:{settings.postgres_port} (data in {settings.postgres_data_dir})
   metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics
   demo org {demo["org_slug"]}   dataset {demo["dataset"]}
   API key  {demo["api_key"]}
@@ -109,8 +110,8 @@ Provider credentials (encrypted with {kek}):
 
 
 async def run_local_stack(settings: Settings) -> None:
-    """Emulator, gRPC server and Envoy in the foreground until SIGINT/SIGTERM; then stop all three."""
-    async with emulator.embedded(settings):
+    """Emulator, PostgreSQL, gRPC server and Envoy in the foreground until SIGINT/SIGTERM; then stop all."""
+    async with emulator.embedded(settings), postgres.embedded(settings):
         service = await app.start(settings)
         envoy: Envoy | None = None
         try:

@@ -52,6 +52,24 @@ class Settings(BaseSettings):
     emulator_grpc_port: int = Field(9060, description="Emulator gRPC port.")
     emulator_data_dir: Path = Field(PROJECT_ROOT / ".state" / "bqemulator", description="Emulator data.")
 
+    database_url: SecretStr = Field(
+        SecretStr(""), description="PostgreSQL DSN of the state store; empty with cloud_sql_instance set."
+    )
+    cloud_sql_instance: str = Field(
+        "", description="Cloud SQL instance `project:region:instance`, reached with the Python Connector."
+    )
+    database_user: str = Field("", description="Cloud SQL IAM database user (the service account's name).")
+    database_name: str = Field("pipeline_service", description="Cloud SQL database name.")
+    database_pool_size: int = Field(10, ge=1, description="Connections per replica to the state store.")
+    replica_lease_seconds: float = Field(
+        15.0, gt=0, description="A replica that has not renewed its lease for this long is dead."
+    )
+    postgres_embedded: bool = Field(False, description="Start the local PostgreSQL child (local only).")
+    postgres_port: int = Field(5433, description="Port of the local PostgreSQL.")
+    postgres_data_dir: Path = Field(
+        PROJECT_ROOT / ".state" / "postgres", description="Local PostgreSQL data."
+    )
+
     grpc_host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     grpc_port: int = Field(50051, description="Port the gRPC server binds; 0 picks a free one.")
     grpc_grace_seconds: float = Field(10.0, description="How long shutdown lets in-flight calls finish.")
@@ -67,12 +85,14 @@ class Settings(BaseSettings):
 
     max_concurrent_steps: int = Field(32, description="Step attempts executing at once, over all runs.")
     max_parallel_steps_per_run: int = Field(4, description="Independent steps of one run executing at once.")
-    ledger_flush_seconds: float = Field(0.5, description="How often buffered ledger rows are written.")
+    ledger_flush_seconds: float = Field(
+        0.5, description="How often the run history is exported from PostgreSQL to BigQuery."
+    )
     ledger_loads_per_day: int = Field(
         1400,
         ge=0,
-        description="Ledger flushes (one load job per table each) allowed per day; BigQuery allows 1,500 "
-        "load jobs per table per day. 0: no limit (the emulator has none).",
+        description="Ledger exports (one load job per table each) allowed per day over all replicas; "
+        "BigQuery allows 1,500 load jobs per table per day. 0: no limit (the emulator has none).",
     )
     metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
 
@@ -119,8 +139,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.pipeline_env is not Environment.LOCAL and self.emulator_embedded:
-            raise ValueError("emulator_embedded is only allowed in the local environment")
+        if self.pipeline_env is not Environment.LOCAL and (self.emulator_embedded or self.postgres_embedded):
+            raise ValueError(
+                "emulator_embedded and postgres_embedded are only allowed in the local environment"
+            )
         if self.pipeline_env is Environment.PROD and len(self.ca_root_api_key.get_secret_value()) < 32:
             raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")
         if self.pipeline_env is not Environment.LOCAL and (not self.kms_key_name or self.kms_insecure):

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 
 class TokenBucket:
-    """Rate limiting for one key (an org's RunPipeline calls, the ledger's load jobs).
+    """Rate limiting for one key (a provider's outbound HTTP calls in this process; the per-org RunPipeline
+    rate and the ledger's load budget are shared buckets in the state store).
 
     `rate` and `capacity` may be changed between calls (a plan changed); the tokens already there stay,
     capped at the new capacity on the next refill.

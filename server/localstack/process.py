@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -29,6 +30,11 @@ def http_ok(url: str, expect: str = "") -> bool:
         return False
 
 
+def as_user(user: str | None) -> dict[str, Any]:
+    """`subprocess` arguments that run a child as `user` with only that user's group (none: as we are)."""
+    return {} if user is None else {"user": user, "group": user, "extra_groups": []}
+
+
 class ChildProcess:
     """One supervised child process with its output in a log file."""
 
@@ -38,8 +44,12 @@ class ChildProcess:
         argv: Sequence[str],
         log_path: Path,
         env: dict[str, str] | None = None,
+        *,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.name = name
+        self._stop_signal = stop_signal
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
@@ -50,6 +60,7 @@ class ChildProcess:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            **as_user(user),
         )
 
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
@@ -69,9 +80,9 @@ class ChildProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        """The stop signal (SIGTERM unless told otherwise), then SIGKILL after `timeout` seconds."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(self._stop_signal)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
-"""The console script against the session's emulator: org and key commands, query, configs validate."""
+"""The console script against the session's emulator and PostgreSQL: org and key commands, query, configs
+validate, db status and upgrade."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import asyncpg
+from pydantic import SecretStr
 
 from server import app, devstack, meta
 from server.localstack.emulator import Emulator
+from server.localstack.postgres import Postgres, dsn
 from server.orgs import OrgRepository
 from server.settings import Settings
+from server.state import migrate
 from tests.integration.cli_runner import run_cli
 
 cli = run_cli
@@ -108,3 +113,29 @@ async def test_demo_org_is_created_once_with_its_plans(service: app.Service, tmp
     assert counts == {"active": 7, "cancelled": 1, "pending": 1}  # seeded once, not twice
     await service.warehouse.delete_dataset(first["dataset"])
     await service.warehouse.delete_dataset(meta_dataset)
+
+
+async def test_db_status_and_upgrade_on_a_fresh_database(
+    settings: Settings, emulator: Emulator, postgres: Postgres
+) -> None:
+    name = f"cli_db_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn)
+    await admin.execute(f"CREATE DATABASE {name}")
+    fresh = settings.model_copy(update={"database_url": SecretStr(dsn(postgres.port, name))})
+    try:
+        code, out = await cli(fresh, emulator, "db", "status")
+        assert code == 0, out
+        before = json.loads(out)
+        versions = [m.version for m in migrate.available()]
+        assert [m["version"] for m in before["migrations"]] == versions
+        assert before["applied_now"] == [] and all(m["applied_at"] is None for m in before["migrations"])
+
+        code, out = await cli(fresh, emulator, "db", "upgrade")
+        assert code == 0, out
+        assert json.loads(out)["applied_now"] == versions
+        code, out = await cli(fresh, emulator, "db", "upgrade")
+        after = json.loads(out)
+        assert after["applied_now"] == [] and all(m["applied_at"] for m in after["migrations"])
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()

@@ -1,22 +1,30 @@
-"""The ledger's load budget: BigQuery allows a fixed number of load jobs per table per day, so periodic
-flushes stop when the budget is spent, finished runs stay readable from memory meanwhile (GetRun,
-ListPipelineRuns, request-id replay), and closing the service writes everything regardless.
+"""The ledger's export to BigQuery within its load budget: BigQuery allows a fixed number of load jobs per
+table per day, so periodic exports stop when the shared budget (a token bucket in PostgreSQL) is spent;
+runs are read from PostgreSQL meanwhile (GetRun, ListPipelineRuns, request-id replay never wait for an
+export); a restart adds no load (the budget is in the database, not in the process); what is left stays
+in the outbox until an export of any replica writes it, each row once.
 
-A second service on the session emulator with its own meta dataset (its start-up recovery must not
-touch the session service's runs) and a budget of 24 loads a day: one flush, then none for an hour."""
+The service here has a database of its own on the session's PostgreSQL (its outbox must not be exported
+by the session service into another meta dataset) and a budget of 24 loads a day: one export, then none
+for an hour.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from grpc import aio
+from pydantic import SecretStr
 
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 from server import app
-from server.ledger import RUNS, LoadBudget
+from server.ledger import EVENTS, RUNS
+from server.localstack.postgres import Postgres, dsn
 from server.settings import Settings
 from tests.conftest import Org, make_org
 
@@ -24,57 +32,23 @@ PS = pipeline_service_pb2
 Stub = pipeline_service_pb2_grpc.PipelineServiceStub
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_the_budget_starts_with_one_holds_an_hour_and_refills_at_its_daily_rate() -> None:
-    clock = Clock()
-    budget = LoadBudget(48, clock)  # 2 an hour, one every 30 minutes
-    assert [budget.take() for _ in range(2)] == [True, False]
-    clock.now += 29 * 60
-    assert not budget.take()
-    clock.now += 60
-    assert budget.take() and not budget.take()
-    clock.now += 10 * 3600  # idle for long: never more than an hour's worth
-    assert [budget.take() for _ in range(3)] == [True, True, False]
-
-
-def test_loads_that_must_happen_are_counted_against_later_ones() -> None:
-    clock = Clock()
-    budget = LoadBudget(48, clock)
-    assert budget.take()
-    budget.spend()  # a close or a recovery flush with nothing left: the budget goes into debt
-    assert not budget.take()
-    clock.now += 30 * 60
-    assert not budget.take()  # the first refill pays the debt
-    clock.now += 30 * 60
-    assert budget.take()
-
-
-def test_a_budget_of_zero_is_no_limit() -> None:
-    budget = LoadBudget(0, Clock())
-    assert all(budget.take() for _ in range(10_000))
-
-
 @pytest.fixture
-async def paced(settings: Settings) -> AsyncIterator[tuple[app.Service, Stub, Org]]:
-    meta = f"ledger_paced_{uuid.uuid4().hex[:8]}"
-    svc = await app.start(
-        settings.model_copy(
-            update={"meta_dataset": meta, "ledger_loads_per_day": 24, "ledger_flush_seconds": 0.05}
-        )
-    )
+async def paced_settings(settings: Settings, postgres: Postgres) -> AsyncIterator[Settings]:
+    name = f"paced_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn)
+    await admin.execute(f"CREATE DATABASE {name}")
     try:
-        org = await make_org(svc, "paced")
-        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            yield svc, Stub(channel), org
+        yield settings.model_copy(
+            update={
+                "meta_dataset": f"ledger_paced_{uuid.uuid4().hex[:8]}",
+                "ledger_loads_per_day": 24,
+                "ledger_flush_seconds": 0.05,
+                "database_url": SecretStr(dsn(postgres.port, name)),
+            }
+        )
     finally:
-        await svc.stop()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def _run(stub: Stub, org: Org, i: int, request_id: str = "") -> pipeline_run_pb2.PipelineRun:
@@ -92,37 +66,55 @@ async def _run(stub: Stub, org: Org, i: int, request_id: str = "") -> pipeline_r
     return response.run
 
 
-async def _stored_run_ids(svc: app.Service, org: Org) -> set[str]:
-    table = svc.warehouse.table_ref(svc.settings.meta_dataset, RUNS)
-    rows = await svc.warehouse.query(f"SELECT run_id FROM {table} WHERE org_slug = @org", {"org": org.slug})
-    return {r["run_id"] for r in rows}
+async def _stored(svc: app.Service, table: str, org: Org) -> Counter[str]:
+    ref = svc.warehouse.table_ref(svc.settings.meta_dataset, table)
+    rows = await svc.warehouse.query(f"SELECT run_id FROM {ref} WHERE org_slug = @org", {"org": org.slug})
+    return Counter(r["run_id"] for r in rows)
 
 
-async def test_a_spent_budget_defers_writes_and_memory_answers_meanwhile(
-    paced: tuple[app.Service, Stub, Org],
-) -> None:
-    svc, stub, org = paced
-    first = await _run(stub, org, 0)
-    await asyncio.sleep(0.3)  # the first tick with rows to write spends the budget's one load
-    later = [await _run(stub, org, i) for i in range(1, 4)]
-    replayed = await _run(stub, org, 4, request_id="paced-request")
-    await asyncio.sleep(0.5)  # ten flush ticks: the budget has nothing left for this hour
-    held_back = svc.runs._ledger.pending
-    assert held_back >= 4 * 6  # four runs' events and rows at least
-    assert not {r.run_id for r in [*later, replayed]} & await _stored_run_ids(svc, org)
+async def test_a_spent_budget_defers_exports_and_reads_never_wait_for_them(paced_settings: Settings) -> None:
+    svc = await app.start(paced_settings)
+    try:
+        org = await make_org(svc, "paced")
+        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = Stub(channel)
+            first = await _run(stub, org, 0)
+            await asyncio.sleep(0.5)  # the first tick with rows to export spends the budget's one load
+            assert await _stored(svc, RUNS, org) == {first.run_id: 1}
+            later = [await _run(stub, org, i) for i in range(1, 4)]
+            replayed = await _run(stub, org, 4, request_id="paced-request")
+            await asyncio.sleep(0.5)  # ten export ticks: the budget has nothing left for this hour
+            held_back = await svc.state.unexported()
+            assert held_back == 4  # four finished runs (and their events) wait in the outbox
+            assert not {r.run_id for r in [*later, replayed]} & set(await _stored(svc, RUNS, org))
 
-    # Reads come from memory: the runs are there, and listing writes nothing.
-    for run in later:
-        got = await stub.GetPipelineRun(PS.GetPipelineRunRequest(run_id=run.run_id), metadata=org.metadata)
-        assert got.run.state == pipeline_run_pb2.RUN_STATE_COMPLETED
-    listed = await stub.ListPipelineRuns(PS.ListPipelineRunsRequest(page_size=50), metadata=org.metadata)
-    assert [r.run_id for r in listed.runs] == [
-        r.run_id for r in sorted([first, *later, replayed], key=lambda r: r.create_time.ToNanoseconds())
-    ][::-1]
-    again = await _run(stub, org, 4, request_id="paced-request")
-    assert again.run_id == replayed.run_id
-    assert svc.runs._ledger.pending == held_back  # nothing was written to answer those
+            # Reads come from PostgreSQL: the runs are there at once, and reading exports nothing.
+            for run in later:
+                got = await stub.GetPipelineRun(
+                    PS.GetPipelineRunRequest(run_id=run.run_id), metadata=org.metadata
+                )
+                assert got.run.state == pipeline_run_pb2.RUN_STATE_COMPLETED
+            listed = await stub.ListPipelineRuns(
+                PS.ListPipelineRunsRequest(page_size=50), metadata=org.metadata
+            )
+            assert [r.run_id for r in listed.runs] == [r.run_id for r in [first, *later, replayed]][::-1]
+            again = await _run(stub, org, 4, request_id="paced-request")
+            assert again.run_id == replayed.run_id
+            assert await svc.state.unexported() == held_back
+    finally:
+        await svc.stop()  # stopping exports nothing: the rows stay in the outbox
 
-    # Closing writes what the budget held back.
-    await svc.runs.close()
-    assert {r.run_id for r in [first, *later, replayed]} <= await _stored_run_ids(svc, org)
+    # A restart adds no load (the budget lives in the database); an explicit flush writes the rest, once.
+    restarted = await app.start(paced_settings)
+    try:
+        await asyncio.sleep(0.5)
+        assert await restarted.state.unexported() == held_back
+        assert await restarted.ledger.flush() == held_back
+        assert await restarted.state.unexported() == 0
+        everyone = [first, *later, replayed]
+        assert await _stored(restarted, RUNS, org) == dict.fromkeys((r.run_id for r in everyone), 1)
+        events = await _stored(restarted, EVENTS, org)
+        assert events == {r.run_id: len(await restarted.state.events(r.run_id)) for r in everyone}
+        assert all(n >= 7 for n in events.values()), events  # 3 run transitions, 2 x 2 step ones, attempts
+    finally:
+        await restarted.stop()

@@ -201,7 +201,7 @@ async def test_cancel_over_rest_stops_the_running_step(
         "after": RS.STEP_STATE_NOT_RUN,
     }
     assert done.end_time.ToDatetime() >= done.start_time.ToDatetime()
-    assert service.runs._quotas.active(org.slug) == 0
+    assert (await service.state.active_runs(org.slug)) == 0
 
     # Cancelling it again (over gRPC and REST) returns it unchanged.
     again = await cancel(pipelines, org, run.run_id)
@@ -290,7 +290,7 @@ async def test_request_id_returns_the_same_run(pipelines: Stub, service: app.Ser
 
     after = await start(pipelines, org, "sleepy", {"sleep": "0.3"}, request_id=request_id)
     assert after.run_id == first.run_id and after.state == RS.RUN_STATE_COMPLETED
-    await service.runs._ledger.flush()
+    await service.ledger.flush()
     after_flush = await start(pipelines, org, "sleepy", {"sleep": "0.3"}, request_id=request_id)
     assert after_flush.run_id == first.run_id
 
@@ -298,8 +298,8 @@ async def test_request_id_returns_the_same_run(pipelines: Stub, service: app.Ser
     assert theirs.run_id != first.run_id and theirs.org_slug == other.slug
     assert (await wait_terminal(pipelines, other, theirs.run_id)).state == RS.RUN_STATE_COMPLETED
     # Exactly one run per org was made, and only one counts against each org's daily quota.
-    assert service.runs._quotas.used(org.slug)[0] == 1
-    assert service.runs._quotas.used(other.slug)[0] == 1
+    assert (await service.state.used(org.slug))[0] == 1
+    assert (await service.state.used(other.slug))[0] == 1
     assert [r.run_id for r in await list_all(pipelines, org)] == [first.run_id]
 
 
@@ -313,7 +313,7 @@ async def test_concurrent_calls_with_one_request_id_make_one_run(
     )
     assert {r.run_id for r in runs} == {runs[0].run_id}, runs
     assert (await wait_terminal(pipelines, org, runs[0].run_id)).state == RS.RUN_STATE_COMPLETED
-    assert service.runs._quotas.used(org.slug)[0] == 1
+    assert (await service.state.used(org.slug))[0] == 1
 
 
 # --- 5. quotas ------------------------------------------------------------------------------------------
@@ -325,12 +325,12 @@ async def test_concurrent_limit_then_recovery(
     http: aiohttp.ClientSession, pipelines: Stub, service: app.Service
 ) -> None:
     org = await plan_org(service, "concur", **SMALL)
-    quotas = service.runs._quotas
+    state = service.state
     a = await start(pipelines, org, "sleepy", {"sleep": "30"})
     b = await start(pipelines, org, "sleepy", {"sleep": "29"})
     started = [a.run_id, b.run_id]
     try:
-        assert quotas.active(org.slug) == 2
+        assert (await state.active_runs(org.slug)) == 2
         error = await rpc_failure(
             start(pipelines, org, "sleepy", {"sleep": "28"}), EXHAUSTED, "CONCURRENT_LIMIT_EXCEEDED"
         )
@@ -341,17 +341,19 @@ async def test_concurrent_limit_then_recovery(
         assert status == 429, body
         assert rest_reason(body) == "CONCURRENT_LIMIT_EXCEEDED"
         assert len(rest_details(body, RETRY_INFO)) == 1, body
-        assert quotas.active(org.slug) == 2 and quotas.used(org.slug)[0] == 2  # rejections count nothing
+        assert (await state.active_runs(org.slug)) == 2 and (await state.used(org.slug))[
+            0
+        ] == 2  # rejections count nothing
 
         await cancel_and_wait(pipelines, org, [a.run_id])
-        assert quotas.active(org.slug) == 1
+        assert (await state.active_runs(org.slug)) == 1
         c = await start(pipelines, org, "sleepy", {"sleep": "28"})
         started.append(c.run_id)
         assert c.state in (RS.RUN_STATE_PENDING, RS.RUN_STATE_RUNNING)
-        assert quotas.active(org.slug) == 2
+        assert (await state.active_runs(org.slug)) == 2
     finally:
         await cancel_and_wait(pipelines, org, started)
-    assert quotas.active(org.slug) == 0
+    assert (await state.active_runs(org.slug)) == 0
 
 
 async def test_daily_limit(http: aiohttp.ClientSession, pipelines: Stub, service: app.Service) -> None:
@@ -367,8 +369,8 @@ async def test_daily_limit(http: aiohttp.ClientSession, pipelines: Stub, service
     assert 0 < delay.seconds <= 24 * 3600
     status, body = await run_rest(http, org, QUICK, {"parameters": {"label": "4"}})
     assert status == 429 and rest_reason(body) == "DAILY_LIMIT_EXCEEDED", body
-    assert service.runs._quotas.used(org.slug)[0] == 3
-    assert service.runs._quotas.active(org.slug) == 0
+    assert (await service.state.used(org.slug))[0] == 3
+    assert (await service.state.active_runs(org.slug)) == 0
 
 
 async def test_failed_cancelled_and_timed_out_runs_release_their_slots(
@@ -377,11 +379,11 @@ async def test_failed_cancelled_and_timed_out_runs_release_their_slots(
     org = await plan_org(
         service, "release", daily_limit=100, monthly_limit=100, concurrent_limit=3, requests_per_minute=1000
     )
-    quotas = service.runs._quotas
+    state = service.state
     failing = await start(pipelines, org, "failing")
     slow = await start(pipelines, org, "slow")
     sleepy = await start(pipelines, org, "sleepy", {"sleep": "30"})
-    assert quotas.active(org.slug) >= 1
+    assert (await state.active_runs(org.slug)) >= 1
     await wait_state(pipelines, org, sleepy.run_id, RS.RUN_STATE_RUNNING)
     await cancel(pipelines, org, sleepy.run_id)
     ends = {
@@ -393,12 +395,12 @@ async def test_failed_cancelled_and_timed_out_runs_release_their_slots(
         slow.run_id: RS.RUN_STATE_TIMEOUT,
         sleepy.run_id: RS.RUN_STATE_CANCELLED,
     }
-    assert quotas.active(org.slug) == 0
+    assert (await state.active_runs(org.slug)) == 0
     # All three slots are free again: three concurrent runs are accepted.
     more = [await start(pipelines, org, "sleepy", {"sleep": str(20 + i)}) for i in range(3)]
-    assert quotas.active(org.slug) == 3
+    assert (await state.active_runs(org.slug)) == 3
     await cancel_and_wait(pipelines, org, [r.run_id for r in more])
-    assert quotas.active(org.slug) == 0
+    assert (await state.active_runs(org.slug)) == 0
 
 
 async def test_request_rate_limit(pipelines: Stub, service: app.Service) -> None:
@@ -409,7 +411,7 @@ async def test_request_rate_limit(pipelines: Stub, service: app.Service) -> None
     assert retry_info(error).retry_delay.seconds > 0
     for run in (first, second):
         assert (await wait_terminal(pipelines, org, run.run_id)).state == RS.RUN_STATE_COMPLETED
-    assert service.runs._quotas.used(org.slug)[0] == 2
+    assert (await service.state.used(org.slug))[0] == 2
 
 
 # --- 6. tenancy -----------------------------------------------------------------------------------------
@@ -494,7 +496,7 @@ async def test_listing_never_shows_another_orgs_runs(
 async def test_bad_path_segment_is_400_with_a_field_violation(
     http: aiohttp.ClientSession, service: app.Service, acme: Org, path: str, field: str
 ) -> None:
-    before = service.runs._quotas.used(acme.slug)
+    before = await service.state.used(acme.slug)
     # `encoded=True`: sent exactly as written, nothing unescaped or normalized on the client's side.
     url = URL(f"/api/v1/pipelines/run/{acme.slug}/{path}", encoded=True)
     async with http.post(url, headers=acme.headers, json={}) as r:
@@ -504,7 +506,7 @@ async def test_bad_path_segment_is_400_with_a_field_violation(
     assert body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert rest_reason(body) == "INVALID_PIPELINE_PATH"
     assert rest_violations(body) == {field}, body
-    assert service.runs._quotas.used(acme.slug) == before
+    assert (await service.state.used(acme.slug)) == before
 
 
 async def test_dot_dot_segments_never_reach_another_route(http: aiohttp.ClientSession, acme: Org) -> None:
@@ -552,14 +554,14 @@ async def test_bad_run_window_is_400(
     body: dict[str, object],
     fields: set[str] | None,
 ) -> None:
-    before = service.runs._quotas.used(acme.slug)
+    before = await service.state.used(acme.slug)
     status, data = await run_rest(http, acme, QUICK, body)
     assert status == 400, data
     violations = rest_violations(data)
     assert violations, data
     if fields is not None:
         assert violations == fields, data
-    assert service.runs._quotas.used(acme.slug) == before  # nothing was accepted
+    assert (await service.state.used(acme.slug)) == before  # nothing was accepted
 
 
 # --- 8. listing -----------------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ async def test_a_run_that_just_ended_is_always_listed(pipelines: Stub, service: 
 
 
 async def ledger_rows(service: app.Service, table: str, slugs: Iterable[str]) -> list[dict[str, Any]]:
-    await service.runs._ledger.flush()
+    await service.ledger.flush()
     ref = service.warehouse.table_ref(service.settings.meta_dataset, table)
     rows = await service.warehouse.query(
         f"SELECT * FROM {ref} WHERE org_slug IN UNNEST(@orgs)", {"orgs": list(slugs)}
@@ -760,7 +762,7 @@ async def test_fifty_concurrent_runs_across_five_orgs(pipelines: Stub, service: 
         actual[row["org_slug"]].add(row["run_id"])
         assert row["state"] == "COMPLETED"
     assert actual == expected
-    assert all(service.runs._quotas.active(slug) == 0 for slug in expected)
+    assert [await service.state.active_runs(slug) for slug in expected] == [0] * len(expected)
     for org in orgs:
         assert {r.run_id for r in await list_all(pipelines, org, page_size=4)} == expected[org.slug]
 
@@ -840,3 +842,25 @@ async def test_metrics(pipelines: Stub, service: app.Service) -> None:
     ) in after
     assert ("pipeline_runs_active", ()) in after
     assert after[("pipeline_runs_active", ())] == 0
+
+
+async def test_a_caller_that_goes_away_never_leaves_an_admitted_run_behind(
+    pipelines: Stub, service: app.Service
+) -> None:
+    # Deadlines that run out before, during and after the admission commits: whatever was admitted runs.
+    org = await plan_org(service, "gone", concurrent_limit=100, daily_limit=1000, requests_per_minute=1000)
+    outcomes = await asyncio.gather(
+        *(
+            pipelines.RunPipeline(
+                run_request(org, "quick", {"label": str(i)}), metadata=org.metadata, timeout=0.002 * i + 0.001
+            )
+            for i in range(30)
+        ),
+        return_exceptions=True,
+    )
+    assert any(isinstance(o, aio.AioRpcError) for o in outcomes), outcomes
+    await asyncio.sleep(1.0)
+    runs = await list_all(pipelines, org, page_size=50)
+    assert len(runs) == (await service.state.used(org.slug))[0]
+    assert all(r.state == RS.RUN_STATE_COMPLETED for r in runs), runs
+    assert await service.state.active_runs(org.slug) == 0

@@ -120,7 +120,7 @@ async def test_template_error_fails_the_step_with_the_field_named_and_is_in_the_
     step = run.steps[0]
     assert step.state == RS.STEP_STATE_FAILED and step.error_reason == "TEMPLATE_ERROR"
     assert "no_such_name" in step.error and "steps.render.config.outputs.x" in step.error
-    await service.runs._ledger.flush()
+    await service.ledger.flush()
     events = service.warehouse.table_ref(service.settings.meta_dataset, "pipeline_run_events")
     rows = await service.warehouse.query(
         f"SELECT to_state, error_reason FROM {events} WHERE run_id = @id AND kind = 'STEP_ATTEMPT'",

@@ -1,0 +1,1 @@
+"""The service's operational state in PostgreSQL (`store.StateStore`) and its schema migrations."""
