@@ -2,7 +2,7 @@
 -- Cloud Billing export (gcp_billing_export_raw), in one MERGE: the FOCUS rows of those months and of the
 -- source's billing accounts are deleted and every mirror row of those months is inserted as one FOCUS row,
 -- so re-running leaves the same rows and other sources, accounts and months are never touched.
--- Run by gcp.bq_etl; ${focus} and ${raw} are validated table references, ${columns} / ${values} the FOCUS
+-- Run by gcp.bq_etl; ${focus}, ${raw} and ${projects} are validated table references, ${columns} / ${values} the FOCUS
 -- table's column list; the values are typed SQL literals (server.warehouse.sql.literal: validated, no
 -- quotes or backslashes), not query parameters, because bqemulator splits a MERGE whose two branches use
 -- different parameters and then rejects the statement: ${source} (the export's project.dataset.table),
@@ -42,7 +42,8 @@
 --   BillingPeriodStart/End invoice.month as a month of America/Los_Angeles, converted to UTC (DST-correct:
 --                         202603 -> 2026-03-01T08:00Z .. 2026-04-01T07:00Z), never derived from usage times
 --   BillingAccountId      billing_account_id; BillingAccountType 'Billing Account'; BillingAccountName NULL
---   SubAccountId/Name     project.id / project.name; SubAccountType 'Project' (NULL without a project)
+--   SubAccountId/Name     project.id / project.name, else the name in gcp_projects (Resource Manager, written by
+--                         gcp.api_extractor); SubAccountType 'Project' (NULL without a project)
 --   BillingCurrency, PricingCurrency  currency (all cost columns are in the billing currency)
 --   PricingCurrency*      = ListUnitPrice, ContractedUnitPrice, EffectiveCost
 --   ProviderName          'Google Cloud'; InvoiceIssuerName 'Google Cloud' (seller_name for THIRD_PARTY_AGENCY)
@@ -78,8 +79,14 @@ USING (
       (SELECT MIN(c.id) FROM UNNEST(r.credits) AS c WHERE c.type LIKE 'COMMITTED_USAGE_DISCOUNT%') AS cud_credit_id,
       TIMESTAMP(PARSE_DATE('%Y%m', r.x_invoice_month), 'America/Los_Angeles') AS period_start,
       TIMESTAMP(DATETIME(DATE_ADD(PARSE_DATE('%Y%m', r.x_invoice_month), INTERVAL 1 MONTH)), 'America/Los_Angeles')
-        AS period_end
+        AS period_end,
+      known.name AS known_project_name
     FROM ${raw} AS r
+    -- Resource Manager's names (gcp.api_extractor) for rows the export left without one (usage within 24 h
+    -- of a project's creation)
+    LEFT JOIN (
+      SELECT project_id, ANY_VALUE(name) AS name FROM ${projects} GROUP BY project_id
+    ) AS known ON known.project_id = r.project.id
     WHERE r.x_source_table = ${source} AND r.x_invoice_month IN UNNEST(${months})
   ),
   classified AS (
@@ -222,7 +229,7 @@ USING (
     IF(p.category IN ('Usage', 'Purchase') AND p.sku.id IS NOT NULL,
       CONCAT(p.sku.id, '/', IFNULL(CAST(p.price.tier_start_amount AS STRING), '0')), NULL) AS SkuPriceId,
     p.project.id AS SubAccountId,
-    p.project.name AS SubAccountName,
+    IFNULL(p.project.name, p.known_project_name) AS SubAccountName,
     IF(p.project.id IS NULL, NULL, 'Project') AS SubAccountType,
     PARSE_JSON(IFNULL(p.x_tags, '{}')) AS Tags,
     'gcp' AS x_SourceSystem,

@@ -78,6 +78,7 @@ HERE = Path(__file__).resolve().parent
 SCHEMAS = HERE.parent.parent / "configs" / "schemas" / "org"
 RAW_SCHEMA = load_schema(SCHEMAS / "gcp_billing_export_raw.json")
 FOCUS_SCHEMA = load_schema(SCHEMAS / "cost_data_focus_1_2.json")
+PROJECTS_SCHEMA = load_schema(SCHEMAS / "gcp_projects.json")
 PACIFIC = ZoneInfo("America/Los_Angeles")
 FOCUS_SQL = (HERE / "billing_focus.sql").read_text(encoding="utf-8")
 PROVIDER = "gcp"
@@ -476,6 +477,7 @@ class BillingExportEtl:
         wh = context.warehouse
         dataset = context.run.dataset
         raw = wh.table_ref(dataset, config.raw_table)
+        await wh.ensure_table(dataset, PROJECTS_SCHEMA)  # read for project names; may still be empty
         accounts = await wh.query(
             f"SELECT DISTINCT billing_account_id AS account FROM {raw} WHERE x_source_table = @source",
             {"source": source_id},
@@ -483,6 +485,7 @@ class BillingExportEtl:
         values = {
             "focus": wh.table_ref(dataset, config.focus_table),
             "raw": raw,
+            "projects": wh.table_ref(dataset, PROJECTS_SCHEMA.name),
             "columns": ", ".join(FOCUS_SCHEMA.column_names),
             "values": ", ".join("S." + c for c in FOCUS_SCHEMA.column_names),
             "source": literal(source_id),

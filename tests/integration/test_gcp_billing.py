@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,24 @@ async def test_a_standard_export_in_euros_and_a_date_range(
         | {"currency": "EUR", "currency_conversion_rate": 0.921234}
         for r in export.first_batch(a)
     ]
+    for row in rows:  # a project created within a day: the export has no name for it yet
+        if row["project"] and row["project"]["id"] == "data-lab":
+            row["project"] = {**row["project"], "name": None}
     await asyncio.to_thread(export.append, bq, table_id, rows)
+    now = datetime.now(UTC)
+    await service.warehouse.load_rows(
+        org.dataset,
+        "gcp_projects",
+        [
+            {
+                "project_id": "data-lab",
+                "name": "Data lab (Resource Manager)",
+                "x_pipeline_id": "p",
+                "x_run_id": "r",
+                "x_ingested_at": now,
+            }
+        ],
+    )
     account = ServiceAccount.generate("reader@gcpeur.iam.gserviceaccount.com", export.CUSTOMER_PROJECT)
     fake_google.add_service_account(account)
     await service.vault.store.set(org.slug, "gcp", account.info(billing_export_table=table_id))
@@ -269,6 +286,8 @@ async def test_a_standard_export_in_euros_and_a_date_range(
     focus = await focus_rows(service, org)
     assert {r["BillingCurrency"] for r in focus} == {"EUR"} and {r["ResourceId"] for r in focus} == {None}
     assert billed_by_month(focus) == export.totals_by_month(rows)
+    names = {(r["SubAccountId"], r["SubAccountName"]) for r in focus if r["SubAccountId"]}
+    assert names == {("shop-prod", "Shop production"), ("data-lab", "Data lab (Resource Manager)")}
     # again: only the partitions holding that usage, a-2 (3 rows), a (3) and a+2 (the late row's, 4)
     again = completed(await run(pipelines, org, **window))
     assert again.steps[0].rows_written == 10
