@@ -1,4 +1,4 @@
-"""The GenAI pricing rules: hand-computed cases, properties (hypothesis) and a cross-check with genai-prices."""
+"""GenAI pricing rules: hand-computed cases, properties (hypothesis), a cross-check with genai-prices."""
 
 from __future__ import annotations
 
