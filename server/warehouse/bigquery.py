@@ -13,13 +13,14 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 import requests.exceptions
@@ -290,6 +291,63 @@ class BigQueryWarehouse:
             return len(rows)  # the job is atomic: all rows or an error (the emulator misreports output_rows)
 
         return await self._run(f"load into {dataset}.{table}", run)
+
+    async def replace_window(
+        self,
+        dataset: str,
+        schema: TableSchema,
+        ndjson: BinaryIO,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+    ) -> int:
+        """Swap one window of a table, all or nothing: returns the number of rows the window now holds.
+
+        The window is the target's rows with `column` BETWEEN `start` AND `end` (and each `equals` column
+        equal to its value). The new rows (newline-delimited JSON, read from `ndjson` by one resumable load
+        job) go into a staging table made from the same schema; then one MERGE inserts them and deletes the
+        window's old rows. A failure before the MERGE leaves the target untouched; the MERGE is atomic.
+        """
+        await self.ensure_table(dataset, schema)
+        stage = TableSchema(f"_stage_{schema.name}_{uuid.uuid4().hex[:12]}", "staging", schema.fields)
+        await self.ensure_table(dataset, stage)
+        try:
+            config = bigquery.LoadJobConfig(
+                source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, write_disposition="WRITE_TRUNCATE"
+            )
+
+            def load() -> None:
+                self.jobs_started += 1
+                job = self._client.load_table_from_file(
+                    ndjson, self._ref(dataset, stage.name), job_config=config
+                )
+                job.result(timeout=self._job_timeout)
+
+            await self._run(f"load into {dataset}.{stage.name}", load)
+            names = [sql.check_name(c, "column") for c in schema.column_names]
+            cols = ", ".join(f"`{c}`" for c in names)
+            values = ", ".join(f"S.`{c}`" for c in names)
+            conditions = [f"T.`{sql.check_name(column, 'column')}` BETWEEN @window_start AND @window_end"]
+            params: dict[str, Any] = {"window_start": start, "window_end": end}
+            for i, (name, value) in enumerate(sorted((equals or {}).items())):
+                conditions.append(f"T.`{sql.check_name(name, 'column')}` = @eq_{i}")
+                params[f"eq_{i}"] = value
+            target, staged = self.table_ref(dataset, schema.name), self.table_ref(dataset, stage.name)
+            await self.query_job(
+                f"MERGE {target} AS T USING {staged} AS S ON FALSE "
+                f"WHEN NOT MATCHED BY TARGET THEN INSERT ({cols}) VALUES ({values}) "
+                f"WHEN NOT MATCHED BY SOURCE AND {' AND '.join(conditions)} THEN DELETE",
+                params,
+            )
+            rows = await self.query(f"SELECT COUNT(*) AS n FROM {staged}")
+            return int(rows[0]["n"])
+        finally:
+            await self._run(
+                f"drop {dataset}.{stage.name}",
+                partial(self._client.delete_table, self._ref(dataset, stage.name), not_found_ok=True),
+            )
 
     async def list_routines(self, dataset: str) -> list[RoutineInfo]:
         """The routines of a dataset, ordered by name (definitions left empty)."""
