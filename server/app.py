@@ -18,14 +18,19 @@ from server.api.guard import Guard
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
 from server.auth import Access, Authenticator, Policy
+from server.credentials.store import CredentialStore
+from server.credentials.vault import CredentialVault
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
 from server.engine.quotas import Quotas
 from server.engine.runner import StepRunner
+from server.http.client import HttpSettings, OutboundHttp
+from server.kms import KeyEncryptionKey
 from server.ledger import Ledger
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
+from server.providers import ProviderRegistry
 from server.settings import Settings
 from server.warehouse.bigquery import BigQueryWarehouse
 
@@ -61,6 +66,49 @@ def build_warehouse(settings: Settings) -> BigQueryWarehouse:
     )
 
 
+def build_kek(settings: Settings) -> KeyEncryptionKey:
+    """Cloud KMS when a key name is set (always in stage/prod), else the local key file."""
+    if settings.kms_key_name:
+        from server.kms.cloud import CloudKms  # google.cloud.kms is imported only when KMS is used
+
+        return CloudKms(
+            settings.kms_key_name,
+            endpoint=settings.kms_endpoint,
+            insecure=settings.kms_insecure,
+            timeout=settings.kms_timeout_seconds,
+        )
+    from server.kms.local import LocalKeyFile
+
+    return LocalKeyFile(settings.local_kek_file)
+
+
+def build_http(settings: Settings, registry: ProviderRegistry) -> OutboundHttp:
+    """The process's outbound HTTP client."""
+    return OutboundHttp(
+        registry,
+        HttpSettings(
+            connect_timeout=settings.http_connect_timeout_seconds,
+            read_timeout=settings.http_read_timeout_seconds,
+            total_timeout=settings.http_total_timeout_seconds,
+            max_attempts=settings.http_max_attempts,
+            backoff_initial=settings.http_backoff_initial_seconds,
+            backoff_max=settings.http_backoff_max_seconds,
+            retry_budget=settings.http_retry_budget_seconds,
+            max_response_bytes=settings.http_max_response_bytes,
+            max_connections=settings.http_max_connections,
+            max_connections_per_host=max(1, settings.http_max_connections // 5),
+        ),
+    )
+
+
+def build_vault(
+    settings: Settings, warehouse: BigQueryWarehouse, registry: ProviderRegistry
+) -> CredentialVault:
+    """The credential store behind its cache."""
+    store = CredentialStore(warehouse, settings.meta_dataset, registry, build_kek(settings))
+    return CredentialVault(store, settings.credential_cache_ttl_seconds)
+
+
 @dataclass
 class Service:
     """A running gRPC server and what it owns."""
@@ -74,6 +122,8 @@ class Service:
     procedures: ProcedureManager
     catalog: PipelineCatalog
     runs: RunManager
+    http: OutboundHttp
+    vault: CredentialVault
     metrics_port: int = 0
 
     async def stop(self) -> None:
@@ -81,6 +131,8 @@ class Service:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
         await self.runs.close()
+        await self.http.close()
+        await self.vault.store.kek.close()
         await self.warehouse.close()
 
 
@@ -91,7 +143,10 @@ async def start(
     registry = ProcessorRegistry()
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
+    providers = ProviderRegistry.load(settings.providers_file)
     warehouse = warehouse or build_warehouse(settings)
+    http = build_http(settings, providers)
+    vault = build_vault(settings, warehouse, providers)
     orgs = OrgRepository.for_settings(warehouse, settings)
     procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
     authenticator = Authenticator(
@@ -116,6 +171,8 @@ async def start(
         quotas=Quotas(),
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
+        http=http,
+        vault=vault,
     )
     server = aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
@@ -149,5 +206,16 @@ async def start(
     metrics_port = metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port else 0
     log.info("gRPC server listening", extra={"fields": {"address": f"{settings.grpc_host}:{port}"}})
     return Service(
-        settings, warehouse, server, health_servicer, port, orgs, procedures, catalog, runs, metrics_port
+        settings,
+        warehouse,
+        server,
+        health_servicer,
+        port,
+        orgs,
+        procedures,
+        catalog,
+        runs,
+        http,
+        vault,
+        metrics_port,
     )

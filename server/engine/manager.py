@@ -20,14 +20,16 @@ from typing import Any
 
 import orjson
 
+from processors.base import RunIdentity, StepContext
 from server import metrics
+from server.credentials.vault import CredentialVault
 from server.engine import templates
-from server.engine.processor import RunIdentity, StepContext
 from server.engine.quotas import Quotas, Reservation
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
 from server.engine.runner import TERMINAL as STEP_TERMINAL
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
+from server.http.client import OutboundHttp
 from server.ids import new_id
 from server.ledger import Ledger
 from server.logs import log_fields
@@ -89,6 +91,8 @@ class RunManager:
         quotas: Quotas,
         warehouse: BigQueryWarehouse,
         meta_dataset: str,
+        http: OutboundHttp,
+        vault: CredentialVault,
         recent: int = 2000,
     ) -> None:
         self._catalog = catalog
@@ -97,6 +101,8 @@ class RunManager:
         self._quotas = quotas
         self._wh = warehouse
         self._meta = meta_dataset
+        self._http = http
+        self._vault = vault
         self._active: dict[str, Run] = {}
         self._recent: OrderedDict[str, Run] = OrderedDict()
         self._recent_limit = recent
@@ -315,6 +321,8 @@ class RunManager:
             warehouse=self._wh,
             meta_dataset=self._meta,
             log=logger,
+            http=self._http.bind(run.org_slug, run.run_id, step.step_id),
+            secrets=self._vault.for_org(run.org_slug),
         )
 
     def _on_step(self, run: Run, event: StepEvent) -> None:
