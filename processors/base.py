@@ -25,13 +25,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date
-from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, BinaryIO, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, StringConstraints, ValidationError
 
 from server.credentials.model import Credential
 from server.errors import FieldViolation, InvalidInputError
 from server.http.types import HttpResponse, Paging, StreamedResponse
+from server.warehouse.schema import TableSchema
 
 __all__ = [
     "Credential",
@@ -102,6 +103,20 @@ class Warehouse(Protocol):
         self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]], *, replace: bool = False
     ) -> int:
         """Bulk-load rows with one load job (atomic); return how many were written."""
+        ...
+
+    async def replace_window(
+        self,
+        dataset: str,
+        schema: TableSchema,
+        ndjson: BinaryIO,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+    ) -> int:
+        """Swap a window of a table all or nothing (one load into staging, one MERGE); rows in the window."""
         ...
 
 

@@ -453,13 +453,17 @@ def pricing_quantity(units: int, per: int) -> Decimal:
     return Decimal(units) / Decimal(per)
 
 
+def nano(value: Decimal) -> Decimal:
+    """`value` as is when it fits NUMERIC(38, 9), else rounded half-even to 1e-9."""
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9:
+        return value.quantize(NANO, rounding=ROUND_HALF_EVEN)
+    return value
+
+
 def cost(unit_price: Decimal, quantity: Decimal) -> Decimal:
     """unit price x quantity, exact when it fits NUMERIC(38, 9), else rounded half-even to 1e-9."""
-    product = unit_price * quantity
-    exponent = product.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -9:
-        return product.quantize(NANO, rounding=ROUND_HALF_EVEN)
-    return product
+    return nano(unit_price * quantity)
 
 
 def list_cost(

@@ -157,10 +157,10 @@ def _d(*values: str) -> tuple[Decimal, ...]:
 OPENAI_PRICES: dict[tuple[str, str], tuple[Decimal, ...]] = {
     ("gpt-4o-mini-2024-07-18", "default"): _d("0.15", "0.075", "0.15", "0.6"),
     ("gpt-4o-mini-2024-07-18", "batch"): _d("0.075", "0.075", "0.075", "0.3"),
-    ("gpt-5-2025-08-07", "default"): _d("1.25", "0.125", "1.25", "10"),
-    ("gpt-5-2025-08-07", "batch"): _d("0.625", "0.0625", "0.625", "5"),
-    ("gpt-5-2025-08-07", "flex"): _d("0.625", "0.0625", "0.625", "5"),
-    ("gpt-5-2025-08-07", "priority"): _d("2.5", "0.25", "2.5", "20"),
+    ("gpt-5.5-2026-04-23", "default"): _d("5", "0.5", "5", "30"),
+    ("gpt-5.5-2026-04-23", "batch"): _d("2.5", "0.25", "2.5", "15"),
+    ("gpt-5.5-2026-04-23", "flex"): _d("2.5", "0.25", "2.5", "15"),
+    ("gpt-5.5-2026-04-23", "priority"): _d("12.5", "1.25", "12.5", "75"),
 }
 OPENAI_LONG_CONTEXT = {"input": Decimal(2), "cached input": Decimal(2), "output": Decimal("1.5")}
 OPENAI_PROJECTS = (("proj_sandbox_alpha", "Alpha", None), ("proj_sandbox_beta", "Beta", 1_700_000_000))
@@ -168,10 +168,10 @@ OPENAI_PROJECTS = (("proj_sandbox_alpha", "Alpha", None), ("proj_sandbox_beta", 
 OPENAI_COMBOS = (
     ("gpt-4o-mini-2024-07-18", False, "default"),
     ("gpt-4o-mini-2024-07-18", True, "default"),
-    ("gpt-5-2025-08-07", False, "default"),
-    ("gpt-5-2025-08-07", True, "default"),
-    ("gpt-5-2025-08-07", False, "flex"),
-    ("gpt-5-2025-08-07", False, "priority"),
+    ("gpt-5.5-2026-04-23", False, "default"),
+    ("gpt-5.5-2026-04-23", True, "default"),
+    ("gpt-5.5-2026-04-23", False, "flex"),
+    ("gpt-5.5-2026-04-23", False, "priority"),
 )
 COMPLETION_METRICS = (
     "input_tokens",
@@ -289,7 +289,7 @@ def openai_completions(seed: str, day: date) -> Iterator[dict[str, Any]]:
 
 
 def openai_long_context(seed: str, day: date, project: str) -> dict[str, int]:
-    """Tokens of gpt-5 default-tier requests over 272K on that day (part of the usage counts above)."""
+    """Tokens of gpt-5.5 default-tier requests over 272K on that day (part of the usage counts above)."""
     h = _h(seed, "long", day, project)
     if h % 3 != 0:
         return {}
@@ -339,7 +339,7 @@ def openai_cost_lines(seed: str, day: date) -> Iterator[dict[str, Any]]:
             "cache writes": rec["input_cache_write_tokens"],
             "output": rec["output_tokens"],
         }
-        if model.startswith("gpt-5") and tier == "default":
+        if model.startswith("gpt-5.5") and tier == "default":
             for cls, tokens in openai_long_context(seed, day, rec["project_id"]).items():
                 key = (rec["project_id"], rec["api_key_id"], f"{model}, {cls}, long context")
                 per_line[key] = per_line.get(key, 0) + min(tokens, parts[cls])
@@ -672,6 +672,7 @@ class AnthropicSandbox:
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/organizations/usage_report/messages", self.messages)
         app.router.add_get("/v1/organizations/cost_report", self.cost_report)
+        app.router.add_get("/v1/organizations/users", self.users)
 
     def _seed(self, request: web.Request) -> str:
         self.requests.append((request.path, {k: request.query.getall(k) for k in request.query}))
@@ -731,6 +732,13 @@ class AnthropicSandbox:
             ]
 
         return await _bucket_page(request, self.faults, days, limit, results, _anthropic_bucket)
+
+    async def users(self, request: web.Request) -> web.Response:
+        """One user: what `credentials test` calls to check a key."""
+        self._seed(request)
+        user = {"id": "user_sandbox", "type": "user", "email": "admin@example.com", "role": "admin"}
+        body = {"data": [user], "has_more": False, "first_id": "user_sandbox", "last_id": "user_sandbox"}
+        return web.Response(body=_dumps(body), content_type="application/json")
 
     async def cost_report(self, request: web.Request) -> web.Response:
         seed = self._seed(request)
