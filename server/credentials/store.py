@@ -8,6 +8,7 @@ Nothing here logs or returns a secret; listings carry the fingerprint only.
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from dataclasses import dataclass
@@ -121,13 +122,15 @@ class CredentialStore:
             "USING (SELECT @org AS org_slug, @provider AS provider, @name AS name) AS s "
             "ON t.org_slug = s.org_slug AND t.provider = s.provider AND t.credential_name = s.name "
             "WHEN MATCHED THEN UPDATE SET version = @version, envelope_format = @format, "
-            "ciphertext = @ciphertext, wrapped_data_key = @wrapped, kek_version = @kek, "
+            "ciphertext = FROM_BASE64(@ciphertext), wrapped_data_key = FROM_BASE64(@wrapped), "
+            "kek_version = @kek, "
             "fingerprint = @fingerprint, status = 'ACTIVE', status_reason = NULL, rotated_at = @now, "
             "validated_at = NULL "
             "WHEN NOT MATCHED THEN INSERT (credential_id, org_slug, provider, credential_name, version, "
             "envelope_format, ciphertext, wrapped_data_key, kek_version, fingerprint, status, status_reason, "
             "created_at, rotated_at, rewrapped_at, last_used_at, validated_at) "
-            "VALUES (@id, @org, @provider, @name, @version, @format, @ciphertext, @wrapped, @kek, "
+            "VALUES (@id, @org, @provider, @name, @version, @format, FROM_BASE64(@ciphertext), "
+            "FROM_BASE64(@wrapped), @kek, "
             "@fingerprint, 'ACTIVE', NULL, @now, NULL, NULL, NULL, NULL)",
             {
                 "id": credential_id,
@@ -136,8 +139,10 @@ class CredentialStore:
                 "name": name,
                 "version": version,
                 "format": envelope.FORMAT,
-                "ciphertext": ciphertext,
-                "wrapped": wrapped,
+                # BYTES travel as base64 STRING parameters: the emulator stores a BYTES parameter's
+                # base64 text undecoded (real BigQuery decodes it); FROM_BASE64 is right on both
+                "ciphertext": base64.b64encode(ciphertext).decode(),
+                "wrapped": base64.b64encode(wrapped).decode(),
                 "kek": kek_version,
                 "fingerprint": fingerprint(fields[spec.fingerprint]),
                 "now": now,
@@ -252,10 +257,10 @@ class CredentialStore:
                 counts["unchanged"] += 1
                 continue
             await self._wh.query(
-                f"UPDATE {self._table} SET wrapped_data_key = @wrapped, kek_version = @kek, "
+                f"UPDATE {self._table} SET wrapped_data_key = FROM_BASE64(@wrapped), kek_version = @kek, "
                 "rewrapped_at = @now WHERE credential_id = @id AND kek_version = @old",
                 {
-                    "wrapped": wrapped,
+                    "wrapped": base64.b64encode(wrapped).decode(),
                     "kek": kek_version,
                     "now": datetime.now(UTC),
                     "id": row["credential_id"],
