@@ -3,6 +3,7 @@ servers on free 127.0.0.1 ports, stopped at the end of the session."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,11 +20,24 @@ from server import app
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
 from server.localstack.process import free_port
+from server.localstack.providers import ProviderSandbox
 from server.orgs import IssuedKey
 from server.settings import Settings
 
 ROOT_KEY = "test-root-key-" + uuid.uuid4().hex
+# The provider sandbox (fake OpenAI and Anthropic admin APIs) of the session; the service's provider
+# registry reads these when it starts, so they are set before any fixture builds it.
+SANDBOX_PORT = free_port()
+for _provider in ("OPENAI", "ANTHROPIC"):
+    os.environ[f"PROVIDER_BASE_URL_{_provider}"] = f"http://127.0.0.1:{SANDBOX_PORT}"
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+async def provider_sandbox() -> AsyncIterator[ProviderSandbox]:
+    sandbox = await ProviderSandbox().start(SANDBOX_PORT)
+    yield sandbox
+    await sandbox.stop()
 
 
 @pytest.fixture(scope="session")

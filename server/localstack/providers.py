@@ -161,6 +161,7 @@ OPENAI_PRICES: dict[tuple[str, str], tuple[Decimal, ...]] = {
     ("gpt-5.5-2026-04-23", "batch"): _d("2.5", "0.25", "2.5", "15"),
     ("gpt-5.5-2026-04-23", "flex"): _d("2.5", "0.25", "2.5", "15"),
     ("gpt-5.5-2026-04-23", "priority"): _d("12.5", "1.25", "12.5", "75"),
+    ("text-embedding-3-small", "default"): _d("0.02", "0.02", "0.02", "0.02"),
 }
 OPENAI_LONG_CONTEXT = {"input": Decimal(2), "cached input": Decimal(2), "output": Decimal("1.5")}
 OPENAI_PROJECTS = (("proj_sandbox_alpha", "Alpha", None), ("proj_sandbox_beta", "Beta", 1_700_000_000))
@@ -348,6 +349,9 @@ def openai_cost_lines(seed: str, day: date) -> Iterator[dict[str, Any]]:
             if tokens:
                 key = (rec["project_id"], rec["api_key_id"], f"{prefix}{model}, {cls}")
                 per_line[key] = per_line.get(key, 0) + tokens
+    for rec in openai_other(seed, "embeddings", day):  # moderations are free: no cost line
+        key = (rec["project_id"], rec["api_key_id"], f"{rec['model']}, input")
+        per_line[key] = per_line.get(key, 0) + rec["input_tokens"]
     for (project, key_id, line_item), tokens in sorted(per_line.items()):
         yield {
             "project_id": project,
