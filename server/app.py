@@ -140,7 +140,7 @@ async def start(
     settings: Settings, *, warehouse: BigQueryWarehouse | None = None, bootstrap: bool = True
 ) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
-    registry = ProcessorRegistry()
+    registry = ProcessorRegistry(settings.processor_dirs)
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
     providers = ProviderRegistry.load(settings.providers_file)

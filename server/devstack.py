@@ -69,6 +69,11 @@ def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
     """What `make run` prints once everything is up."""
     root = settings.ca_root_api_key.get_secret_value()
     grpc_addr = f"{settings.grpc_host}:{settings.grpc_port}"
+    kek = (
+        f"Cloud KMS {settings.kms_key_name}"
+        if settings.kms_key_name
+        else f"the local key {settings.local_kek_file}"
+    )
     return f"""
 Pipeline Service is running (Ctrl-C stops everything)
   gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
@@ -92,6 +97,14 @@ Try:
   .venv/bin/grpcurl -plaintext -H "x-api-key: $KEY" {grpc_addr} \\
        cloudact.pipeline.v1.PipelineService/ListPipelines
   .venv/bin/grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
+
+Provider credentials (encrypted with {kek}):
+  echo '{{"admin_api_key": "sk-admin-..."}}' | \
+       .venv/bin/pipeline-service credentials set {demo["org_slug"]} openai --from-file -
+  .venv/bin/pipeline-service credentials set {demo["org_slug"]} anthropic --from-file anthropic.json
+  .venv/bin/pipeline-service credentials list {demo["org_slug"]}
+  .venv/bin/pipeline-service credentials test {demo["org_slug"]} openai
+  (providers: configs/system/providers.yml; PROVIDER_BASE_URL_OPENAI=http://127.0.0.1:PORT for a local fake)
 """
 
 

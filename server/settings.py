@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     )
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")
+    processor_dirs: list[Path] = Field(
+        [], description="Extra folders of {provider}/{domain}.py processors (tests' test-only processors)."
+    )
     schemas_dir: Path = Field(PROJECT_ROOT / "configs" / "schemas", description="Table schema files.")
     procedures_dir: Path = Field(PROJECT_ROOT / "procedures", description="Stored procedure sources.")
     state_dir: Path = Field(PROJECT_ROOT / ".state", description="Local runtime state (git-ignored).")

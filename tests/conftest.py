@@ -23,6 +23,8 @@ from server.localstack.process import free_port
 from server.localstack.providers import ProviderSandbox
 from server.orgs import IssuedKey
 from server.settings import Settings
+from tests.fakes.kms import FakeKms
+from tests.fakes.provider import FakeProvider
 
 ROOT_KEY = "test-root-key-" + uuid.uuid4().hex
 # The provider sandbox (fake OpenAI and Anthropic admin APIs) of the session; the service's provider
@@ -31,6 +33,8 @@ SANDBOX_PORT = free_port()
 for _provider in ("OPENAI", "ANTHROPIC"):
     os.environ[f"PROVIDER_BASE_URL_{_provider}"] = f"http://127.0.0.1:{SANDBOX_PORT}"
 DATA = Path(__file__).parent / "data"
+TEST_PROCESSORS = Path(__file__).parent / "processors"  # test-only ps_types (testprovider.*)
+KMS_KEY = "projects/test-project/locations/us/keyRings/pipeline-service/cryptoKeys/credentials"
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +61,33 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
 
 
 @pytest.fixture(scope="session")
-def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+async def fake_kms() -> AsyncIterator[FakeKms]:
+    """Cloud KMS for the session's server: the stage/prod code path (official async client, CRC32C)."""
+    fake = FakeKms([KMS_KEY])
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="session")
+async def fake_provider() -> AsyncIterator[FakeProvider]:
+    """The provider `generic` of the registry points here (PROVIDER_BASE_URL_GENERIC, read at start)."""
+    fake = FakeProvider()
+    await fake.start()
+    os.environ["PROVIDER_BASE_URL_GENERIC"] = fake.url
+    yield fake
+    os.environ.pop("PROVIDER_BASE_URL_GENERIC", None)
+    await fake.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(
+    emulator: Emulator,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_kms: FakeKms,
+    fake_provider: FakeProvider,
+) -> Settings:
+    state = tmp_path_factory.mktemp("state")
     return Settings(
         pipeline_env="local",
         gcp_project_id="test-project",
@@ -71,7 +101,16 @@ def settings(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Se
         bigquery_retry_deadline_seconds=5.0,
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
         configs_dir=DATA / "configs",
-        state_dir=tmp_path_factory.mktemp("state"),
+        processor_dirs=[TEST_PROCESSORS],
+        state_dir=state,
+        local_kek_file=state / "credentials-kek.json",
+        kms_key_name=KMS_KEY,
+        kms_endpoint=f"127.0.0.1:{fake_kms.port}",
+        kms_insecure=True,
+        kms_timeout_seconds=1.0,
+        http_backoff_initial_seconds=0.05,
+        http_backoff_max_seconds=5.0,
+        http_read_timeout_seconds=5.0,
     )
 
 

@@ -71,6 +71,12 @@ class StoredCredential:
         }
 
 
+def b64(data: bytes) -> str:
+    """BYTES travel as base64 STRING parameters through `FROM_BASE64` (bqemulator 1.4.0 stores a BYTES
+    parameter's base64 text instead of its bytes; BigQuery accepts both ways)."""
+    return base64.b64encode(data).decode("ascii")
+
+
 def fingerprint(value: str) -> str:
     """What identifies a secret in listings: its last 4 characters."""
     return "..." + value[-4:]
@@ -97,7 +103,7 @@ class CredentialStore:
         registry: ProviderRegistry,
         kek: KeyEncryptionKey,
     ) -> None:
-        self._wh = warehouse
+        self.warehouse = warehouse
         self._table = warehouse.table_ref(meta_dataset, TABLE)
         self.registry = registry
         self.kek = kek
@@ -117,15 +123,14 @@ class CredentialStore:
         ciphertext = envelope.seal(fields, data_key, associated)
         wrapped, kek_version = await self.kek.wrap(data_key, associated)
         now = datetime.now(UTC)
-        await self._wh.query(
+        await self.warehouse.query(
             f"MERGE {self._table} AS t "
             "USING (SELECT @org AS org_slug, @provider AS provider, @name AS name) AS s "
             "ON t.org_slug = s.org_slug AND t.provider = s.provider AND t.credential_name = s.name "
             "WHEN MATCHED THEN UPDATE SET version = @version, envelope_format = @format, "
             "ciphertext = FROM_BASE64(@ciphertext), wrapped_data_key = FROM_BASE64(@wrapped), "
-            "kek_version = @kek, "
-            "fingerprint = @fingerprint, status = 'ACTIVE', status_reason = NULL, rotated_at = @now, "
-            "validated_at = NULL "
+            "kek_version = @kek, fingerprint = @fingerprint, status = 'ACTIVE', status_reason = NULL, "
+            "rotated_at = @now, validated_at = NULL "
             "WHEN NOT MATCHED THEN INSERT (credential_id, org_slug, provider, credential_name, version, "
             "envelope_format, ciphertext, wrapped_data_key, kek_version, fingerprint, status, status_reason, "
             "created_at, rotated_at, rewrapped_at, last_used_at, validated_at) "
@@ -139,10 +144,8 @@ class CredentialStore:
                 "name": name,
                 "version": version,
                 "format": envelope.FORMAT,
-                # BYTES travel as base64 STRING parameters: the emulator stores a BYTES parameter's
-                # base64 text undecoded (real BigQuery decodes it); FROM_BASE64 is right on both
-                "ciphertext": base64.b64encode(ciphertext).decode(),
-                "wrapped": base64.b64encode(wrapped).decode(),
+                "ciphertext": b64(ciphertext),
+                "wrapped": b64(wrapped),
                 "kek": kek_version,
                 "fingerprint": fingerprint(fields[spec.fingerprint]),
                 "now": now,
@@ -153,7 +156,7 @@ class CredentialStore:
         return stored
 
     async def _find(self, org_slug: str, provider: str, name: str) -> StoredCredential | None:
-        rows = await self._wh.query(
+        rows = await self.warehouse.query(
             f"SELECT {_LISTED} FROM {self._table} WHERE org_slug = @org AND provider = @provider "
             "AND credential_name = @name",
             {"org": org_slug, "provider": provider, "name": name},
@@ -162,7 +165,7 @@ class CredentialStore:
 
     async def list(self, org_slug: str) -> list[StoredCredential]:
         """The org's credentials, masked, by provider and name."""
-        rows = await self._wh.query(
+        rows = await self.warehouse.query(
             f"SELECT {_LISTED} FROM {self._table} WHERE org_slug = @org ORDER BY provider, credential_name",
             {"org": org_slug},
         )
@@ -170,7 +173,7 @@ class CredentialStore:
 
     async def delete(self, org_slug: str, credential_id: str) -> None:
         """Delete one of the org's credentials; NotFoundError `CREDENTIAL_NOT_FOUND` if there is none."""
-        result = await self._wh.query_job(
+        result = await self.warehouse.query_job(
             f"DELETE FROM {self._table} WHERE org_slug = @org AND credential_id = @id",
             {"org": org_slug, "id": credential_id},
         )
@@ -182,7 +185,7 @@ class CredentialStore:
     async def load(self, org_slug: str, provider: str, name: str = "default") -> Credential:
         """Fetch and decrypt the org's credential (the vault caches the result)."""
         self.registry.get(provider)
-        rows = await self._wh.query(
+        rows = await self.warehouse.query(
             "SELECT credential_id, org_slug, provider, credential_name, version, envelope_format, "
             f"ciphertext, wrapped_data_key, last_used_at FROM {self._table} "
             "WHERE org_slug = @org AND provider = @provider AND credential_name = @name",
@@ -220,14 +223,14 @@ class CredentialStore:
         last = row.get("last_used_at")
         if last is not None and (now - last).total_seconds() < 3600:
             return
-        await self._wh.query(
+        await self.warehouse.query(
             f"UPDATE {self._table} SET last_used_at = @now WHERE credential_id = @id",
             {"now": now, "id": row["credential_id"]},
         )
 
     async def record_test(self, org_slug: str, credential_id: str, reason: str | None) -> None:
         """Remember the outcome of `credentials test` (VALID, or REJECTED with the reason)."""
-        await self._wh.query(
+        await self.warehouse.query(
             f"UPDATE {self._table} SET status = @status, status_reason = @reason, validated_at = @now "
             "WHERE org_slug = @org AND credential_id = @id",
             {
@@ -239,33 +242,41 @@ class CredentialStore:
             },
         )
 
-    async def rewrap(self) -> dict[str, int]:
+    async def rewrap(self) -> dict[str, Any]:
         """Re-wrap every data key with the KEK's primary version; ciphertexts are not touched.
 
-        Rows already wrapped by the primary version are left as they are. Returns counts.
+        Rows already wrapped by the primary version are left as they are; rows whose data key does not
+        unwrap (`CREDENTIAL_UNREADABLE`) are reported by id and skipped. KMS outages abort (re-run it).
         """
-        rows = await self._wh.query(
+        rows = await self.warehouse.query(
             f"SELECT credential_id, org_slug, provider, wrapped_data_key, kek_version FROM {self._table} "
             "ORDER BY org_slug, credential_id"
         )
-        counts = {"rewrapped": 0, "unchanged": 0}
+        rewrapped = unchanged = 0
+        unreadable: list[str] = []
         for row in rows:
             associated = envelope.aad(row["org_slug"], row["provider"], row["credential_id"])
-            data_key = await self.kek.unwrap(row["wrapped_data_key"], associated)
+            try:
+                data_key = await self.kek.unwrap(row["wrapped_data_key"], associated)
+            except TerminalError as exc:
+                if exc.reason != "CREDENTIAL_UNREADABLE":
+                    raise
+                unreadable.append(row["credential_id"])
+                continue
             wrapped, kek_version = await self.kek.wrap(data_key, associated)
             if kek_version == row["kek_version"]:
-                counts["unchanged"] += 1
+                unchanged += 1
                 continue
-            await self._wh.query(
-                f"UPDATE {self._table} SET wrapped_data_key = FROM_BASE64(@wrapped), kek_version = @kek, "
-                "rewrapped_at = @now WHERE credential_id = @id AND kek_version = @old",
+            await self.warehouse.query(
+                f"UPDATE {self._table} SET wrapped_data_key = FROM_BASE64(@wrapped), "
+                "kek_version = @kek, rewrapped_at = @now WHERE credential_id = @id AND kek_version = @old",
                 {
-                    "wrapped": base64.b64encode(wrapped).decode(),
+                    "wrapped": b64(wrapped),
                     "kek": kek_version,
                     "now": datetime.now(UTC),
                     "id": row["credential_id"],
                     "old": row["kek_version"],
                 },
             )
-            counts["rewrapped"] += 1
-        return counts
+            rewrapped += 1
+        return {"rewrapped": rewrapped, "unchanged": unchanged, "unreadable": unreadable}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -32,10 +34,19 @@ def _module_name(ps_type: str) -> str:
 
 
 class ProcessorRegistry:
-    """Loads processors by ps_type from the `processors` package, once each."""
+    """Loads processors by ps_type from the `processors` package, once each.
 
-    def __init__(self) -> None:
+    `extra_dirs` (setting `PROCESSOR_DIRS`, tests only) are folders laid out like `processors/`
+    (`{provider}/{domain}.py`) added to the package's search path, as `CONFIGS_DIR` points at test
+    pipelines: their modules are still named `processors.{provider}.{domain}`.
+    """
+
+    def __init__(self, extra_dirs: Sequence[Path] = ()) -> None:
         self._loaded: dict[str, Processor] = {}
+        package = importlib.import_module(PACKAGE)
+        for folder in extra_dirs:
+            if str(folder) not in package.__path__:
+                package.__path__.append(str(folder))
 
     def get(self, ps_type: str) -> Processor:
         """The processor for `ps_type`; InvalidInputError if there is none."""

@@ -206,6 +206,12 @@ class OutboundHttp:
         self._process: dict[str, _Limits] = {}
         self._orgs: dict[tuple[str, str], _Limits] = {}
         self.auth = AuthApplier(self._fetch_token, clock)
+        s = self.settings
+        self._timeout = aiohttp.ClientTimeout(
+            total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout
+        )
+        # A streamed body may take longer than one attempt's total; each read still has its deadline.
+        self._stream_timeout = aiohttp.ClientTimeout(connect=s.connect_timeout, sock_read=s.read_timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -216,9 +222,7 @@ class OutboundHttp:
                 connector=aiohttp.TCPConnector(
                     limit=s.max_connections, limit_per_host=s.max_connections_per_host
                 ),
-                timeout=aiohttp.ClientTimeout(
-                    total=s.total_timeout, connect=s.connect_timeout, sock_read=s.read_timeout
-                ),
+                timeout=self._timeout,
                 trust_env=False,
                 raise_for_status=False,
             )
@@ -343,13 +347,7 @@ class OutboundHttp:
                         headers=request_headers,
                         data=body if body is not None else data,
                         allow_redirects=False,
-                        timeout=aiohttp.ClientTimeout(
-                            total=None,
-                            connect=self.settings.connect_timeout,
-                            sock_read=self.settings.read_timeout,
-                        )
-                        if stream
-                        else None,
+                        timeout=self._stream_timeout if stream else self._timeout,
                     )
                     status = response.status
                     if stream and (200 <= status < 300 or status in expect) and stack is not None:
