@@ -309,10 +309,13 @@ def anthropic_lines(
         else:
             units = by_key.get((day, ws, cost_model, tier, window), {}).get(token_class, 0)
             point = anthropic_price_point(tier, window)
+        sku = (
+            "anthropic:web_search" if token_class == "web_search" else f"anthropic:{cost_model}:{token_class}"
+        )
         line = Line(
             day,
             ws,
-            "anthropic:web_search" if token_class == "web_search" else f"anthropic:{cost_model}:{token_class}",
+            sku,
             point.key,
             token_class,
             str(row["description"] or token_class),
