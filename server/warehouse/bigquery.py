@@ -42,6 +42,21 @@ _TRANSIENT_REASONS = frozenset(
 )
 
 
+# DDL types of the scalar columns `ensure_table` may add (NUMERIC with its scale: see the emulator caveats)
+_DDL_TYPES = {
+    "STRING": "STRING",
+    "INT64": "INT64",
+    "INTEGER": "INT64",
+    "NUMERIC": "NUMERIC(38, 9)",
+    "BOOL": "BOOL",
+    "BOOLEAN": "BOOL",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMP",
+    "JSON": "JSON",
+    "FLOAT64": "FLOAT64",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Typed:
     """A query parameter value with an explicit BigQuery type (needed for NULLs and empty arrays)."""
@@ -254,7 +269,11 @@ class BigQueryWarehouse:
         await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
 
     async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way)."""
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
+
+        A table created from an older schema file gets the NULLABLE scalar columns added since (one
+        `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
+        """
         table = bigquery.Table(
             self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
@@ -264,10 +283,18 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
-        await self._run(
+        existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),
         )
+        have = {f.name for f in existing.schema or ()}
+        for added in schema.fields:
+            ddl_type = _DDL_TYPES.get(str(added["type"]))
+            if added["name"] in have or added.get("mode", "NULLABLE") != "NULLABLE" or ddl_type is None:
+                continue
+            column = sql.check_name(str(added["name"]), "column")
+            target = self.table_ref(dataset, schema.name)
+            await self.query(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS `{column}` {ddl_type}")
 
     async def load_rows(
         self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]], *, replace: bool = False

@@ -14,7 +14,7 @@ import pytest
 from server import app
 from server.errors import TerminalError
 from server.settings import PROJECT_ROOT
-from server.warehouse.schema import load_schema
+from server.warehouse.schema import TableSchema, load_schema
 
 SCHEMA = load_schema(PROJECT_ROOT / "configs" / "schemas" / "org" / "openai_costs_daily_raw.json")
 
@@ -97,3 +97,25 @@ async def test_window_is_swapped_and_nothing_else(service: app.Service) -> None:
     # no staging table is left behind
     left = await wh.query(f"SELECT table_name FROM `{wh.project}.{dataset}.INFORMATION_SCHEMA.TABLES`")
     assert [r["table_name"] for r in left] == [SCHEMA.name]
+
+
+async def test_ensure_table_adds_columns_of_a_newer_schema_file(service: app.Service) -> None:
+    wh = service.warehouse
+    dataset = f"rw_{uuid.uuid4().hex[:8]}"
+    await wh.ensure_dataset(dataset)
+    old = TableSchema(
+        SCHEMA.name, "", tuple(f for f in SCHEMA.fields if f["name"] not in ("quantity", "extra"))
+    )
+    await wh.ensure_table(dataset, old)
+    await wh.ensure_table(dataset, SCHEMA)  # the newer file: two NULLABLE columns more
+    table = wh.table_ref(dataset, SCHEMA.name)
+    await wh.replace_window(
+        dataset,
+        SCHEMA,
+        ndjson([{**row(date(2026, 11, 1), "a", "1", "r"), "quantity": "0.123456789"}]),
+        column="cost_date",
+        start=date(2026, 11, 1),
+        end=date(2026, 11, 1),
+    )
+    got = await wh.query(f"SELECT quantity, JSON_VALUE(extra, '$.new_field[0]') AS e FROM {table}")
+    assert got == [{"quantity": Decimal("0.123456789"), "e": "1"}]
