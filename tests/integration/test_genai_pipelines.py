@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server import app
+from server import app, prices
 from server.localstack import providers as sandbox_data
 from server.localstack.providers import ProviderSandbox
 from server.settings import PROJECT_ROOT
@@ -365,3 +365,20 @@ async def test_focus_validator_accepts_genai_rows(
     print(report.summary())
     known = [p for p in report.problems if p.name.split(" ::")[0] in KNOWN_VALIDATOR_FALSE_POSITIVES]
     assert report.tests > 500 and report.failures + report.errors - len(known) == 0, report.summary()
+
+
+@pytest.mark.timeout(300)
+async def test_org_discount_override_gives_the_contracted_price(
+    service: app.Service, provider_sandbox: ProviderSandbox, pipelines: runs.Stub
+) -> None:
+    org = await genai_org(service, provider_sandbox, "openai")
+    request = prices.OverrideRequest("openai", "gpt-5.5*", token_class="output", discount_pct=Decimal(10))
+    await prices.set_override(service.warehouse, org.org.dataset, request)
+    day = next(d for d in DAYS if not sandbox_data._empty_day(org.seed, d))
+    assert (await run(pipelines, org.org, "openai", day, day)).state == runs.RS.RUN_STATE_COMPLETED
+    focus = await rows(service, org.org.dataset, "cost_data_focus_1_2")
+    output = [r for r in focus if r["SkuPriceId"] == "openai:gpt-5.5-2026-04-23:output:standard:base"]
+    assert output and all(r["ListUnitPrice"] == 30 and r["ContractedUnitPrice"] == 27 for r in output)
+    assert all(r["ContractedCost"] == 27 * r["PricingQuantity"] for r in output)
+    others = [r for r in focus if r["x_TokenClass"] != "output" and r["ListUnitPrice"] is not None]
+    assert others and all(r["ContractedUnitPrice"] == r["ListUnitPrice"] for r in others)
