@@ -7,7 +7,8 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service org keys create SLUG        issue another key
     pipeline-service org keys revoke KEY_ID      revoke a key
     pipeline-service saas import ORG FILE        load SaaS plans from CSV or JSON lines (all or nothing)
-    pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given)
+    pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given) and
+                                                 the provider registry
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
     pipeline-service credentials set ORG PROVIDER --from-file FILE|- [--name NAME]
                                                  store (or replace) an org's provider credential (JSON)
@@ -133,7 +134,8 @@ async def configs_validate(settings: Settings, args: argparse.Namespace) -> None
     else:
         catalog = PipelineCatalog.load(settings.configs_dir.resolve())
     catalog.check_processors(ProcessorRegistry(settings.processor_dirs))
-    _print({"valid": [c.key for c in catalog.all()]})
+    providers = ProviderRegistry.load(settings.providers_file)
+    _print({"valid": [c.key for c in catalog.all()], "providers": [p.id for p in providers]})
 
 
 async def prices_snapshot(settings: Settings, args: argparse.Namespace) -> None:

@@ -158,11 +158,10 @@ class _Limits:
 class _Attempt:
     """What one failed attempt tells the retry loop."""
 
-    def __init__(self, reason: str, detail: str, retry_after: float | None = None, throttled: bool = False):
+    def __init__(self, reason: str, detail: str, retry_after: float | None = None):
         self.reason = reason
         self.detail = detail
         self.retry_after = retry_after
-        self.throttled = throttled
 
 
 class _Streamed:
@@ -335,10 +334,12 @@ class OutboundHttp:
                 request_headers.setdefault("Content-Type", "application/json")
             request_headers.update(await self.auth.headers(spec, credential))
             failure: _Attempt
-            t0 = time.perf_counter()
-            async with org_limits.slots, process_limits.slots:
+            async with contextlib.AsyncExitStack() as held:
+                await held.enter_async_context(org_limits.slots)
+                await held.enter_async_context(process_limits.slots)
                 await self._take(org_limits.bucket)
                 await self._take(process_limits.bucket)
+                t0 = time.perf_counter()
                 try:
                     response = await self._client().request(
                         method,
@@ -351,6 +352,8 @@ class OutboundHttp:
                     )
                     status = response.status
                     if stream and (200 <= status < 300 or status in expect) and stack is not None:
+                        # The caller reads the body later: the slots stay taken until it is done.
+                        stack.push_async_exit(held.pop_all())
                         stack.push_async_callback(response.release)
                         self._observe(spec.id, str(status), t0)
                         return _Streamed(response, shown)
@@ -375,7 +378,7 @@ class OutboundHttp:
                     detail = f"HTTP {status}" + (f": {message}" if message else "")
                     if status == 429:
                         metrics.labelled(metrics.HTTP_THROTTLED, spec.id).inc()
-                        failure = _Attempt("PROVIDER_RATE_LIMITED", detail, retry_after, throttled=True)
+                        failure = _Attempt("PROVIDER_RATE_LIMITED", detail, retry_after)
                     elif status >= 500 or status == 408:
                         failure = _Attempt("PROVIDER_UNAVAILABLE", detail, retry_after)
                     else:

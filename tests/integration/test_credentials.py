@@ -23,6 +23,8 @@ from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipelin
 from server import app
 from server.credentials import envelope
 from server.credentials.store import b64
+from server.credentials.vault import CredentialVault
+from server.errors import TerminalError
 from server.localstack.emulator import Emulator
 from server.logs import JsonFormatter
 from server.settings import Settings
@@ -335,3 +337,27 @@ async def test_a_known_secret_appears_nowhere(
 def test_the_envelope_aad_is_documented_byte_for_byte() -> None:
     # README "Credentials" promises this layout to other writers of the table.
     assert envelope.aad("acme", "openai", "cred_0123") == b"cloudact.credential.v1|acme|openai|cred_0123"
+
+
+async def test_decrypted_credentials_are_cached_per_org_for_the_ttl(
+    service: app.Service, fake_kms: FakeKms
+) -> None:
+    secret = new_secret()
+    org = await org_with_credential(service, "cache", secret)
+    now = [1000.0]
+    vault = CredentialVault(service.vault.store, ttl=60.0, clock=lambda: now[0])
+    decrypts = fake_kms.calls.count("Decrypt")
+    first, second = await asyncio.gather(
+        vault.for_org(org.slug).get("generic"), vault.for_org(org.slug).get("generic")
+    )
+    assert first is second and fake_kms.calls.count("Decrypt") == decrypts + 1  # one decryption for both
+    now[0] += 59
+    assert await vault.for_org(org.slug).get("generic") is first
+    now[0] += 2
+    again = await vault.for_org(org.slug).get("generic")
+    assert again is not first and fake_kms.calls.count("Decrypt") == decrypts + 2
+    assert again.secret("token").get_secret_value() == secret and again.version == 1
+    other = await make_org(service, "cacheother")
+    with pytest.raises(TerminalError) as caught:  # the cache is per org: another org never gets it
+        await vault.for_org(other.slug).get("generic")
+    assert caught.value.reason == "CREDENTIAL_NOT_FOUND"
