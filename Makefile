@@ -13,7 +13,7 @@ SPATIAL := $(BQE_HOME)/.duckdb/extensions/v1.5.5/linux_amd64/spatial.duckdb_exte
 PROTOS := $(shell cd proto && find cloudact -name '*.proto' | sort)
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: help install run test pytest lint gen gen-check buf-breaking bench clean
+.PHONY: help install run test pytest fuzz lint gen gen-check buf-breaking bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ pytest: install
 	$(VENV)/bin/pytest
 
 test: install gen-check lint buf-breaking pytest ## every check and the whole test suite
+
+fuzz: install ## the fuzz tests with 3,000 examples per property (FUZZ_SEED=n for other inputs)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-3000} $(VENV)/bin/pytest tests/integration/test_fuzz.py -p no:cacheprovider
 
 bench: install ## run the benchmarks in bench/
 	$(VENV)/bin/python -m bench

@@ -55,6 +55,16 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+# Requests are at most 1 MiB through Envoy (plus framing); metadata up to 32 KiB so that Envoy's 8 KiB of
+# client headers plus what it adds (forwarding headers, the original path) never hit gRPC's own limit.
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", 2 * 1024 * 1024),
+    ("grpc.max_metadata_size", 32 * 1024),
+    ("grpc.absolute_max_metadata_size", 64 * 1024),
+]
+
+
 def build_warehouse(settings: Settings) -> BigQueryWarehouse:
     """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere)."""
     return BigQueryWarehouse(
@@ -148,7 +158,9 @@ async def start(
     http = build_http(settings, providers)
     vault = build_vault(settings, warehouse, providers)
     orgs = OrgRepository.for_settings(warehouse, settings)
-    procedures = ProcedureManager(warehouse, settings.meta_dataset, settings.procedures_dir)
+    procedures = ProcedureManager(
+        warehouse, settings.meta_dataset, settings.procedures_dir, org_datasets=orgs.active_datasets
+    )
     authenticator = Authenticator(
         root_key=settings.ca_root_api_key.get_secret_value(),
         lookup=orgs.find_by_key_hash,
@@ -174,9 +186,7 @@ async def start(
         http=http,
         vault=vault,
     )
-    server = aio.server(
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
-    )
+    server = aio.server(options=SERVER_OPTIONS)
     # Every method of our services is guarded (a method without a policy fails here, before anything
     # is written); health and reflection are public.
     guard = Guard(authenticator, POLICIES, frozenset(settings.trusted_proxies))

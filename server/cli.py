@@ -391,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "error": exc.reason,
                 "message": exc.message,
+                **({"detail": exc.detail} if exc.detail else {}),
                 "violations": [
                     {"field": v.field, "description": v.description} for v in getattr(exc, "violations", [])
                 ],

@@ -31,15 +31,28 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """Base of every error the service reports to callers."""
+    """Base of every error the service reports to callers.
+
+    `message` is what callers see (an org's caller too: keep vendor internals out of it); `detail` is
+    for operators only (a vendor's own error text): it goes to the server log with the request or run
+    id, never into a status or a run.
+    """
 
     default_reason = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        detail: str = "",
+    ):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
+        self.detail = detail
 
 
 class InvalidInputError(ServiceError):
@@ -54,8 +67,9 @@ class InvalidInputError(ServiceError):
         *,
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
+        detail: str = "",
     ):
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, detail=detail)
         self.violations = list(violations or [])
 
 
@@ -111,8 +125,9 @@ class ThrottledError(ServiceError):
         retry_after: float,
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
+        detail: str = "",
     ):
-        super().__init__(message, reason=reason, metadata=metadata)
+        super().__init__(message, reason=reason, metadata=metadata, detail=detail)
         self.retry_after = retry_after
 
 

@@ -113,6 +113,13 @@ class OrgRepository:
         """The org's dataset name."""
         return f"{org_slug}_{self._suffix}"
 
+    async def active_datasets(self) -> list[str]:
+        """The datasets of every ACTIVE org."""
+        rows = await self._wh.query(
+            f"SELECT DISTINCT org_dataset_id FROM {self._t('org_profiles')} WHERE status = 'ACTIVE'"
+        )
+        return [r["org_dataset_id"] for r in rows]
+
     async def exists(self, org_slug: str) -> bool:
         """Whether an org profile with this slug exists."""
         rows = await self._wh.query(

@@ -4,10 +4,11 @@ A file holds one `CREATE OR REPLACE PROCEDURE` whose name must equal the file st
 `${dataset}` are replaced by the project and the central dataset. Sync compares the file's SHA-256 with
 the checksum recorded at the last sync (`procedure_sync_state`) and re-creates only what changed.
 
-Migrations live in `procedures/migrations/` and take `(p_dataset STRING, p_dry_run BOOL)`. Each execution
-is recorded in `migration_history`; a migration applied (not dry-run) to a dataset is not applied to it
-again with the same checksum unless forced. Executions of one migration on one dataset are serialised in
-this process.
+Migrations live in `procedures/migrations/` and take `(p_dataset STRING, p_dry_run BOOL)`. They run
+against org datasets only (the dataset of an ACTIVE org; never the central dataset): one named dataset,
+or every active org's dataset with bounded concurrency. Each execution is recorded in
+`migration_history`; a migration applied (not dry-run) to a dataset is not applied to it again with the
+same checksum unless forced. Executions of one migration on one dataset are serialised in this process.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import json
 import re
 import string
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.errors import FieldViolation, InvalidInputError, NotFoundError, TerminalError
+from server.errors import FieldViolation, InvalidInputError, NotFoundError, ServiceError, TerminalError
 from server.warehouse import sql
 from server.warehouse.bigquery import BigQueryWarehouse, RoutineInfo, Row
 from server.warehouse.rows import json_value
@@ -81,6 +82,18 @@ class MigrationRun:
     rows: list[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationOutcome:
+    """What one dataset of a migration call got: its execution (or the earlier one that applied it),
+    or the reason and message of its failure."""
+
+    dataset: str
+    run: MigrationRun | None
+    already_applied: bool = False
+    error_reason: str = ""
+    error: str = ""
+
+
 def read_files(folder: Path) -> list[ProcedureFile]:
     """Every `*.sql` under `folder/{domain}/`, ordered by name; names must be unique identifiers."""
     files: dict[str, ProcedureFile] = {}
@@ -97,10 +110,20 @@ def read_files(folder: Path) -> list[ProcedureFile]:
 class ProcedureManager:
     """Sync, list, get, delete and run migrations."""
 
-    def __init__(self, warehouse: BigQueryWarehouse, dataset: str, folder: Path) -> None:
+    def __init__(
+        self,
+        warehouse: BigQueryWarehouse,
+        dataset: str,
+        folder: Path,
+        *,
+        org_datasets: Callable[[], Awaitable[list[str]]],
+        migration_concurrency: int = 4,
+    ) -> None:
         self._wh = warehouse
         self._dataset = dataset
         self._folder = folder
+        self._org_datasets = org_datasets
+        self._concurrency = migration_concurrency
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def _t(self, table: str) -> str:
@@ -181,8 +204,9 @@ class ProcedureManager:
             return SyncResult(file.name, file.domain, "unchanged", file.checksum)
         try:
             await self._wh.query(self._render(file))
-        except TerminalError as exc:
-            return SyncResult(file.name, file.domain, "failed", file.checksum, exc.message)
+        except TerminalError as exc:  # for the root key's caller: the warehouse's own words, bounded
+            error = f"{exc.message}: {exc.detail}" if exc.detail else exc.message
+            return SyncResult(file.name, file.domain, "failed", file.checksum, error[:1000])
         return SyncResult(file.name, file.domain, "updated" if exists else "created", file.checksum)
 
     async def deployed(self) -> list[ProcedureView]:
@@ -228,15 +252,26 @@ class ProcedureManager:
 
     async def execute_migration(
         self, name: str, dataset: str, *, dry_run: bool, force: bool, executed_by: str
-    ) -> tuple[MigrationRun, bool]:
-        """Run a migration; return (execution, already_applied)."""
+    ) -> list[MigrationOutcome]:
+        """Run a migration against `dataset`, or against every active org's dataset when it is "".
+
+        A named dataset that fails raises (the call fails); with every dataset, each one's failure is
+        reported in its outcome and the others still run (at most `migration_concurrency` at once).
+        """
         violations = []
         if not sql.NAME.fullmatch(name):
             violations.append(FieldViolation("name", "must be a procedure name"))
-        if not sql.NAME.fullmatch(dataset):
-            violations.append(FieldViolation("dataset", "required: letters, digits and underscores"))
+        if dataset and not sql.NAME.fullmatch(dataset):
+            violations.append(FieldViolation("dataset", "letters, digits and underscores"))
         if violations:
             raise InvalidInputError("invalid migration request", violations)
+        if dataset == self._dataset:
+            raise InvalidInputError(
+                "migrations run against org datasets, not the central dataset",
+                [FieldViolation("dataset", "the central dataset")],
+                reason="DATASET_NOT_ALLOWED",
+                metadata={"dataset": dataset},
+            )
         file = next((f for f in self.files() if f.name == name and f.domain == MIGRATIONS), None)
         if file is None:
             raise NotFoundError(
@@ -244,34 +279,53 @@ class ProcedureManager:
                 reason="MIGRATION_NOT_FOUND",
                 metadata={"name": name},
             )
-        recorded = (await self._checksums()).get(name)
-        if recorded is None:
+        recorded, datasets = await asyncio.gather(self._checksums(), self._org_datasets())
+        checksum = recorded.get(name)
+        if checksum is None:
             raise NotFoundError(
                 f"migration {name!r} is not deployed; run procedure sync first",
                 reason="MIGRATION_NOT_DEPLOYED",
                 metadata={"name": name},
             )
-        if not await self._wh.dataset_exists(dataset):
-            raise NotFoundError(
-                f"dataset {dataset!r} not found", reason="DATASET_NOT_FOUND", metadata={"dataset": dataset}
-            )
+        if dataset:
+            if dataset not in datasets:
+                raise NotFoundError(
+                    f"no active org has the dataset {dataset!r}",
+                    reason="DATASET_NOT_FOUND",
+                    metadata={"dataset": dataset},
+                )
+            return [await self._migrate(name, dataset, checksum, dry_run, force, executed_by)]
+        limit = asyncio.Semaphore(self._concurrency)
+
+        async def one(target: str) -> MigrationOutcome:
+            async with limit:
+                try:
+                    return await self._migrate(name, target, checksum, dry_run, force, executed_by)
+                except ServiceError as exc:
+                    return MigrationOutcome(target, None, error_reason=exc.reason, error=exc.message)
+
+        return list(await asyncio.gather(*(one(d) for d in sorted(datasets))))
+
+    async def _migrate(
+        self, name: str, dataset: str, checksum: str, dry_run: bool, force: bool, executed_by: str
+    ) -> MigrationOutcome:
         async with self._locks.setdefault((name, dataset), asyncio.Lock()):
             if not dry_run and not force:
-                earlier = await self._applied(name, dataset, recorded)
+                earlier = await self._applied(name, dataset, checksum)
                 if earlier is not None:
-                    return earlier, True
+                    return MigrationOutcome(dataset, earlier, already_applied=True)
             result = await self._wh.call_procedure(self._dataset, name, [dataset, dry_run])
             run = MigrationRun(
                 name,
                 dataset,
-                recorded,
+                checksum,
                 dry_run,
                 executed_by,
                 datetime.now(UTC),
                 [json_value(r) for r in result.rows],
             )
             await self._record(run)
-            return run, False
+            return MigrationOutcome(dataset, run)
 
     async def _applied(self, name: str, dataset: str, checksum: str) -> MigrationRun | None:
         """The latest non-dry-run execution of this version (checksum) of the migration on `dataset`."""

@@ -1,5 +1,8 @@
-"""The one guard of every RPC: authentication, org matching and error mapping.
+"""The one guard of every RPC: request checks, authentication, org matching and error mapping.
 
+Before anything else, a request that does not parse (a string that is not UTF-8, a corrupt wire format)
+is INVALID_ARGUMENT `MALFORMED_REQUEST`, and one whose fields exceed their size limits
+(`server/api/limits.py`) is INVALID_ARGUMENT `REQUEST_TOO_LARGE`: neither reaches authentication.
 Servicers never read headers: the caller's principal is in `current_principal` while the RPC runs.
 A request message with an `org_slug` field must name the org of the caller's key.
 """
@@ -9,14 +12,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote
 
 import grpc
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from server import errors
+from server.api import limits
 from server.api.status import to_status
 from server.auth import Authenticator, Policy, Principal, RootPrincipal, check_org
 from server.ids import new_id
@@ -72,6 +78,35 @@ def _client_of(
 AddServicer = Callable[[Any, Any], None]  # a generated `add_*Servicer_to_server(servicer, server)`
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the guard can answer INVALID_ARGUMENT
+    (grpc would answer UNKNOWN with the exception's class name)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any]:
+    if deserializer is None:
+        raise TypeError(f"{type_name}: the handler has no request deserializer")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Malformed(type_name)
+
+    return deserialize
+
+
+def _malformed(request: _Malformed) -> errors.InvalidInputError:
+    return errors.InvalidInputError(
+        f"the request is not a valid {request.type_name} (every string must be valid UTF-8 and every "
+        "field of its declared type)",
+        reason="MALFORMED_REQUEST",
+    )
+
+
 class _Captured:
     """Stands in for the server while a generated `add_*_to_server` registers its method handlers."""
 
@@ -86,6 +121,15 @@ class _Captured:
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         self.service, self.handlers = service, dict(handlers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What the guard knows of one method: its policy, whether its request names an org, its limits."""
+
+    policy: Policy
+    names_org: bool
+    check_limits: Callable[[Any], None]
 
 
 class Guard:
@@ -127,34 +171,34 @@ class Guard:
         if policy is None:
             raise LookupError(f"{method} has no access policy")
         service, _, name = method.strip("/").rpartition("/")
-        fields = descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type.fields_by_name
-        names_org = "org_slug" in fields
+        request_type = descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type
+        entry = _Entry(policy, "org_slug" in request_type.fields_by_name, limits.checker(request_type))
+        deserializer = _tolerant(handler.request_deserializer, request_type.name)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(policy, names_org, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(entry, handler.unary_unary),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(
-                    policy, names_org, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)
-                ),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(entry, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         raise TypeError(f"{method}: only unary and server-streaming methods are supported")
 
-    async def _enter(
-        self, policy: Policy, names_org: bool, request: Any, context: aio.ServicerContext[Any, Any]
-    ) -> str:
+    async def _enter(self, entry: _Entry, request: Any, context: aio.ServicerContext[Any, Any]) -> str:
         metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        request_id = metadata.get("x-request-id") or new_id()
+        request_id = metadata.get("x-request-id", "")[:64] or new_id()
         log_fields.set({"request_id": request_id})
+        if isinstance(request, _Malformed):
+            raise _malformed(request)
+        entry.check_limits(request)
         principal = await self._auth.authenticate(
-            policy, metadata, _client_of(metadata, context, self._trusted_proxies)
+            entry.policy, metadata, _client_of(metadata, context, self._trusted_proxies)
         )
-        if names_org:
+        if entry.names_org:
             check_org(principal, request.org_slug)
         current_principal.set(principal)
         if isinstance(principal, OrgContext):
@@ -166,18 +210,18 @@ class Guard:
     ) -> None:
         if not isinstance(exc, errors.ServiceError):
             log.exception("unexpected error", extra={"fields": {"request_id": request_id}})
-        elif isinstance(exc, errors.TransientError | errors.TerminalError):
-            log.warning("call failed: %s", exc.message)
+        elif isinstance(exc, errors.TransientError | errors.TerminalError) or exc.detail:
+            log.warning("call failed: %s %s (%s)", exc.reason, exc.message, exc.detail or "-")
         # grpc-stubs lacks aio's abort_with_status.
         await cast(Any, context).abort_with_status(to_status(exc, request_id))
 
     def _wrap_unary(
-        self, policy: Policy, names_org: bool, behavior: Callable[..., Awaitable[Any]]
+        self, entry: _Entry, behavior: Callable[..., Awaitable[Any]]
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             request_id = "-"
             try:
-                request_id = await self._enter(policy, names_org, request, context)
+                request_id = await self._enter(entry, request, context)
                 return await behavior(request, context)
             except aio.AbortError:
                 raise
@@ -187,12 +231,12 @@ class Guard:
         return wrapped
 
     def _wrap_stream(
-        self, policy: Policy, names_org: bool, behavior: Callable[..., AsyncIterator[Any]]
+        self, entry: _Entry, behavior: Callable[..., AsyncIterator[Any]]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             request_id = "-"
             try:
-                request_id = await self._enter(policy, names_org, request, context)
+                request_id = await self._enter(entry, request, context)
                 async for item in behavior(request, context):
                     yield item
             except aio.AbortError:

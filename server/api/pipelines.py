@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from grpc import aio
@@ -106,14 +107,22 @@ def _state_filter(status: str) -> str:
     return state
 
 
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _cursor(token: str) -> tuple[datetime, str] | None:
+    """The (create time, run id) a ListPipelineRuns token points after; a token this API did not issue
+    (a naive or non-UTC time, a time out of range, a run id of another shape) is INVALID_PAGE_TOKEN."""
     if not token:
         return None
     created, _, run_id = decode_token(token).partition("|")
     try:
-        return datetime.fromisoformat(created), run_id
+        after = datetime.fromisoformat(created)
     except ValueError as exc:
         raise invalid_token() from exc
+    if after.tzinfo is None or after.utcoffset() != timedelta(0) or not _RUN_ID.fullmatch(run_id):
+        raise invalid_token()
+    return after, run_id
 
 
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):

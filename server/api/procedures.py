@@ -111,13 +111,29 @@ class ProcedureServicer(procedure_service_pb2_grpc.ProcedureServiceServicer):
     async def ExecuteMigration(
         self, request: procedure_service_pb2.ExecuteMigrationRequest, context: aio.ServicerContext[Any, Any]
     ) -> procedure_service_pb2.ExecuteMigrationResponse:
-        run, already = await self._manager.execute_migration(
+        outcomes = await self._manager.execute_migration(
             request.name,
             request.dataset,
             dry_run=request.dry_run,
             force=request.force,
             executed_by=principal_name(),
         )
+        results = [
+            procedure_service_pb2.MigrationDatasetResult(
+                dataset=o.dataset,
+                execution=execution_message(o.run) if o.run else None,
+                already_applied=o.already_applied,
+                error_reason=o.error_reason,
+                error=o.error,
+            )
+            for o in outcomes
+        ]
+        single = outcomes[0] if request.dataset else None
         return procedure_service_pb2.ExecuteMigrationResponse(
-            execution=execution_message(run), already_applied=already
+            execution=execution_message(single.run) if single and single.run else None,
+            already_applied=bool(single and single.already_applied),
+            results=results,
+            executed=sum(o.run is not None and not o.already_applied for o in outcomes),
+            skipped=sum(o.already_applied for o in outcomes),
+            failed=sum(o.run is None for o in outcomes),
         )

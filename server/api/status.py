@@ -3,6 +3,11 @@
 Every status carries one `ErrorInfo` (stable `reason`, domain `cloudact.io`, metadata); input errors add
 `BadRequest` field violations, throttling adds `RetryInfo`. An unexpected exception becomes INTERNAL with
 the request id and nothing of Python's internals.
+
+What a status echoes is bounded here, whatever the error carries: the message, each field path,
+description and metadata value are cut to a fixed length and at most `MAX_VIOLATIONS` violations and
+`MAX_METADATA` metadata entries are sent, so a status stays a few KiB. (Past ~64 KiB of trailers Envoy
+resets the HTTP/2 connection it shares with other callers' requests.)
 """
 
 from __future__ import annotations
@@ -17,6 +22,13 @@ from grpc_status import rpc_status
 from server import errors
 
 DOMAIN = "cloudact.io"
+
+MAX_MESSAGE = 512
+MAX_FIELD = 128
+MAX_DESCRIPTION = 256
+MAX_VIOLATIONS = 20
+MAX_METADATA = 10
+MAX_METADATA_VALUE = 128
 
 _CODES: list[tuple[type[errors.ServiceError], int]] = [
     (errors.InvalidInputError, code_pb2.INVALID_ARGUMENT),
@@ -40,6 +52,11 @@ def code_of(exc: errors.ServiceError) -> int:
     return int(code_pb2.INTERNAL)
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def to_status(exc: BaseException, request_id: str) -> grpc.Status:
     """Build the gRPC status (with details trailer) for any exception."""
     if not isinstance(exc, errors.ServiceError):
@@ -48,17 +65,26 @@ def to_status(exc: BaseException, request_id: str) -> grpc.Status:
             reason="INTERNAL",
             metadata={"request_id": request_id},
         )
-    status = status_pb2.Status(code=code_of(exc), message=exc.message)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+    status = status_pb2.Status(code=code_of(exc), message=clip(exc.message, MAX_MESSAGE))
+    metadata = {
+        clip(k, MAX_FIELD): clip(v, MAX_METADATA_VALUE) for k, v in list(exc.metadata.items())[:MAX_METADATA]
+    }
+    info = error_details_pb2.ErrorInfo(reason=clip(exc.reason, MAX_FIELD), domain=DOMAIN, metadata=metadata)
     status.details.add().Pack(info)
     if isinstance(exc, errors.InvalidInputError) and exc.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
-            ]
-        )
-        status.details.add().Pack(bad)
+        shown = exc.violations[:MAX_VIOLATIONS]
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=clip(v.field, MAX_FIELD), description=clip(v.description, MAX_DESCRIPTION)
+            )
+            for v in shown
+        ]
+        if len(exc.violations) > len(shown):
+            more = len(exc.violations) - len(shown)
+            violations.append(
+                error_details_pb2.BadRequest.FieldViolation(field="*", description=f"{more} more not shown")
+            )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
     if isinstance(exc, errors.ThrottledError):
         delay = duration_pb2.Duration(seconds=max(1, math.ceil(exc.retry_after)))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))

@@ -198,24 +198,37 @@ class RunManager:
 
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
+        """The run's parameters: the config's defaults, the request's parameters, then the run window.
+
+        The window can be given as the request's fields or as parameters of the same names; either way
+        it goes through the one validation of `templates.parse_run_dates` with the pipeline's limits.
+        """
         bad = [
-            FieldViolation(f"parameters[{k}]", "keys are lowercase snake_case")
+            FieldViolation(f"parameters[{k[:64]}]", "keys are lowercase snake_case")
             for k in request.parameters
             if not k.isidentifier() or k.lower() != k
         ]
+        fields = {"date": request.date, "start_date": request.start_date, "end_date": request.end_date}
+        window = dict(fields)
+        for name, value in fields.items():
+            given = request.parameters.get(name, "")
+            if given and value and given != value:
+                bad.append(FieldViolation(f"parameters[{name}]", f"differs from the request's {name}"))
+            window[name] = value or given
         if bad:
             raise InvalidInputError("invalid parameters", bad)
+        spec = config.spec
         params = {
             k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in config.spec.parameters.items()
+            for k, v in spec.parameters.items()
         }
-        params.update(request.parameters)
+        params.update((k, v) for k, v in request.parameters.items() if k not in fields)
         params.update(
             templates.parse_run_dates(
-                date=request.date,
-                start_date=request.start_date,
-                end_date=request.end_date,
+                **window,
                 today=datetime.now(UTC).date(),
+                max_days=spec.max_window_days,
+                future_days=spec.max_future_days,
             )
         )
         if request.force_refresh:
@@ -261,9 +274,14 @@ class RunManager:
             )
         except asyncio.CancelledError:
             self._set_state(run, "CANCELLED", reason=run.reason or "CANCELLED")
-        except Exception as exc:  # the run ends FAILED; the details stay in our log, not in the run
+        except Exception:  # the run ends FAILED; the details stay in our log, not in the run
             log.exception("run crashed")
-            self._set_state(run, "FAILED", reason="INTERNAL", error=f"internal error ({type(exc).__name__})")
+            self._set_state(
+                run,
+                "FAILED",
+                reason="INTERNAL",
+                error="internal error (details in the server log, by run id)",
+            )
         finally:
             self._finish(run, config, reservation)
 

@@ -56,6 +56,7 @@ import asyncio
 import logging
 import random as _random
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -287,11 +288,27 @@ def _rows(outputs: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+MAX_ERROR = 500
+UNEXPECTED = "unexpected error in the step (details in the server log by run id)"
+
+
 def _describe(exc: Exception, default_reason: str) -> tuple[str, str]:
-    """Error text and reason safe to report: never an unexpected exception's message."""
+    """Error text (at most MAX_ERROR characters) and reason safe to report on a run: a domain error's
+    message, never its operator detail, an unexpected exception's message or its class name (those go
+    to the server log, with the run and step ids)."""
     if isinstance(exc, ServiceError):
-        return exc.message, exc.reason
-    return type(exc).__name__, default_reason
+        if exc.detail:
+            logger.warning("step error %s: %s (%s)", exc.reason, exc.message, exc.detail)
+        return _clip(exc.message), exc.reason
+    # Its type and where it was raised, not its message: a library's message may carry a secret.
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f"{frame[0].filename}:{frame[0].lineno}" if frame else "?"
+    logger.warning("unexpected step error %s at %s", type(exc).__name__, where)
+    return UNEXPECTED, default_reason
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR else text[: MAX_ERROR - 1] + "…"
 
 
 class _Run:
@@ -460,18 +477,15 @@ class _Run:
                 return _AttemptResult(
                     "TIMEOUT", {}, f"step timed out after {step.timeout:g}s", "STEP_TIMEOUT", True
                 )
-            return self._raised(step, n, exc)
-        except TransientError as exc:
-            return _AttemptResult("FAILED", {}, exc.message, exc.reason, retryable=True)
+            return self._raised(exc)
         except Exception as exc:
-            return self._raised(step, n, exc)
+            return self._raised(exc)
         return _result(raw)
 
-    def _raised(self, step: StepSpec, n: int, exc: Exception) -> _AttemptResult:
+    @staticmethod
+    def _raised(exc: Exception) -> _AttemptResult:
         error, reason = _describe(exc, "PROCESSOR_ERROR")
-        if not isinstance(exc, ServiceError):
-            logger.warning("step %s attempt %d raised %s", step.step_id, n, type(exc).__name__)
-        return _AttemptResult("FAILED", {}, error, reason)
+        return _AttemptResult("FAILED", {}, error, reason, retryable=isinstance(exc, TransientError))
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
@@ -528,7 +542,7 @@ def _result(raw: object) -> _AttemptResult:
     outputs = {str(k): v for k, v in raw.items()}
     if state == "FAILED":
         reported = outputs.get("error")
-        error = str(reported) if reported else "processor reported a failure"
+        error = _clip(str(reported)) if reported else "processor reported a failure"
         return _AttemptResult("FAILED", outputs, error, "PROCESSOR_FAILED")
     return _AttemptResult(state, outputs)
 

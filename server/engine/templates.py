@@ -521,17 +521,28 @@ def template_variables(
     return variables
 
 
-def parse_run_dates(*, date: str, start_date: str, end_date: str, today: date) -> dict[str, str]:
+def parse_run_dates(
+    *,
+    date: str,
+    start_date: str,
+    end_date: str,
+    today: date,
+    max_days: int = _MAX_WINDOW_DAYS,
+    future_days: int = 0,
+) -> dict[str, str]:
     """Validate a RunPipeline request's run window and return it as parameters.
 
     `date` alone is a one-day window; `start_date` and `end_date` together are an inclusive window of
-    at most 366 days; none of them means no window. No day may be after `today`.
+    at most `max_days` days; none of them means no window. No day may be more than `future_days` after
+    `today`. Violations never repeat the value.
 
     Args:
         date: One day, `YYYY-MM-DD`, or "" (proto3's unset).
         start_date: The window's first day, or "".
         end_date: The window's last day, or "".
         today: The current UTC day.
+        max_days: The longest window allowed (the pipeline's `max_window_days`).
+        future_days: How many days after `today` a window may reach (the pipeline's `max_future_days`).
 
     Returns:
         `{"date": ..., "start_date": ..., "end_date": ...}` as ISO strings (`date` only when given),
@@ -540,7 +551,7 @@ def parse_run_dates(*, date: str, start_date: str, end_date: str, today: date) -
     Raises:
         InvalidInputError: A date is not a valid ISO date or lies after `today`, `date` is combined
             with `start_date`/`end_date`, only one of `start_date`/`end_date` is set, the window is
-            reversed or longer than 366 days. One violation per offending field.
+            reversed or longer than `max_days`. One violation per offending field.
     """
     given = {
         name: value
@@ -551,12 +562,16 @@ def parse_run_dates(*, date: str, start_date: str, end_date: str, today: date) -
         return {}
     violations: list[FieldViolation] = []
     parsed: dict[str, TemplateDate] = {}
+    latest = today + timedelta(days=future_days)
     for name, value in given.items():
         day = _parse_iso_date(value)
         if day is None:
-            violations.append(FieldViolation(name, f"{value!r} is not an ISO date (YYYY-MM-DD)"))
-        elif day > today:
-            violations.append(FieldViolation(name, f"{day} is in the future (today is {today.isoformat()})"))
+            violations.append(FieldViolation(name, "is not an ISO date (YYYY-MM-DD)"))
+        elif day > latest:
+            allowed = f"today is {today.isoformat()}" + (
+                f", at most {future_days} days ahead" if future_days else ""
+            )
+            violations.append(FieldViolation(name, f"{day} is in the future ({allowed})"))
         else:
             parsed[name] = day
     window = [name for name in ("start_date", "end_date") if name in given]
@@ -571,8 +586,8 @@ def parse_run_dates(*, date: str, start_date: str, end_date: str, today: date) -
         if start > end:
             problem = f"start_date {start} is after end_date {end}"
             violations += [FieldViolation("start_date", problem), FieldViolation("end_date", problem)]
-        elif end - start + 1 > _MAX_WINDOW_DAYS:
-            problem = f"the window {start}..{end} spans {end - start + 1} days, more than {_MAX_WINDOW_DAYS}"
+        elif end - start + 1 > max_days:
+            problem = f"the window {start}..{end} spans {end - start + 1} days, more than {max_days}"
             violations += [FieldViolation("start_date", problem), FieldViolation("end_date", problem)]
     if violations:
         raise InvalidInputError(

@@ -67,6 +67,10 @@ class PipelineSpec(_Strict):
     version: str = "1"
     timeout: float = Field(3600.0, gt=0)
     parameters: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    # The run window (`date`, or `start_date` + `end_date`, from the request's fields or its parameters):
+    # at most this many days long, reaching at most this many days after today (UTC).
+    max_window_days: int = Field(366, ge=1, le=3660)
+    max_future_days: int = Field(0, ge=0, le=366)
     schedule: Schedule | None = None
     steps: list[StepSpec] = Field(min_length=1)
 

@@ -134,29 +134,45 @@ def _error_message(exc: gexc.GoogleAPICallError) -> str:
 
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
-    """Map vendor exceptions to domain errors (the single seam for this adapter)."""
+    """Map vendor exceptions to domain errors (the single seam for this adapter).
+
+    The message says what failed in our words; the vendor's own text (table names, SQL, internal
+    messages) goes to `detail`, which only the server log sees.
+    """
     try:
         yield
     except gexc.NotFound as exc:
-        raise NotFoundError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_NOT_FOUND") from exc
+        raise NotFoundError(
+            f"{what}: not found", reason="WAREHOUSE_NOT_FOUND", detail=_error_message(exc)
+        ) from exc
     except gexc.Conflict as exc:
-        raise AlreadyExistsError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_CONFLICT") from exc
+        raise AlreadyExistsError(
+            f"{what}: already exists", reason="WAREHOUSE_CONFLICT", detail=_error_message(exc)
+        ) from exc
     except (gexc.TooManyRequests, gexc.ServerError) as exc:
-        raise TransientError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_UNAVAILABLE") from exc
+        raise _unavailable(what, _error_message(exc)) from exc
     except gexc.GoogleAPICallError as exc:
         reasons = {e.get("reason") for e in (exc.errors or []) if isinstance(e, dict)}
         if reasons & _TRANSIENT_REASONS:
-            raise TransientError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_UNAVAILABLE") from exc
-        raise TerminalError(f"{what}: {_error_message(exc)}", reason="WAREHOUSE_REJECTED") from exc
+            raise _unavailable(what, _error_message(exc)) from exc
+        raise TerminalError(
+            f"{what}: the warehouse rejected it", reason="WAREHOUSE_REJECTED", detail=_error_message(exc)
+        ) from exc
     except (
         requests.exceptions.ConnectionError,
         requests.exceptions.Timeout,
         concurrent.futures.TimeoutError,
         gexc.RetryError,
     ) as exc:
-        raise TransientError(
-            f"{what}: warehouse unreachable ({type(exc).__name__})", reason="WAREHOUSE_UNAVAILABLE"
-        ) from exc
+        raise _unavailable(what, f"warehouse unreachable ({type(exc).__name__}: {exc})") from exc
+
+
+def _unavailable(what: str, detail: str) -> TransientError:
+    return TransientError(
+        f"{what}: the warehouse is unavailable; try again later",
+        reason="WAREHOUSE_UNAVAILABLE",
+        detail=detail,
+    )
 
 
 class BigQueryWarehouse:
@@ -205,9 +221,15 @@ class BigQueryWarehouse:
         return (await self.query_job(statement, params)).rows
 
     async def query_job(
-        self, statement: str, params: Mapping[str, Any] | None = None, *, job_timeout: float | None = None
+        self,
+        statement: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        job_timeout: float | None = None,
+        what: str = "query failed",
     ) -> QueryResult:
-        """Run one query; return rows and job statistics (`job_timeout` bounds the job)."""
+        """Run one query; return rows and job statistics (`job_timeout` bounds the job; `what` starts
+        the message of an error)."""
         config = bigquery.QueryJobConfig(
             query_parameters=[_parameter(k, v) for k, v in (params or {}).items()]
         )
@@ -223,14 +245,14 @@ class BigQueryWarehouse:
                 int(job.num_dml_affected_rows or 0),
             )
 
-        return await self._run("query failed", run)
+        return await self._run(what, run)
 
     async def call_procedure(
         self, dataset: str, name: str, args: Sequence[Any], *, job_timeout: float | None = None
     ) -> QueryResult:
         """`CALL dataset.name(args…)` and return the rows of the procedure's last SELECT."""
         statement = f"CALL {sql.routine(self.project, dataset, name)}({', '.join(map(sql.literal, args))})"
-        return await self.query_job(statement, job_timeout=job_timeout)
+        return await self.query_job(statement, job_timeout=job_timeout, what=f"procedure {name} failed")
 
     async def ensure_dataset(self, dataset: str) -> None:
         """Create the dataset if it does not exist."""

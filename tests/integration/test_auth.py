@@ -32,7 +32,7 @@ from cloudact.pipeline.v1 import (
 from server import app
 from server.localstack.envoy import Envoy
 from server.settings import Settings
-from tests.conftest import ROOT_HEADERS, ROOT_KEY, ROOT_METADATA, Org
+from tests.conftest import ROOT_HEADERS, ROOT_KEY, ROOT_METADATA, Org, make_org
 from tests.integration.rpc_errors import DOMAIN, error_info, status_of
 
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -358,8 +358,7 @@ async def test_unexpected_error_is_internal_without_python_details(
         procedure_service_pb2.GetProcedureRequest(name=MIGRATION), metadata=ROOT_METADATA, timeout=30
     )
     assert deployed.procedure.checksum
-    dataset = f"corrupt_{uuid.uuid4().hex[:8]}"
-    await service.warehouse.ensure_dataset(dataset)
+    dataset = (await make_org(service, "corrupt")).dataset
     # An "earlier application" of the deployed version, so ExecuteMigration reads it instead of running.
     history = service.warehouse.table_ref(service.settings.meta_dataset, "migration_history")
     await service.warehouse.query(

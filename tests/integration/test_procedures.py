@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,12 @@ async def call(http: aiohttp.ClientSession, method: str, path: str, **kwargs: An
     """One REST call with the root key; (status, JSON body)."""
     async with http.request(method, path, headers=ROOT_HEADERS, **kwargs) as r:
         return r.status, await r.json(content_type=None)
+
+
+def when(timestamp: str) -> datetime:
+    """A proto3 JSON timestamp, parsed: as text `...41.397Z` sorts before `...41Z` (proto3 JSON drops
+    a zero fraction), so times are compared parsed, never as strings."""
+    return datetime.fromisoformat(timestamp)
 
 
 def detail(body: dict[str, Any], type_url: str) -> dict[str, Any]:
@@ -167,7 +173,9 @@ async def scratch(service: app.Service, tmp_path: Path, suffix: str) -> AsyncIte
 
     Every routine it creates carries `suffix` in its name and is dropped (with its sync state) afterwards.
     """
-    manager = ProcedureManager(service.warehouse, CENTRAL, tmp_path / "procedures")
+    manager = ProcedureManager(
+        service.warehouse, CENTRAL, tmp_path / "procedures", org_datasets=service.orgs.active_datasets
+    )
     (tmp_path / "procedures").mkdir()
     yield manager
     for name in sorted(await routine_names(service)):
@@ -229,7 +237,7 @@ async def test_sync_creates_then_leaves_unchanged_then_force_updates_rest(
     assert [forced[k] for k in ("created", "updated", "unchanged", "failed")] == [0, len(names), 0, 0]
     status, replaced = await call(http, "GET", f"/api/v1/procedures/{MIGRATION}")
     assert status == 200, replaced
-    assert replaced["procedure"]["update_time"] > before["procedure"]["update_time"]
+    assert when(replaced["procedure"]["update_time"]) > when(before["procedure"]["update_time"])
     assert replaced["procedure"]["checksum"] == sha256(MIGRATION_FILE)
     assert replaced["procedure"]["file_checksum"] == sha256(MIGRATION_FILE)
     assert await sync_state(service, MIGRATION) == [
@@ -379,7 +387,8 @@ async def test_list_procedures(http: aiohttp.ClientSession, service: app.Service
     assert migration["full_name"] == f"{PROJECT}.{CENTRAL}.{MIGRATION}"
     assert migration["checksum"] == migration["file_checksum"] == sha256(MIGRATION_FILE)
     assert migration["definition"] == ""  # only GetProcedure fills it
-    assert migration["create_time"].endswith("Z") and migration["update_time"] >= migration["create_time"]
+    assert migration["create_time"].endswith("Z")
+    assert when(migration["update_time"]) >= when(migration["create_time"])
 
 
 async def test_list_procedures_pages(
@@ -572,7 +581,7 @@ async def test_migration_dry_run_apply_and_history(
     assert status == 200, forced
     assert forced["already_applied"] is False
     assert forced["execution"]["rows"] == [{"dataset": acme.dataset, "dry_run": False, "plans_to_change": 1}]
-    assert forced["execution"]["execute_time"] > applied["execution"]["execute_time"]
+    assert when(forced["execution"]["execute_time"]) > when(applied["execution"]["execute_time"])
     statuses = [p["status"] for p in await plans(service, acme.dataset)]
     assert statuses == ["active", "active", "pending", "expired"]
     history = await service.procedures.history(MIGRATION, acme.dataset)
@@ -583,9 +592,12 @@ async def test_migration_errors(http: aiohttp.ClientSession, acme: Org) -> None:
     await deploy_shipped(http)
     url = f"/api/v1/migrations/{MIGRATION}/execute"
 
-    status, body = await call(http, "POST", url, params={"dry_run": "true"}, json={})
-    assert_rest_error(status, body, 400, "INVALID_ARGUMENT")
+    # The central dataset is never a target: refused at once, nothing is tried (or retried).
+    began = asyncio.get_running_loop().time()
+    status, body = await call(http, "POST", url, params={"dry_run": "true", "dataset": CENTRAL})
+    assert_rest_error(status, body, 400, "DATASET_NOT_ALLOWED")
     assert rest_violations(body) == ["dataset"]
+    assert asyncio.get_running_loop().time() - began < 5
     status, body = await call(http, "POST", url, params={"dry_run": "true"}, json={"dataset": "bad-dataset"})
     assert status == 400, body
     assert rest_violations(body) == ["dataset"]
@@ -604,6 +616,38 @@ async def test_migration_errors(http: aiohttp.ClientSession, acme: Org) -> None:
     status, body = await call(http, "POST", url, params={"dry_run": "true"}, json={"dataset": missing})
     assert_rest_error(status, body, 404, "DATASET_NOT_FOUND")
     assert detail(body, ERROR_INFO)["metadata"] == {"dataset": missing}
+
+
+async def test_migration_for_every_active_org_dataset(
+    http: aiohttp.ClientSession, service: app.Service
+) -> None:
+    """The seed's call verbatim: root key, `dry_run=true`, no body. It runs the migration once for every
+    active org's dataset and records one history row per dataset."""
+    first, second = await make_org(service, "mig_all"), await make_org(service, "mig_all")
+    await create_plans(service, first.dataset, [plan("p1", currency="eur")])
+    await deploy_shipped(http)
+    datasets = sorted(await service.orgs.active_datasets())
+    assert {first.dataset, second.dataset} <= set(datasets)
+
+    async with http.post(f"/api/v1/migrations/{MIGRATION}/execute?dry_run=true", headers=ROOT_HEADERS) as r:
+        body = await r.json()
+        assert r.status == 200, body
+    assert [result["dataset"] for result in body["results"]] == datasets
+    assert (body["executed"], body["skipped"], body["failed"]) == (len(datasets), 0, 0)
+    assert body["already_applied"] is False and "execution" not in body
+    by_dataset = {result["dataset"]: result for result in body["results"]}
+    assert by_dataset[first.dataset]["execution"]["rows"] == [
+        {"dataset": first.dataset, "dry_run": True, "plans_to_change": 1}
+    ]
+    assert by_dataset[second.dataset]["execution"]["rows"] == [
+        {"dataset": second.dataset, "dry_run": True, "plans_to_change": 0}
+    ]
+    assert all(r["error"] == "" and r["error_reason"] == "" for r in body["results"])
+    for org in (first, second):
+        history = await service.procedures.history(MIGRATION, org.dataset)
+        assert [(h.dry_run, h.dataset) for h in history] == [(True, org.dataset)]
+    # A dry run changed nothing.
+    assert [p["currency"] for p in await plans(service, first.dataset)] == ["eur"]
 
 
 async def test_migration_grpc(
@@ -642,9 +686,12 @@ async def test_migration_grpc(
     assert [h.dry_run for h in await service.procedures.history(MIGRATION, org.dataset)] == [True, False]
 
     with pytest.raises(aio.AioRpcError) as caught:
-        await procedures.ExecuteMigration(request(name=MIGRATION, dry_run=True), metadata=ROOT_METADATA)
+        await procedures.ExecuteMigration(
+            request(name=MIGRATION, dataset=CENTRAL, dry_run=True), metadata=ROOT_METADATA
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    _, bad = rpc_details(caught.value)
+    info, bad = rpc_details(caught.value)
+    assert info.reason == "DATASET_NOT_ALLOWED"
     assert bad is not None and [v.field for v in bad.field_violations] == ["dataset"]
 
     with pytest.raises(aio.AioRpcError) as caught:
@@ -680,10 +727,11 @@ async def test_migration_result_values_and_new_versions(
     assert caught.value.reason == "MIGRATION_NOT_DEPLOYED"
     assert [r.outcome for r in await scratch.sync()] == ["created"]
 
-    run, already = await scratch.execute_migration(
+    [outcome] = await scratch.execute_migration(
         name, globex.dataset, dry_run=False, force=False, executed_by="test"
     )
-    assert not already
+    run = outcome.run
+    assert run is not None and not outcome.already_applied
     assert run.checksum == first
     # Beyond 2**53 an INT64 becomes a string; exact decimals and dates are strings too.
     assert run.rows == [
@@ -702,18 +750,19 @@ async def test_migration_result_values_and_new_versions(
     assert message["rows"][0]["version"] == 1
     assert message["executed_by"] == "test"
 
-    earlier, already = await scratch.execute_migration(
+    [again] = await scratch.execute_migration(
         name, globex.dataset, dry_run=False, force=False, executed_by="test"
     )
-    assert already and earlier == run
+    assert again.already_applied and again.run == run
 
     # A changed migration (new checksum) is a new migration: it applies without force.
     second = version(2)
     assert [r.outcome for r in await scratch.sync()] == ["updated"]
-    run2, already = await scratch.execute_migration(
+    [outcome2] = await scratch.execute_migration(
         name, globex.dataset, dry_run=False, force=False, executed_by="test"
     )
-    assert not already
+    run2 = outcome2.run
+    assert run2 is not None and not outcome2.already_applied
     assert run2.checksum == second != first
     assert run2.rows[0]["version"] == 2
     history = await scratch.history(name, globex.dataset)

@@ -34,15 +34,21 @@ def no_grpc_headers(response: aiohttp.ClientResponse) -> None:
         assert name not in response.headers, dict(response.headers)
 
 
+GATEWAY_REASONS = {400: (3, "MALFORMED_REQUEST"), 404: (5, "ROUTE_NOT_FOUND"), 413: (3, "REQUEST_TOO_LARGE")}
+
+
 async def gateway_error(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    """An error Envoy produced itself (no RPC ran): JSON `{code: <HTTP code>, message}`."""
+    """An error Envoy produced itself (no RPC ran): a google.rpc.Status JSON body like the service's,
+    with the gRPC code and one ErrorInfo whose reason names the gateway's complaint."""
     assert response.status == status, await response.text()
     assert response.content_type == "application/json"
     body = await response.json()
-    assert body["code"] == status
+    code, reason = GATEWAY_REASONS[status]
+    assert body["code"] == code
     assert isinstance(body["message"], str)
     assert body["message"]
-    assert "details" not in body
+    assert body["details"] == [{"@type": ERROR_INFO, "reason": reason, "domain": "cloudact.io"}]
+    assert "x-local-reply" not in response.headers
     no_grpc_headers(response)
     return body
 

@@ -84,6 +84,10 @@ async def test_failed_step_fails_the_run_and_later_steps_do_not_run(
     }
     broken = next(s for s in run.steps if s.step_id == "broken")
     assert "sp_does_not_exist" in broken.error and "Traceback" not in broken.error
+    # A stable reason and our own words: not the warehouse's message (project, dataset, routine path).
+    assert broken.error_reason == "WAREHOUSE_NOT_FOUND"
+    assert broken.error == "procedure sp_does_not_exist failed: not found"
+    assert "test-project" not in run.error and "organizations" not in run.error
 
 
 async def test_pipeline_timeout(pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, acme: Org) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from processors.base import Processor, RunIdentity, StepContext
 from server.engine.processor import ProcessorRegistry
-from server.engine.runner import TERMINAL, PreparedStep, RunOutcome, StepEvent, StepRunner
+from server.engine.runner import TERMINAL, UNEXPECTED, PreparedStep, RunOutcome, StepEvent, StepRunner
 from server.errors import FieldViolation, InvalidInputError, TerminalError, TransientError
 from server.pipelines.spec import PipelineSpec, StepSpec
 
@@ -534,9 +534,11 @@ async def test_unexpected_exception_message_is_not_leaked(caplog: pytest.LogCapt
     outcome = await h.run(spec)
 
     boom = outcome.steps["boom"]
-    assert boom.state == "FAILED" and boom.error == "RuntimeError" and len(boom.attempts) == 1
+    assert boom.state == "FAILED" and boom.error == UNEXPECTED and len(boom.attempts) == 1
     assert boom.attempts[0].error_reason == "PROCESSOR_ERROR"
-    assert outcome.error == "step 'boom' failed: RuntimeError"
+    assert outcome.error == f"step 'boom' failed: {UNEXPECTED}"
+    assert "RuntimeError" not in outcome.error
+    assert "unexpected step error RuntimeError at " in caplog.text  # the operator's clue
     for text in (repr(outcome), repr(h.events), caplog.text):
         assert "hunter2" not in text and "/srv/secret" not in text
 

@@ -189,3 +189,33 @@ def test_auth_errors_keep_their_own_codes() -> None:
         parse(errors.PermissionDeniedError("root only", reason="ROOT_KEY_REQUIRED")).code
         == grpc.StatusCode.PERMISSION_DENIED
     )
+
+
+def test_whatever_an_error_carries_the_status_stays_small() -> None:
+    exc = errors.InvalidInputError(
+        "m" * 100_000,
+        [errors.FieldViolation("f" * 10_000, "d" * 10_000) for _ in range(2_000)],
+        reason="R" * 1_000,
+        metadata={f"k{i}" * 100: "v" * 10_000 for i in range(100)},
+        detail="vendor text " * 1_000,
+    )
+    status = to_status(exc, REQUEST_ID)
+    assert sum(len(k) + len(v) for k, v in status.trailing_metadata) < 16 * 1024
+    parsed = parse(exc)
+    assert len(parsed.message) == 512 and parsed.message.endswith("…")
+    assert parsed.bad_request is not None
+    shown = parsed.bad_request.field_violations
+    assert len(shown) == 21
+    assert all(len(v.field) <= 128 and len(v.description) <= 256 for v in shown)
+    assert (shown[-1].field, shown[-1].description) == ("*", "1980 more not shown")
+    assert len(parsed.info.metadata) == 10
+    assert all(len(v) <= 128 for v in parsed.info.metadata.values())
+    assert "vendor text" not in status.details
+
+
+def test_short_errors_are_untouched() -> None:
+    exc = errors.InvalidInputError("bad", [errors.FieldViolation("a", "b")], metadata={"k": "v"})
+    parsed = parse(exc)
+    assert parsed.message == "bad"
+    assert [(v.field, v.description) for v in parsed.bad_request.field_violations] == [("a", "b")]  # type: ignore[union-attr]
+    assert dict(parsed.info.metadata) == {"k": "v"}

@@ -32,9 +32,11 @@ class ListPipelinesRequest(_message.Message):
     page_size: _builtins.int
     """Maximum number of pipelines to return; 0 means the server default (50), values above 500 are capped."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filter; empty for the first page."""
+    """The `next_page_token` of a previous call with the same filter; empty for the first page (at most 512
+    characters).
+    """
     provider: _builtins.str
-    """Only pipelines of this provider, when set."""
+    """Only pipelines of this provider, when set (at most 64 characters)."""
     def __init__(
         self,
         *,
@@ -120,28 +122,35 @@ class RunPipelineRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     org_slug: _builtins.str
-    """The org to run for; must be the org of the caller's API key."""
+    """The org to run for; must be the org of the caller's API key (at most 64 characters)."""
     provider: _builtins.str
-    """Config path segment: provider (lowercase snake_case)."""
+    """Config path segment: provider (lowercase snake_case, at most 64 characters)."""
     domain: _builtins.str
-    """Config path segment: domain (lowercase snake_case)."""
+    """Config path segment: domain (lowercase snake_case, at most 64 characters)."""
     pipeline: _builtins.str
-    """Config path segment: pipeline (lowercase snake_case)."""
+    """Config path segment: pipeline (lowercase snake_case, at most 64 characters)."""
     date: _builtins.str
     """Run for this one day (YYYY-MM-DD, UTC); sets start_date and end_date."""
     start_date: _builtins.str
-    """First day of the run window (YYYY-MM-DD, UTC); needs end_date."""
+    """First day of the run window (YYYY-MM-DD, UTC); needs end_date. The window is at most the pipeline's
+    `max_window_days` (366 by default) and ends at most `max_future_days` (0) after today.
+    """
     end_date: _builtins.str
     """Last day of the run window, inclusive (YYYY-MM-DD, UTC); needs start_date."""
     force_refresh: _builtins.bool
     """Ask processors to reload data they would otherwise keep."""
     request_id: _builtins.str
-    """Idempotency key (AIP-155): the same id from the same org returns the same run."""
+    """Idempotency key (AIP-155): the same id from the same org returns the same run (at most 128
+    characters).
+    """
     wait: _builtins.bool
     """Block until the run ends or the call's deadline (at most 10 minutes) passes."""
     @_builtins.property
     def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Extra run parameters, overriding the config's defaults."""
+        """Extra run parameters, overriding the config's defaults: at most 50, keys lowercase snake_case of at
+        most 64 characters, values of at most 1024. `date`, `start_date` and `end_date` given here are the
+        run window, validated like the fields above.
+        """
 
     def __init__(
         self,
@@ -198,7 +207,7 @@ class GetPipelineRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run id."""
+    """The run id (32 hex digits; at most 64 characters are accepted)."""
     def __init__(
         self,
         *,
@@ -247,13 +256,13 @@ class ListPipelineRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
-    """Only runs of this pipeline, `provider/domain/pipeline`, when set."""
+    """Only runs of this pipeline, `provider/domain/pipeline`, when set (at most 194 characters)."""
     status: _builtins.str
-    """Only runs in this state (`FAILED` or `RUN_STATE_FAILED`), when set."""
+    """Only runs in this state (`FAILED` or `RUN_STATE_FAILED`), when set (at most 32 characters)."""
     page_size: _builtins.int
     """Maximum number of runs to return; 0 means 50, values above 500 are capped."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filters."""
+    """The `next_page_token` of a previous call with the same filters (at most 512 characters)."""
     def __init__(
         self,
         *,
@@ -306,7 +315,7 @@ class CancelPipelineRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run id."""
+    """The run id (32 hex digits; at most 64 characters are accepted)."""
     def __init__(
         self,
         *,
@@ -352,7 +361,7 @@ class WatchPipelineRunRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run id."""
+    """The run id (32 hex digits; at most 64 characters are accepted)."""
     def __init__(
         self,
         *,

@@ -30,7 +30,7 @@ class ListProceduresRequest(_message.Message):
     page_size: _builtins.int
     """Maximum number of procedures to return; 0 means the server default (100), values above 1000 are capped."""
     page_token: _builtins.str
-    """The `next_page_token` of a previous call; empty for the first page."""
+    """The `next_page_token` of a previous call; empty for the first page (at most 512 characters)."""
     def __init__(
         self,
         *,
@@ -85,7 +85,7 @@ class GetProcedureRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The procedure name."""
+    """The procedure name (at most 128 characters)."""
     def __init__(
         self,
         *,
@@ -135,10 +135,10 @@ class SyncProceduresRequest(_message.Message):
     force: _builtins.bool
     """Replace procedures even when their checksum is unchanged."""
     domain: _builtins.str
-    """Only the procedures of this folder under `procedures/`; all when empty."""
+    """Only the procedures of this folder under `procedures/`; all when empty (at most 64 characters)."""
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these procedures (file stems); all when empty."""
+        """Only these procedures (file stems); all when empty (at most 200 names of at most 128 characters)."""
 
     def __init__(
         self,
@@ -203,7 +203,7 @@ class DeleteProcedureRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The procedure name."""
+    """The procedure name (at most 128 characters)."""
     def __init__(
         self,
         *,
@@ -250,9 +250,13 @@ class ExecuteMigrationRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The migration name: a procedure deployed from `procedures/migrations/{name}.sql`."""
+    """The migration name: a procedure deployed from `procedures/migrations/{name}.sql` (at most 128
+    characters).
+    """
     dataset: _builtins.str
-    """The dataset to migrate, e.g. `acme_local`."""
+    """The org dataset to migrate, e.g. `acme_local` (at most 128 characters); empty: every active org's
+    dataset, a few at a time. The central dataset is never a target.
+    """
     dry_run: _builtins.bool
     """Report what would change without changing anything."""
     force: _builtins.bool
@@ -281,22 +285,84 @@ class ExecuteMigrationResponse(_message.Message):
 
     EXECUTION_FIELD_NUMBER: _builtins.int
     ALREADY_APPLIED_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    EXECUTED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
     already_applied: _builtins.bool
-    """True when nothing ran because the migration was applied before and `force` was not set."""
+    """With a `dataset`: true when nothing ran because the migration was applied before and `force` was not
+    set.
+    """
+    executed: _builtins.int
+    """Number of results that ran the migration now."""
+    skipped: _builtins.int
+    """Number of results skipped because the migration was applied before."""
+    failed: _builtins.int
+    """Number of results that failed."""
     @_builtins.property
     def execution(self) -> _procedure_pb2.MigrationExecution:
-        """The execution that ran; when `already_applied` is set, the earlier execution that applied it."""
+        """With a `dataset`: the execution that ran; when `already_applied` is set, the earlier execution that
+        applied it. Without one: unset (see `results`).
+        """
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigrationDatasetResult]:
+        """One result per dataset, ordered by dataset (one with a `dataset`)."""
 
     def __init__(
         self,
         *,
         execution: _procedure_pb2.MigrationExecution | None = ...,
         already_applied: _builtins.bool = ...,
+        results: _abc.Iterable[Global___MigrationDatasetResult] | None = ...,
+        executed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        failed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_applied", b"already_applied", "execution", b"execution"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_applied", b"already_applied", "executed", b"executed", "execution", b"execution", "failed", b"failed", "results", b"results", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExecuteMigrationResponse: _TypeAlias = ExecuteMigrationResponse  # noqa: Y015
+
+@_typing.final
+class MigrationDatasetResult(_message.Message):
+    """What a migration call did to one dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    ALREADY_APPLIED_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """The dataset."""
+    already_applied: _builtins.bool
+    """True when nothing ran because the migration was applied before and `force` was not set."""
+    error_reason: _builtins.str
+    """Why it failed (a stable reason such as `WAREHOUSE_REJECTED`); empty when it did not fail."""
+    error: _builtins.str
+    """What failed, bounded and without the warehouse's internal text; empty when it did not fail."""
+    @_builtins.property
+    def execution(self) -> _procedure_pb2.MigrationExecution:
+        """The execution that ran, or the earlier one that applied the migration; unset when it failed."""
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        execution: _procedure_pb2.MigrationExecution | None = ...,
+        already_applied: _builtins.bool = ...,
+        error_reason: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_applied", b"already_applied", "dataset", b"dataset", "error", b"error", "error_reason", b"error_reason", "execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationDatasetResult: _TypeAlias = MigrationDatasetResult  # noqa: Y015

@@ -97,7 +97,8 @@ class ProcedureServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExecuteMigration(self, request, context):
-        """Runs a migration procedure against one dataset, as a dry run or for real, and records it.
+        """Runs a migration procedure against one org dataset, or against every active org's dataset when none
+        is named, as a dry run or for real, and records one execution per dataset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

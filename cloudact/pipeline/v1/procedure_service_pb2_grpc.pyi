@@ -44,7 +44,9 @@ class ProcedureServiceStub:
     DeleteProcedure: _grpc.UnaryUnaryMultiCallable[_procedure_service_pb2.DeleteProcedureRequest, _procedure_service_pb2.DeleteProcedureResponse]
     """Drops one procedure from the central dataset."""
     ExecuteMigration: _grpc.UnaryUnaryMultiCallable[_procedure_service_pb2.ExecuteMigrationRequest, _procedure_service_pb2.ExecuteMigrationResponse]
-    """Runs a migration procedure against one dataset, as a dry run or for real, and records it."""
+    """Runs a migration procedure against one org dataset, or against every active org's dataset when none
+    is named, as a dry run or for real, and records one execution per dataset.
+    """
 
 @_typing.type_check_only
 class ProcedureServiceAsyncStub(ProcedureServiceStub):
@@ -62,7 +64,9 @@ class ProcedureServiceAsyncStub(ProcedureServiceStub):
     DeleteProcedure: _aio.UnaryUnaryMultiCallable[_procedure_service_pb2.DeleteProcedureRequest, _procedure_service_pb2.DeleteProcedureResponse]  # type: ignore[assignment]
     """Drops one procedure from the central dataset."""
     ExecuteMigration: _aio.UnaryUnaryMultiCallable[_procedure_service_pb2.ExecuteMigrationRequest, _procedure_service_pb2.ExecuteMigrationResponse]  # type: ignore[assignment]
-    """Runs a migration procedure against one dataset, as a dry run or for real, and records it."""
+    """Runs a migration procedure against one org dataset, or against every active org's dataset when none
+    is named, as a dry run or for real, and records one execution per dataset.
+    """
 
 class ProcedureServiceServicer(metaclass=_abc_1.ABCMeta):
     """Administers the stored procedures and migrations of the central dataset. Every call needs the root key
@@ -107,6 +111,8 @@ class ProcedureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _procedure_service_pb2.ExecuteMigrationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_procedure_service_pb2.ExecuteMigrationResponse, _abc.Awaitable[_procedure_service_pb2.ExecuteMigrationResponse]]:
-        """Runs a migration procedure against one dataset, as a dry run or for real, and records it."""
+        """Runs a migration procedure against one org dataset, or against every active org's dataset when none
+        is named, as a dry run or for real, and records one execution per dataset.
+        """
 
 def add_ProcedureServiceServicer_to_server(servicer: ProcedureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,128 @@
+"""The size limits of every request field, checked before authentication and before any work is done.
+
+Each RPC's request message has an entry for every string, repeated and map field (a unit test keeps the
+table complete as the contracts grow; the proto comments and the README repeat the numbers). Strings are
+counted in characters; a violation says how long the value was, never what it was. Envoy adds the
+transport limits in front: a 1 MiB body and 8 KiB of request headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from server.errors import FieldViolation, InvalidInputError
+
+_PACKAGE = "cloudact.pipeline.v1."
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """How large one field may be: characters of a string (or of each element / map value), entries of a
+    repeated or map field, and characters of each map key."""
+
+    chars: int = 0
+    items: int = 0
+    key_chars: int = 0
+
+
+SEGMENT = Limit(64)  # a path segment: org slug, provider, domain, pipeline, procedure name
+DAY = Limit(10)  # YYYY-MM-DD
+TOKEN = Limit(512)  # an opaque page token
+RUN_ID = Limit(64)
+
+LIMITS: Mapping[str, Mapping[str, Limit]] = {
+    "ListPipelinesRequest": {"page_token": TOKEN, "provider": SEGMENT},
+    "RunPipelineRequest": {
+        "org_slug": SEGMENT,
+        "provider": SEGMENT,
+        "domain": SEGMENT,
+        "pipeline": SEGMENT,
+        "date": DAY,
+        "start_date": DAY,
+        "end_date": DAY,
+        "parameters": Limit(chars=1024, items=50, key_chars=64),
+        "request_id": Limit(128),
+    },
+    "GetPipelineRunRequest": {"run_id": RUN_ID},
+    "ListPipelineRunsRequest": {"pipeline": Limit(194), "status": Limit(32), "page_token": TOKEN},
+    "CancelPipelineRunRequest": {"run_id": RUN_ID},
+    "WatchPipelineRunRequest": {"run_id": RUN_ID},
+    "ListProceduresRequest": {"page_token": TOKEN},
+    "GetProcedureRequest": {"name": Limit(128)},
+    "SyncProceduresRequest": {"names": Limit(chars=128, items=200), "domain": SEGMENT},
+    "DeleteProcedureRequest": {"name": Limit(128)},
+    "ExecuteMigrationRequest": {"name": Limit(128), "dataset": Limit(128)},
+}
+
+Check = Callable[[Message], list[FieldViolation]]
+
+
+def _too_long(field: str, value: str, limit: int) -> FieldViolation | None:
+    if len(value) <= limit:
+        return None
+    return FieldViolation(field, f"at most {limit} characters (got {len(value)})")
+
+
+def _field_check(field: FieldDescriptor, limit: Limit) -> Check:
+    name = field.name
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+
+        def check_map(request: Message) -> list[FieldViolation]:
+            entries: Mapping[str, str] = getattr(request, name)
+            if len(entries) > limit.items:
+                return [FieldViolation(name, f"at most {limit.items} entries (got {len(entries)})")]
+            found = []
+            for i, (key, value) in enumerate(entries.items()):
+                bad = _too_long(f"{name}[#{i}].key", key, limit.key_chars) or _too_long(
+                    f"{name}[#{i}].value", value, limit.chars
+                )
+                if bad:
+                    found.append(bad)
+            return found
+
+        return check_map
+    if field.is_repeated:
+
+        def check_list(request: Message) -> list[FieldViolation]:
+            values: list[str] = list(getattr(request, name))
+            if len(values) > limit.items:
+                return [FieldViolation(name, f"at most {limit.items} entries (got {len(values)})")]
+            return [v for i, s in enumerate(values) if (v := _too_long(f"{name}[{i}]", s, limit.chars))]
+
+        return check_list
+
+    def check_string(request: Message) -> list[FieldViolation]:
+        bad = _too_long(name, getattr(request, name), limit.chars)
+        return [bad] if bad else []
+
+    return check_string
+
+
+def needs_limit(field: FieldDescriptor) -> bool:
+    """Whether a field can grow without bound (strings, bytes, repeated and map fields)."""
+    return field.is_repeated or field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+
+
+def checker(request_type: Descriptor) -> Callable[[Message], None]:
+    """The check of one request type; KeyError at registration if a field has no declared limit."""
+    declared: Mapping[str, Limit] = LIMITS.get(request_type.full_name.removeprefix(_PACKAGE), {})
+    checks: list[Check] = []
+    for field in request_type.fields:
+        if needs_limit(field):
+            if field.name not in declared:
+                raise KeyError(f"{request_type.full_name}.{field.name} has no size limit")
+            checks.append(_field_check(field, declared[field.name]))
+
+    def check(request: Any) -> None:
+        violations = [v for c in checks for v in c(request)]
+        if violations:
+            raise InvalidInputError(
+                "request fields exceed their size limits", violations, reason="REQUEST_TOO_LARGE"
+            )
+
+    return check
