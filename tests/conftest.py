@@ -4,8 +4,10 @@ servers on free 127.0.0.1 ports, stopped at the end of the session."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from grpc import aio
 
 from cloudact.pipeline.v1 import pipeline_service_pb2_grpc, procedure_service_pb2_grpc
 from server import app
+from server.errors import TerminalError
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
 from server.localstack.process import free_port
@@ -161,6 +164,16 @@ async def globex(service: app.Service) -> Org:
     return await make_org(service, "globex")
 
 
+@contextmanager
+def warehouse_rejects(pattern: str) -> Iterator[None]:
+    """The block raises TerminalError whose operator detail (the warehouse's own words, e.g. a
+    procedure's ERROR() text) matches `pattern`; callers only ever see the message."""
+    with pytest.raises(TerminalError) as caught:
+        yield
+    assert re.search(pattern, caught.value.detail), caught.value.detail
+    assert not re.search(pattern, caught.value.message)
+
+
 ROOT_HEADERS = {"X-CA-Root-Key": ROOT_KEY}
 ROOT_METADATA = (("x-ca-root-key", ROOT_KEY),)
 
@@ -187,4 +200,4 @@ async def http(envoy: Envoy) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-__all__ = ["ROOT_HEADERS", "ROOT_METADATA", "Org", "grpc", "make_org"]
+__all__ = ["ROOT_HEADERS", "ROOT_METADATA", "Org", "grpc", "make_org", "warehouse_rejects"]

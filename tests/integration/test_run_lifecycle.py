@@ -515,7 +515,14 @@ async def test_dot_dot_segments_never_reach_another_route(http: aiohttp.ClientSe
         assert r.status == 404, await r.text()
         assert r.content_type == "application/json"
         body = await r.json()
-    assert body["code"] == 404 and "details" not in body and "Could not resolve" in body["message"], body
+    assert body["code"] == 5 and "Could not resolve" in body["message"], body
+    assert body["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "ROUTE_NOT_FOUND",
+            "domain": "cloudact.io",
+        }
+    ]
 
 
 async def test_unknown_pipeline_is_404(http: aiohttp.ClientSession, pipelines: Stub, acme: Org) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from server import app
-from server.errors import TerminalError
+from tests.conftest import warehouse_rejects
 
 PROCEDURE = "sp_calculate_saas_subscription_costs_daily"
 PLANS = "saas_subscription_plans"
@@ -659,12 +659,12 @@ async def test_argument_checks_and_window_limits(service: app.Service) -> None:
         (date(2023, 1, 1), date(2024, 12, 31), "731 days exceeds"),
         (date(2024, 2, 1), date(2024, 1, 31), "must not be after"),
     ):
-        with pytest.raises(TerminalError, match=message):
+        with warehouse_rejects(message):
             await run(service, org, first, last)
     call, jan = service.warehouse.call_procedure, (date(2024, 1, 1), date(2024, 1, 2))
-    with pytest.raises(TerminalError, match="p_dataset must be a dataset name"):
+    with warehouse_rejects("p_dataset must be a dataset name"):
         await call("organizations", PROCEDURE, [org.dataset + "-x", *jan, "p", "r"])
-    with pytest.raises(TerminalError, match="p_pipeline_id and p_run_id are required"):
+    with warehouse_rejects("p_pipeline_id and p_run_id are required"):
         await call("organizations", PROCEDURE, [org.dataset, *jan, "p", None])
     assert await stored(service, org) == before  # a refused call writes nothing
     await run(service, org, date(2024, 2, 29), date(2024, 2, 29))  # a one-day window

@@ -30,12 +30,11 @@ import aiohttp
 import pytest
 
 from server import app
-from server.errors import TerminalError
 from server.saas import SaasPlan, demo_plans, import_plans
 from server.settings import PROJECT_ROOT
 from server.warehouse.schema import load_schema
 from tests import focus_validator
-from tests.conftest import Org, make_org
+from tests.conftest import Org, make_org, warehouse_rejects
 
 CONVERT = "sp_convert_saas_costs_to_focus"
 DAILY_PROCEDURE = "sp_calculate_saas_subscription_costs_daily"
@@ -759,9 +758,9 @@ async def test_other_sources_and_orgs_are_untouched(service: app.Service) -> Non
 
 async def test_bad_arguments_fail_and_write_nothing(service: app.Service) -> None:
     org = await new_org(service, with_rows=False)
-    with pytest.raises(TerminalError, match="start <= end"):
+    with warehouse_rejects("start <= end"):
         await convert(service, org.dataset, (date(2025, 3, 2), date(2025, 3, 1)))
-    with pytest.raises(TerminalError, match="p_dataset must be a dataset name"):
+    with warehouse_rejects("p_dataset must be a dataset name"):
         await convert(service, "no-such-dataset", MARCH)
     assert await focus_rows(service, org.dataset) == []
 
