@@ -346,7 +346,8 @@ def focus_row(
     sub_id = line.sub_account or DEFAULT_SUB_ACCOUNT
     if line.list_price is not None and line.quantity is not None:
         list_cost_value = cost(line.list_price, line.quantity)
-        contracted = cost(line.contracted_price or line.list_price, line.quantity)
+        contracted_price = line.list_price if line.contracted_price is None else line.contracted_price
+        contracted = cost(contracted_price, line.quantity)
     else:
         list_cost_value = contracted = line.billed
     month = line.day.replace(day=1)

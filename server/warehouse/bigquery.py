@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any, BinaryIO, TypeVar
@@ -290,12 +290,8 @@ class BigQueryWarehouse:
         await self.ensure_dataset(dataset)
         await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
 
-    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
-
-        A table created from an older schema file gets the NULLABLE scalar columns added since (one
-        `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
-        """
+    def _table(self, dataset: str, schema: TableSchema) -> bigquery.Table:
+        """The client's table object for a schema file (fields, description, partitioning, clustering)."""
         table = bigquery.Table(
             self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
@@ -305,6 +301,15 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
+        return table
+
+    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
+
+        A table created from an older schema file gets the NULLABLE scalar columns added since (one
+        `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
+        """
+        table = self._table(dataset, schema)
         existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),
@@ -361,7 +366,12 @@ class BigQueryWarehouse:
         """
         await self.ensure_table(dataset, schema)
         stage = TableSchema(f"_stage_{schema.name}_{uuid.uuid4().hex[:12]}", "staging", schema.fields)
-        await self.ensure_table(dataset, stage)
+        staging = self._table(dataset, stage)
+        staging.expires = datetime.now(UTC) + timedelta(days=1)  # gone even if this process dies mid-way
+        await self._run(
+            f"create table {dataset}.{stage.name}",
+            partial(self._client.create_table, staging, retry=self._retry),
+        )
         try:
             config = bigquery.LoadJobConfig(
                 source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, write_disposition="WRITE_TRUNCATE"

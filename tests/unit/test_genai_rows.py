@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +11,7 @@ import pytest
 
 from processors.anthropic import cost as anthropic_cost
 from processors.anthropic import usage as anthropic_usage
-from processors.genai import ingest
+from processors.genai import focus, ingest
 from processors.openai import cost as openai_cost
 from processors.openai import usage as openai_usage
 from server.errors import InvalidInputError, TerminalError
@@ -160,3 +160,30 @@ def test_window_trailing_days_and_refusals() -> None:
     for start, end in (("2026-11-01", "2026-12-01"), ("2026-11-09", "2026-11-08"), ("2026-13-01", "")):
         with pytest.raises(InvalidInputError):
             ingest.window(ingest.WindowConfig(start_date=start, end_date=end), today)
+
+
+def test_focus_row_money_and_a_full_discount() -> None:
+    line = focus.Line(
+        date(2026, 11, 2),
+        None,
+        "anthropic:claude-sonnet-4-5:cache_read",
+        "standard:base",
+        "cache_read",
+        "Claude Sonnet 4.5 Usage - Cache Read",
+        Decimal("11.04"),
+        "Cache Read Tokens",
+        "standard",
+        "0-200k",
+    )
+    line.quantity, line.pricing_unit = Decimal("36.8"), "1000000 Tokens"
+    line.list_price, line.contracted_price = Decimal("0.3"), Decimal(0)  # a 100 % discount override
+    row = focus.focus_row(line, "anthropic", "org-1", {}, "0.2.3", LINEAGE)
+    assert (row["ListCost"], row["ContractedCost"], row["BilledCost"]) == (
+        Decimal("11.04"),
+        0,
+        Decimal("11.04"),
+    )
+    assert row["SubAccountId"] == "default" and row["SubAccountName"] == "Default"
+    assert row["ChargePeriodEnd"] - row["ChargePeriodStart"] == timedelta(days=1)
+    assert (row["BillingPeriodStart"].day, row["BillingPeriodEnd"].month) == (1, 12)
+    assert row["SkuPriceId"] == "anthropic:claude-sonnet-4-5:cache_read:standard:base"
