@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -34,7 +35,7 @@ PAGING = Paging("cursor", next_field="next_page", param="page", has_more_field="
 GROUP_BY = ("workspace_id", "description")
 DETAIL = ("cost_type", "model", "service_tier", "context_window", "token_type", "inference_geo")
 SCHEMA = ingest.schema(TABLE)
-KNOWN = {*GROUP_BY, *DETAIL, "amount", "currency"}
+KNOWN = frozenset({*GROUP_BY, *DETAIL, "amount", "currency"})
 
 
 class Config(ingest.WindowConfig):
@@ -103,9 +104,8 @@ class AnthropicCost:
         billed = Decimal(0)
         with ingest.Spool() as spool:
             async for page in context.http.paginate(PROVIDER, path, PAGING, params=params, credential=cred):
-                rows = rows_of_page(page, lineage)
+                rows = await spool.add(partial(rows_of_page, page, lineage))
                 billed += sum((r["amount"] for r in rows if "amount" in r), Decimal(0))
-                await spool.write(rows)
             written = await context.warehouse.replace_window(
                 context.run.dataset, SCHEMA, spool.rewind(), column="cost_date", start=start, end=end
             )

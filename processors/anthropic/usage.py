@@ -17,6 +17,7 @@ A NULL `workspace_id` is the Default workspace. The window is replaced all or no
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -49,15 +50,17 @@ COUNTS = {
     "output_tokens": "output",
     "web_search_requests": "web_search",
 }
-KNOWN = {
-    *GROUP_BY,
-    "speed",
-    "uncached_input_tokens",
-    "cache_creation",
-    "cache_read_input_tokens",
-    "output_tokens",
-    "server_tool_use",
-}
+KNOWN = frozenset(
+    {
+        *GROUP_BY,
+        "speed",
+        "uncached_input_tokens",
+        "cache_creation",
+        "cache_read_input_tokens",
+        "output_tokens",
+        "server_tool_use",
+    }
+)
 
 
 class Config(ingest.WindowConfig):
@@ -110,7 +113,7 @@ class AnthropicUsage:
         with ingest.Spool() as spool:
             async for page in context.http.paginate(PROVIDER, path, PAGING, params=params, credential=cred):
                 pages += 1
-                await spool.write(rows_of_page(page, lineage))
+                await spool.add(partial(rows_of_page, page, lineage))
             written = await context.warehouse.replace_window(
                 context.run.dataset, SCHEMA, spool.rewind(), column="usage_date", start=start, end=end
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -119,10 +119,10 @@ def buckets(page: Any) -> list[dict[str, Any]]:
     return data
 
 
-def extra(result: Mapping[str, Any], known: Iterable[str]) -> dict[str, Any]:
+def extra(result: Mapping[str, Any], known: frozenset[str]) -> dict[str, Any]:
     """The fields of a result this schema does not know (kept in the `extra` JSON column)."""
-    names = set(known)
-    return {k: v for k, v in result.items() if k not in names}
+    unknown = result.keys() - known
+    return {k: result[k] for k in unknown} if unknown else {}
 
 
 def _default(value: Any) -> Any:
@@ -140,12 +140,21 @@ class Spool:
         self.days: set[date] = set()
 
     async def write(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows (dates, datetimes and Decimals are written exactly)."""
-        if not rows:
-            return
-        payload = b"".join(orjson.dumps(r, default=_default) + b"\n" for r in rows)
-        await asyncio.to_thread(self.file.write, payload)
+        """Append rows (dates, datetimes and Decimals are written exactly), off the event loop."""
+        await self.add(lambda: rows)
+
+    async def add(self, build: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Build a page's rows, serialize and append them, all on a worker thread; return the rows."""
+
+        def run() -> list[dict[str, Any]]:
+            rows = build()
+            if rows:
+                self.file.write(b"".join(orjson.dumps(r, default=_default) + b"\n" for r in rows))
+            return rows
+
+        rows = await asyncio.to_thread(run)
         self.rows += len(rows)
+        return rows
 
     def rewind(self) -> BinaryIO:
         """The file, from its start, for the load job."""

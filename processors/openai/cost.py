@@ -17,6 +17,7 @@ half-even to 1e-9. The window is replaced all or nothing, like `openai.usage`.
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -32,7 +33,7 @@ TABLE = "openai_costs_daily_raw"
 PAGING = Paging("cursor", next_field="next_page", param="page", has_more_field="has_more")
 GROUP_BY = ("project_id", "line_item", "api_key_id")
 SCHEMA = ingest.schema(TABLE)
-KNOWN = {"object", "amount", "quantity", "quantity_unit", *GROUP_BY}
+KNOWN = frozenset({"object", "amount", "quantity", "quantity_unit", *GROUP_BY})
 
 
 class Config(ingest.WindowConfig):
@@ -97,9 +98,8 @@ class OpenAICost:
         billed = Decimal(0)
         with ingest.Spool() as spool:
             async for page in context.http.paginate(PROVIDER, path, PAGING, params=params, credential=cred):
-                rows = rows_of_page(page, lineage)
+                rows = await spool.add(partial(rows_of_page, page, lineage))
                 billed += sum((r["amount"] for r in rows if r.get("amount") is not None), Decimal(0))
-                await spool.write(rows)
             written = await context.warehouse.replace_window(
                 context.run.dataset, SCHEMA, spool.rewind(), column="cost_date", start=start, end=end
             )

@@ -19,6 +19,7 @@ leaves the previous rows.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -57,7 +58,7 @@ DIMENSIONS = (
     "api_source",
 )
 METRICS = tuple(f["name"] for f in SCHEMA.fields if f["type"] == "INT64")
-KNOWN = {"object", *DIMENSIONS, *METRICS}
+KNOWN = frozenset({"object", *DIMENSIONS, *METRICS})
 
 
 class Config(ingest.WindowConfig):
@@ -132,7 +133,7 @@ class OpenAIUsage:
                     PROVIDER, path, PAGING, params=params, credential=cred
                 ):
                     pages += 1
-                    await spool.write(rows_of_page(endpoint, page, lineage))
+                    await spool.add(partial(rows_of_page, endpoint, page, lineage))
             written = await context.warehouse.replace_window(
                 context.run.dataset, SCHEMA, spool.rewind(), column="usage_date", start=start, end=end
             )
