@@ -142,7 +142,7 @@ class Service:
         await self.server.stop(self.settings.grpc_grace_seconds)
         await self.runs.close()
         await self.http.close()
-        await self.vault.store.kek.close()
+        await self.vault.store.close()
         await self.warehouse.close()
 
 

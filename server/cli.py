@@ -194,12 +194,12 @@ async def query(settings: Settings, args: argparse.Namespace) -> None:
 async def credential_store(settings: Settings) -> AsyncIterator[CredentialStore]:
     """The credential store over the warehouse and the configured KEK (Cloud KMS or the local key file)."""
     registry = ProviderRegistry.load(settings.providers_file)
-    kek = build_kek(settings)
     async with warehouse_for(settings) as wh:
+        store = CredentialStore(wh, settings.meta_dataset, registry, build_kek(settings))
         try:
-            yield CredentialStore(wh, settings.meta_dataset, registry, kek)
+            yield store
         finally:
-            await kek.close()
+            await store.close()
 
 
 def _read_document(source: str) -> object:

@@ -63,10 +63,13 @@ class OAuth2ClientCredentialsAuth(_Strict):
 
 
 class GoogleServiceAccountAuth(_Strict):
-    """A Google service-account JSON key: a self-signed JWT exchanged for an access token (issue 10)."""
+    """A Google service-account JSON key: a JWT signed with its private key is exchanged for an access
+    token at `token_url` (RFC 7523; relative to the base URL or absolute). The registry's token URL is
+    used, never the `token_uri` of the uploaded document, so a signed assertion goes nowhere else."""
 
     scheme: Literal["google_service_account"]
-    scopes: list[str] = Field(default_factory=list)
+    scopes: list[str] = Field(min_length=1)
+    token_url: str = "https://oauth2.googleapis.com/token"
 
 
 class NoAuth(_Strict):
@@ -178,7 +181,7 @@ class ProviderSpec(_Strict):
             case OAuth2ClientCredentialsAuth():
                 used = [self.auth.client_id_field, self.auth.client_secret_field]
             case GoogleServiceAccountAuth():
-                used = ["client_email", "private_key", "token_uri"]
+                used = ["client_email", "private_key", "private_key_id"]
         for name in used:
             if name not in self.credential.fields:
                 raise ValueError(f"auth uses field {name!r}, which the credential does not declare")

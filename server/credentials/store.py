@@ -8,7 +8,10 @@ Nothing here logs or returns a secret; listings carry the fingerprint only.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,10 +20,12 @@ from typing import Any
 
 from server.credentials import envelope
 from server.credentials.model import Credential
-from server.errors import FieldViolation, InvalidInputError, NotFoundError, TerminalError
+from server.errors import FieldViolation, InvalidInputError, NotFoundError, ServiceError, TerminalError
 from server.kms import KeyEncryptionKey
 from server.providers import ProviderRegistry
 from server.warehouse.bigquery import BigQueryWarehouse, Typed
+
+log = logging.getLogger(__name__)
 
 TABLE = "org_integration_credentials"
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -102,11 +107,16 @@ class CredentialStore:
         meta_dataset: str,
         registry: ProviderRegistry,
         kek: KeyEncryptionKey,
+        *,
+        touch_delay: float = 5.0,
     ) -> None:
         self.warehouse = warehouse
         self._table = warehouse.table_ref(meta_dataset, TABLE)
         self.registry = registry
         self.kek = kek
+        self._touch_delay = touch_delay
+        self._used: set[str] = set()
+        self._touching: asyncio.Task[None] | None = None
 
     async def set(
         self, org_slug: str, provider: str, document: Any, name: str = "default"
@@ -206,7 +216,7 @@ class CredentialStore:
         associated = envelope.aad(org_slug, provider, row["credential_id"])
         data_key = await self.kek.unwrap(row["wrapped_data_key"], associated)
         fields = envelope.open_sealed(row["ciphertext"], data_key, associated, what)
-        await self._touch(row)
+        self._touch(row)
         return Credential(
             id=row["credential_id"],
             org_slug=org_slug,
@@ -217,16 +227,35 @@ class CredentialStore:
             secret_fields=self.registry.get(provider).credential.secret_fields,
         )
 
-    async def _touch(self, row: dict[str, Any]) -> None:
-        """Record the use, at most once an hour per credential (a DML per decryption would be too many)."""
-        now = datetime.now(UTC)
+    def _touch(self, row: dict[str, Any]) -> None:
+        """Record the use, at most about once an hour per credential and never on the step's path: ids are
+        collected for `touch_delay` seconds and written by one UPDATE in the background; a failed write
+        (BigQuery limits concurrent DML on a table) is logged and dropped, never fails a step."""
         last = row.get("last_used_at")
-        if last is not None and (now - last).total_seconds() < 3600:
+        if last is not None and (datetime.now(UTC) - last).total_seconds() < 3600:
             return
-        await self.warehouse.query(
-            f"UPDATE {self._table} SET last_used_at = @now WHERE credential_id = @id",
-            {"now": now, "id": row["credential_id"]},
-        )
+        self._used.add(row["credential_id"])
+        if self._touching is None or self._touching.done():
+            self._touching = asyncio.create_task(self._write_used())
+
+    async def _write_used(self) -> None:
+        await asyncio.sleep(self._touch_delay)
+        ids, self._used = sorted(self._used), set()
+        try:
+            await self.warehouse.query(
+                f"UPDATE {self._table} SET last_used_at = @now WHERE credential_id IN UNNEST(@ids)",
+                {"now": datetime.now(UTC), "ids": Typed("ARRAY<STRING>", ids)},
+            )
+        except ServiceError as exc:
+            log.warning("last_used_at of %d credentials not recorded (%s)", len(ids), exc.reason)
+
+    async def close(self) -> None:
+        """Drop pending use times (best effort), then release the KEK's connections."""
+        if self._touching is not None and not self._touching.done():
+            self._touching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._touching
+        await self.kek.close()
 
     async def record_test(self, org_slug: str, credential_id: str, reason: str | None) -> None:
         """Remember the outcome of `credentials test` (VALID, or REJECTED with the reason)."""

@@ -1,9 +1,9 @@
 """Auth schemes of the provider registry, applied to an outgoing request from the step's credential.
 
-`bearer`, `api_key_header`, `basic` and `none` only add a header. `oauth2_client_credentials` fetches a
-token (RFC 6749 section 4.4, client authenticated with HTTP Basic) through the same client, caches it per
-credential version until a minute before it expires. `google_service_account` is a hook: the JWT-bearer
-exchange comes with the GCP issue (10); until then it fails with `AUTH_SCHEME_NOT_SUPPORTED`.
+`bearer`, `api_key_header`, `basic` and `none` only add a header. The token schemes fetch an access token
+and cache it per credential version until a minute before it expires: `oauth2_client_credentials`
+(RFC 6749 section 4.4, the client authenticated with HTTP Basic) and `google_service_account` (RFC 7523
+JWT bearer: an assertion signed with the service account's private key, `google.auth.crypt`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urljoin
 
+from google.auth import crypt, jwt
 from pydantic import SecretStr
 
 from server.credentials.model import Credential
@@ -28,8 +29,12 @@ from server.providers import (
     ProviderSpec,
 )
 
-# (token URL, form, basic auth header) -> parsed JSON body of the token endpoint's answer
-FetchToken = Callable[[str, dict[str, str], str], Awaitable[Any]]
+# (token URL, form, HTTP Basic header or None) -> parsed JSON body of the token endpoint's answer
+FetchToken = Callable[[str, dict[str, str], str | None], Awaitable[Any]]
+
+
+def _absolute(spec: ProviderSpec, url: str) -> str:
+    return url if "://" in url else urljoin(spec.base_url.rstrip("/") + "/", url.lstrip("/"))
 
 
 def _basic(username: str, password: str) -> str:
@@ -67,10 +72,7 @@ class AuthApplier:
             case OAuth2ClientCredentialsAuth():
                 return {"Authorization": "Bearer " + (await self._oauth2(spec, auth, credential))}
             case GoogleServiceAccountAuth():
-                raise TerminalError(
-                    f"{spec.id}: the google_service_account auth scheme is not implemented yet",
-                    reason="AUTH_SCHEME_NOT_SUPPORTED",
-                )
+                return {"Authorization": "Bearer " + (await self._google(spec, auth, credential))}
             case NoAuth():
                 return {}
         raise AssertionError(auth)  # pragma: no cover
@@ -78,20 +80,55 @@ class AuthApplier:
     async def _oauth2(
         self, spec: ProviderSpec, auth: OAuth2ClientCredentialsAuth, credential: Credential
     ) -> str:
-        key = (credential.id, credential.version)
-        cached = self._tokens.get(key)
-        if cached is not None and cached[1] > self._clock():
-            return cached[0].get_secret_value()
         clear = credential.reveal()
         form = {"grant_type": "client_credentials"}
         if auth.scopes:
             form["scope"] = " ".join(auth.scopes)
-        token_url = auth.token_url
-        if "://" not in token_url:
-            token_url = urljoin(spec.base_url.rstrip("/") + "/", token_url.lstrip("/"))
-        body = await self._fetch(
-            token_url, form, _basic(clear[auth.client_id_field], clear[auth.client_secret_field])
-        )
+        basic = _basic(clear[auth.client_id_field], clear[auth.client_secret_field])
+        return await self._token(spec, auth.token_url, credential, form, basic)
+
+    async def _google(
+        self, spec: ProviderSpec, auth: GoogleServiceAccountAuth, credential: Credential
+    ) -> str:
+        cached = self._cached(credential)
+        if cached is not None:
+            return cached
+        token_url = _absolute(spec, auth.token_url)
+        info = credential.reveal()
+        try:
+            signer = crypt.RSASigner.from_service_account_info(info)  # type: ignore[no-untyped-call]
+        except (ValueError, KeyError, TypeError):
+            raise TerminalError(
+                f"{spec.id}: the service account's private key is unusable", reason="CREDENTIAL_REJECTED"
+            ) from None
+        now = int(time.time())
+        claims = {
+            "iss": info["client_email"],
+            "scope": " ".join(auth.scopes),
+            "aud": token_url,
+            "iat": now,
+            "exp": now + 3600,
+        }
+        assertion = jwt.encode(signer, claims).decode("ascii")  # type: ignore[no-untyped-call]
+        form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+        return await self._token(spec, auth.token_url, credential, form, None)
+
+    def _cached(self, credential: Credential) -> str | None:
+        cached = self._tokens.get((credential.id, credential.version))
+        return cached[0].get_secret_value() if cached is not None and cached[1] > self._clock() else None
+
+    async def _token(
+        self,
+        spec: ProviderSpec,
+        token_url: str,
+        credential: Credential,
+        form: dict[str, str],
+        basic: str | None,
+    ) -> str:
+        cached = self._cached(credential)
+        if cached is not None:
+            return cached
+        body = await self._fetch(_absolute(spec, token_url), form, basic)
         token = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise TerminalError(
@@ -101,7 +138,10 @@ class AuthApplier:
         lifetime = (
             float(expires) if isinstance(expires, int | float | str) and str(expires).isdigit() else 3600.0
         )
-        self._tokens[key] = (SecretStr(token), self._clock() + max(0.0, lifetime - 60.0))
+        self._tokens[(credential.id, credential.version)] = (
+            SecretStr(token),
+            self._clock() + max(0.0, lifetime - 60.0),
+        )
         return token
 
     def forget(self, credential_id: str) -> None:

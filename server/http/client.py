@@ -435,11 +435,12 @@ class OutboundHttp:
             extra={"fields": {**ids.fields(), "provider": provider}},
         )
 
-    async def _fetch_token(self, token_url: str, form: dict[str, str], authorization: str) -> Any:
-        """One OAuth2 token request (form-encoded, client authenticated by `authorization`)."""
+    async def _fetch_token(self, token_url: str, form: dict[str, str], authorization: str | None) -> Any:
+        """One OAuth2 token request (form-encoded; the client authenticated by `authorization`, if any)."""
+        headers = {"Authorization": authorization} if authorization else {}
         try:
             async with self._client().post(
-                token_url, data=form, headers={"Authorization": authorization}, allow_redirects=False
+                token_url, data=form, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 content = await self._read(response, redact_url(token_url))
                 status = response.status

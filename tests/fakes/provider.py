@@ -8,8 +8,9 @@ client sent. Replies can be slow before the headers (`delay`) or in the middle o
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ class Seen:
     at: float  # time.monotonic() on arrival
 
 
-Script = Reply | Callable[[web.Request], Reply]
+Script = Reply | Callable[[web.Request], Reply | Awaitable[Reply]]
 
 
 class FakeProvider:
@@ -82,6 +83,8 @@ class FakeProvider:
             return web.json_response({"error": {"message": "no such route"}}, status=404)
         script = queue.pop(0) if len(queue) > 1 else queue[0]
         reply = script(request) if callable(script) else script
+        if inspect.isawaitable(reply):
+            reply = await reply
         if reply.delay:
             await asyncio.sleep(reply.delay)
         payload = reply.payload()

@@ -178,6 +178,13 @@ async def test_a_processor_reads_its_credential_survives_429_and_5xx_and_writes_
     after_429 = REGISTRY.get_sample_value("provider_http_throttled_total", {"provider": "generic"})
     assert after_429 == before_429 + 2
 
+    for _ in range(40):  # the use is recorded in the background, batched
+        if (await credential_row(service, org))["last_used_at"] is not None:
+            break
+        await asyncio.sleep(0.5)
+    else:
+        pytest.fail("last_used_at was not recorded")
+
     fake_provider.script("/v1/usage", pages)
     again = await run_usage(pipelines, org)  # the same window again: the same rows, not twice as many
     assert again.state == RS.RUN_STATE_COMPLETED

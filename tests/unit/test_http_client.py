@@ -11,12 +11,16 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.auth import jwt as google_jwt
 from prometheus_client import REGISTRY
 
 from server.credentials.model import Credential
 from server.errors import TerminalError, TransientError
 from server.http.client import HttpSettings, OutboundHttp, parse_retry_after, redact_url
 from server.http.types import Paging
+from server.localstack.process import free_port
 from server.providers import ProviderRegistry, ProviderSpec
 from tests.fakes.provider import FakeProvider, Reply
 
@@ -60,7 +64,7 @@ def credential(pid: str, **fields: str) -> Credential:
         name="default",
         version=1,
         fields=fields or {"token": SECRET},
-        secret_fields=frozenset({"token", "admin_api_key", "client_secret", "password"}),
+        secret_fields=frozenset({"token", "admin_api_key", "client_secret", "password", "private_key"}),
     )
 
 
@@ -396,3 +400,93 @@ def test_redact_url() -> None:
     url = "https://user:pw@api.example.com/v1/x?api_key=abc&page=2&access_token=t&limit=5"
     assert redact_url(url) == "https://api.example.com/v1/x?api_key=***&page=2&access_token=***&limit=5"
     assert redact_url("https://h/p/sk-secret-value", ["sk-secret-value"]) == "https://h/p/***"
+
+
+async def test_google_service_account_jwt_bearer(fake: FakeProvider) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    token_url = f"{fake.url}/sa/token"
+    seen: list[dict[str, Any]] = []
+
+    async def token(request: Any) -> Reply:
+        form = await request.post()
+        claims = google_jwt.decode(form["assertion"], certs=public, audience=token_url)
+        seen.append({"grant_type": form["grant_type"], **claims})
+        return Reply(200, {"access_token": "ya29.test-token", "expires_in": 3599, "token_type": "Bearer"})
+
+    fake.script("/sa/token", token)
+    fake.script("/sa/api", Reply(200, {"ok": True}))
+    spec = provider(
+        "gcpsa",
+        fake.url,
+        {
+            "scheme": "google_service_account",
+            "scopes": ["https://www.googleapis.com/auth/bigquery.readonly"],
+            "token_url": "/sa/token",
+        },
+        fields={"client_email": {}, "private_key_id": {"secret": True}, "private_key": {"secret": True}},
+    )
+    out, _ = client(fake, spec)
+    sa = credential(
+        "gcpsa", client_email="svc@proj.iam.gserviceaccount.com", private_key_id="kid-1", private_key=pem
+    )
+    for _ in range(2):
+        assert await out.bind("acme").get_json("gcpsa", "/sa/api", credential=sa) == {"ok": True}
+        assert fake.requests("/sa/api")[-1].headers["Authorization"] == "Bearer ya29.test-token"
+    assert len(seen) == 1  # cached until a minute before it expires
+    assert seen[0]["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert seen[0]["iss"] == "svc@proj.iam.gserviceaccount.com"
+    assert seen[0]["scope"] == "https://www.googleapis.com/auth/bigquery.readonly"
+    broken = credential("gcpsa", client_email="x@y", private_key_id="kid-2", private_key="not a key")
+    broken_id = Credential(
+        id="cred_other",
+        org_slug="acme",
+        provider="gcpsa",
+        name="default",
+        version=1,
+        fields=broken.reveal(),
+        secret_fields=frozenset({"private_key", "private_key_id"}),
+    )
+    with pytest.raises(TerminalError) as caught:
+        await out.bind("acme").get_json("gcpsa", "/sa/api", credential=broken_id)
+    assert caught.value.reason == "CREDENTIAL_REJECTED" and "not a key" not in caught.value.message
+    await out.close()
+
+
+async def test_a_stream_holds_its_slot_until_read_and_expected_statuses_return(fake: FakeProvider) -> None:
+    single = provider(
+        "single",
+        fake.url,
+        BEARER,
+        rate_limits={
+            "per_org": {"requests_per_minute": 6000, "concurrent": 1},
+            "per_process": {"requests_per_minute": 6000, "concurrent": 10},
+        },
+    )
+    fake.script("/s/export", Reply(200, b"x" * 300_000))
+    fake.script("/s/gone", Reply(404, {"message": "no export yet"}))
+    out, _ = client(fake, single)
+    http = out.bind("acme")
+    async with http.stream("single", "GET", "/s/export") as response:
+        other = asyncio.create_task(http.request("single", "GET", "/s/gone", expect=(404,)))
+        await asyncio.sleep(0.2)
+        assert not other.done()  # the org's only slot is the open stream's
+        size = sum([len(c) async for c in response.chunks()])
+    gone = await asyncio.wait_for(other, 5)
+    assert size == 300_000 and gone.status == 404 and gone.json() == {"message": "no export yet"}
+    await out.close()
+
+
+async def test_connection_refused_is_retried_then_transient(fake: FakeProvider) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out, sleeps = client(fake, provider("nowhere", closed, BEARER), max_attempts=3)
+    with pytest.raises(TransientError) as caught:
+        await out.bind("acme").get_json("nowhere", "/x")
+    assert caught.value.reason == "PROVIDER_UNAVAILABLE" and "ClientConnectorError" in caught.value.message
+    assert len(sleeps.delays) == 2
+    await out.close()
