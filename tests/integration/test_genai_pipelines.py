@@ -81,6 +81,10 @@ async def rows(service: app.Service, dataset: str, table: str, where: str = "TRU
     )
 
 
+def steps_of(run_: Any) -> list[tuple[str, str, str]]:
+    return [(s.step_id, s.error_reason, s.error) for s in run_.steps]
+
+
 def step(run_: Any, step_id: str) -> Any:
     return next(s for s in run_.steps if s.step_id == step_id)
 
@@ -226,7 +230,7 @@ async def test_openai_survives_429_and_5xx(
     provider_sandbox.faults.add("/v1/organization/projects", "500")
     day = END
     finished = await run(pipelines, org.org, "openai", day, day)
-    assert finished.state == runs.RS.RUN_STATE_COMPLETED, finished
+    assert finished.state == runs.RS.RUN_STATE_COMPLETED, steps_of(finished)
     served = [kind for _, kind in provider_sandbox.faults.served[-3:]]
     assert sorted(served) == ["429", "500", "503"]
     expected, _ = openai_expected(org.seed)
