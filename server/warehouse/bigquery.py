@@ -29,7 +29,7 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from server.errors import AlreadyExistsError, NotFoundError, ServiceError, TerminalError, TransientError
+from server.errors import AlreadyExistsError, NotFoundError, TerminalError, TransientError
 from server.warehouse import sql
 from server.warehouse.schema import TableSchema
 
@@ -384,11 +384,7 @@ class BigQueryWarehouse:
                 )
                 job.result(timeout=self._job_timeout)
 
-            try:
-                await self._run(f"load into {dataset}.{stage.name}", load)
-            except ServiceError:
-                # Tried twice: nothing visible has changed yet and WRITE_TRUNCATE makes a retry exact
-                # (the emulator's resumable upload fails now and then with a bare 4xx).
+            if ndjson.seek(0, io.SEEK_END):  # no rows: the staging table stays empty (an empty upload fails)
                 ndjson.seek(0)
                 await self._run(f"load into {dataset}.{stage.name}", load)
             names = [sql.check_name(c, "column") for c in schema.column_names]

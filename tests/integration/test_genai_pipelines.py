@@ -378,7 +378,14 @@ async def test_org_discount_override_gives_the_contracted_price(
     org = await genai_org(service, provider_sandbox, "openai")
     request = prices.OverrideRequest("openai", "gpt-5.5*", token_class="output", discount_pct=Decimal(10))
     await prices.set_override(service.warehouse, org.org.dataset, request)
-    day = next(d for d in DAYS if not sandbox_data._empty_day(org.seed, d))
+    day = next(  # a day on which the sandbox bills standard gpt-5.5 output (the seed is random)
+        END - timedelta(days=i)
+        for i in range(60)
+        if any(
+            line["line_item"] == "gpt-5.5-2026-04-23, output"
+            for line in sandbox_data.openai_cost_lines(org.seed, END - timedelta(days=i))
+        )
+    )
     assert (await run(pipelines, org.org, "openai", day, day)).state == runs.RS.RUN_STATE_COMPLETED
     focus = await rows(service, org.org.dataset, "cost_data_focus_1_2")
     output = [r for r in focus if r["SkuPriceId"] == "openai:gpt-5.5-2026-04-23:output:standard:base"]

@@ -94,6 +94,12 @@ async def test_window_is_swapped_and_nothing_else(service: app.Service) -> None:
         f"SELECT project_id, x_run_id FROM {table} WHERE cost_date = @d ORDER BY 1", {"d": days[3]}
     )
     assert [(r["project_id"], r["x_run_id"]) for r in day4] == [("a", "run4"), ("b", "run1")]
+    # no rows at all: the window is emptied (an empty load file is not uploaded)
+    assert (
+        await wh.replace_window(dataset, SCHEMA, ndjson([]), column="cost_date", start=days[0], end=days[0])
+        == 0
+    )
+    assert not await wh.query(f"SELECT 1 FROM {table} WHERE cost_date = @d", {"d": days[0]})
     # no staging table is left behind
     left = await wh.query(f"SELECT table_name FROM `{wh.project}.{dataset}.INFORMATION_SCHEMA.TABLES`")
     assert [r["table_name"] for r in left] == [SCHEMA.name]
