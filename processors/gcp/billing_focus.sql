@@ -65,6 +65,7 @@
 --   CapacityReservation*, SkuPriceDetails, BillingAccountName, CommitmentDiscountName  NULL
 --   x_ChargeDate          DATE(ChargePeriodStart); x_BillingCycle 'monthly'; x_PricingModel consumption_model.id
 --   x_SourceSystem 'gcp'; x_PipelineId, x_RunId: the run's; x_IngestedAt CURRENT_TIMESTAMP()
+--   x_CostSource, x_PriceTableVersion, x_ServiceTier, x_TokenClass, x_ContextWindow  NULL (GenAI columns)
 --
 -- Emulator traps: NUMERIC casts are NUMERIC(38, 9) (plain NUMERIC keeps 3 decimals on bqemulator).
 MERGE ${focus} AS T
@@ -239,6 +240,11 @@ USING (
     CAST(NULL AS DATE) AS x_ServicePeriodEnd,
     'monthly' AS x_BillingCycle,
     p.consumption_model.id AS x_PricingModel,
+    CAST(NULL AS STRING) AS x_CostSource,
+    CAST(NULL AS STRING) AS x_PriceTableVersion,
+    CAST(NULL AS STRING) AS x_ServiceTier,
+    CAST(NULL AS STRING) AS x_TokenClass,
+    CAST(NULL AS STRING) AS x_ContextWindow,
     ${pipeline_id} AS x_PipelineId,
     ${run_id} AS x_RunId,
     CURRENT_TIMESTAMP() AS x_IngestedAt
