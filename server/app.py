@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
@@ -25,7 +26,9 @@ from server.ledger import Ledger
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
+from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.settings import Settings
+from server.state.scheduling import Caps
 from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
@@ -85,6 +88,17 @@ async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateSto
     )
 
 
+def scheduler_settings(settings: Settings) -> SchedulerSettings:
+    """The scheduler's part of the settings."""
+    return SchedulerSettings(
+        tick_seconds=settings.scheduler_tick_seconds,
+        caps=Caps(total=settings.scheduler_max_running, per_org=settings.scheduler_org_max_running),
+        retry_base_seconds=settings.scheduler_retry_base_seconds,
+        retry_max_seconds=settings.scheduler_retry_max_seconds,
+        max_catch_up=timedelta(hours=settings.scheduler_catch_up_hours),
+    )
+
+
 @dataclass
 class Service:
     """A running gRPC server and what it owns."""
@@ -100,13 +114,16 @@ class Service:
     runs: RunManager
     state: StateStore
     ledger: Ledger
+    scheduler: Scheduler
     metrics_port: int = 0
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, give the lease up, close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
+        self.scheduler.stop_claiming()
         await self.runs.close()
+        await self.scheduler.close()
         await self.ledger.close()
         await self.state.close()
         await self.warehouse.close()
@@ -142,6 +159,13 @@ async def start(
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
     )
+    scheduler = Scheduler(
+        catalog=catalog,
+        runs=runs,
+        store=state,
+        orgs=orgs.active_contexts,
+        settings=scheduler_settings(settings),
+    )
     ledger = Ledger(
         warehouse,
         settings.meta_dataset,
@@ -172,6 +196,7 @@ async def start(
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
     await runs.start()
+    scheduler.start()
     ledger.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
@@ -191,5 +216,6 @@ async def start(
         runs,
         state,
         ledger,
+        scheduler,
         metrics_port,
     )

@@ -94,6 +94,16 @@ class Settings(BaseSettings):
         description="Ledger exports (one load job per table each) allowed per day over all replicas; "
         "BigQuery allows 1,500 load jobs per table per day. 0: no limit (the emulator has none).",
     )
+    scheduler_tick_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Scheduler tick period in-process; 0 = none (Cloud Scheduler calls it).",
+    )
+    scheduler_max_running: int = Field(50, ge=1, description="Scheduled runs at once over every replica.")
+    scheduler_org_max_running: int = Field(2, ge=1, description="Scheduled runs at once per org.")
+    scheduler_retry_base_seconds: float = Field(60.0, gt=0, description="First retry delay (doubles).")
+    scheduler_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest retry delay or deferral.")
+    scheduler_catch_up_hours: float = Field(24.0, gt=0, description="How far back missed times are looked.")
     metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")

@@ -77,6 +77,7 @@ def settings(emulator: Emulator, postgres: Postgres, tmp_path_factory: pytest.Te
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
         database_url=postgres.dsn,
         replica_lease_seconds=2.0,
+        scheduler_tick_seconds=0,  # scheduler tests tick themselves, with their own clock and orgs
         configs_dir=DATA / "configs",
         state_dir=tmp_path_factory.mktemp("state"),
     )

@@ -25,6 +25,7 @@ import orjson
 
 from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
+from server.state.scheduling import SchedulerStore
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
 STEP_TERMINAL = ["SUCCEEDED", "FAILED", "SKIPPED", "CANCELLED", "NOT_RUN", "TIMEOUT"]
@@ -124,6 +125,7 @@ class StateStore:
         self.lease_seconds = lease_seconds
         self.replica_id = ""
         self._closers = list(closers)
+        self.scheduling = SchedulerStore(pool)
 
     @classmethod
     async def connect(

@@ -1,0 +1,313 @@
+"""The scheduler against the real PostgreSQL and the real run manager: exactly one run per (org, pipeline,
+scheduled time) with two replicas ticking and the trigger delivered twice, DST in the org's timezone with
+an injected clock, missed ticks after downtime, overrides, backfills with bounded concurrency, retries
+with backoff for transient failures, none for terminal ones, and deferral by quotas.
+
+Each test has a database of its own (fresh scheduler clock and queue); "replicas" are separate state
+stores, run managers and schedulers on it, ticking only for the test's orgs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from server import app
+from server.engine.manager import RunManager, RunRequest
+from server.engine.processor import ProcessorRegistry
+from server.engine.runner import StepRunner
+from server.localstack.postgres import Postgres, dsn
+from server.orgs import OrgContext
+from server.scheduler.scheduler import Alert, Scheduler, SchedulerSettings
+from server.state.scheduling import Caps, Job, Override
+from server.state.store import StateStore
+from tests.conftest import Org, make_org
+
+NIGHTLY = "engine/runs/nightly"
+LATE = "engine/runs/late"
+
+
+@dataclass
+class Replica:
+    store: StateStore
+    runs: RunManager
+    scheduler: Scheduler
+    alerts: list[Alert]
+
+
+Factory = Callable[..., Awaitable[Replica]]
+
+
+@pytest.fixture
+async def database(postgres: Postgres) -> AsyncIterator[str]:
+    name = f"sched_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield dsn(postgres.port, name)
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+async def orgs(service: app.Service) -> list[Org]:
+    return [await make_org(service, "sched"), await make_org(service, "sched")]
+
+
+@pytest.fixture
+async def replicas(service: app.Service, database: str, orgs: list[Org]) -> AsyncIterator[Factory]:
+    made: list[Replica] = []
+    slugs = {o.slug for o in orgs}
+
+    async def only_test_orgs(now: datetime) -> list[OrgContext]:
+        return [o for o in await service.orgs.active_contexts(now) if o.org_slug in slugs]
+
+    async def make(**settings: object) -> Replica:
+        store = await StateStore.connect(dsn=database, pool_size=8, lease_seconds=2.0)
+        runs = RunManager(
+            catalog=service.catalog,
+            runner=StepRunner(ProcessorRegistry(), global_limit=asyncio.Semaphore(32), per_run_limit=4),
+            store=store,
+            warehouse=service.warehouse,
+            meta_dataset=service.settings.meta_dataset,
+        )
+        await runs.start()
+        alerts: list[Alert] = []
+        defaults: dict[str, object] = {"tick_seconds": 0.0, "poll_seconds": 0.05, "retry_base_seconds": 0.2}
+        scheduler = Scheduler(
+            catalog=service.catalog,
+            runs=runs,
+            store=store,
+            orgs=only_test_orgs,
+            settings=SchedulerSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
+            notify=alerts.append,
+        )
+        replica = Replica(store, runs, scheduler, alerts)
+        made.append(replica)
+        return replica
+
+    yield make
+    for r in made:
+        r.scheduler.stop_claiming()
+        await r.runs.close()
+        await r.scheduler.close()
+        await r.store.close()
+
+
+def ny(day: int, hour: int, minute: int = 0, month: int = 3) -> datetime:
+    """A UTC instant given as New York wall-clock time in 2026 (EST before Mar 8, EDT after)."""
+    offset = 5 if (month, day) < (3, 8) or (month, day) > (11, 1) else 4
+    return datetime(2026, month, day, hour, minute, tzinfo=UTC) + timedelta(hours=offset)
+
+
+async def jobs_of(r: Replica, org: Org, pipeline: str = NIGHTLY) -> list[tuple[datetime, str]]:
+    return [(j.scheduled_for, j.state) for j in await r.store.scheduling.jobs(org.slug, pipeline)]
+
+
+async def wait_jobs(
+    r: Replica, org: Org, pipeline: str, done: Callable[[list[str]], bool], within: float = 20
+) -> list[Job]:
+    async with asyncio.timeout(within):
+        while True:
+            states = [s for _, s in await jobs_of(r, org, pipeline)]
+            if done(states):
+                return await r.store.scheduling.jobs(org.slug, pipeline)
+            await asyncio.sleep(0.05)
+
+
+async def scheduler_runs(r: Replica, org: Org) -> list[asyncpg.Record]:
+    async with r.store.connection() as conn:
+        return list(
+            await conn.fetch(
+                "SELECT run_id, state, parameters, request_id FROM runs WHERE org_slug = $1 "
+                "AND trigger = 'SCHEDULER' ORDER BY create_time",
+                org.slug,
+            )
+        )
+
+
+async def test_exactly_once_with_two_replicas_and_a_doubled_trigger(
+    replicas: Factory, orgs: list[Org]
+) -> None:
+    a, b = await replicas(), await replicas()
+    due = ny(8, 3, 0, month=4)  # 02:30 New York fell due half an hour before
+    await a.scheduler.tick(due - timedelta(hours=1))  # the clock starts before 02:30
+    results = await asyncio.gather(*(r.scheduler.tick(due) for r in (a, b, a, b)))
+    assert sum(t.enqueued for t in results) == len(orgs)  # one job per org, whichever tick inserted it
+    again = await asyncio.gather(a.scheduler.tick(due), b.scheduler.tick(due + timedelta(seconds=30)))
+    assert [t.enqueued for t in again] == [0, 0]
+    a.scheduler.start()
+    b.scheduler.start()
+    for org in orgs:
+        jobs = await wait_jobs(a, org, NIGHTLY, lambda s: s == ["SUCCEEDED"])
+        assert jobs[0].scheduled_for == ny(8, 2, 30, month=4) and jobs[0].attempts == 1
+        runs = await scheduler_runs(a, org)
+        assert len(runs) == 1 and runs[0]["state"] == "COMPLETED" and runs[0]["run_id"] == jobs[0].run_id
+
+
+async def test_dst_neither_skips_nor_doubles(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas()
+    org = orgs[0]
+    # Every 20 minutes over four days around each transition, as a ticking replica would; between the two,
+    # the replica is down from March to October (the latest missed time runs, once).
+    for start in (ny(6, 0), ny(30, 0, month=10)):
+        now = start
+        await r.scheduler.tick(now)
+        for _ in range(4 * 72):
+            now += timedelta(minutes=20)
+            await r.scheduler.tick(now)
+    got = [t for t, _ in await jobs_of(r, org)]
+    assert got == [
+        ny(6, 2, 30),
+        ny(7, 2, 30),
+        datetime(2026, 3, 8, 7, 30, tzinfo=UTC),  # 02:30 does not exist: 03:30 EDT, once
+        ny(9, 2, 30),
+        ny(29, 2, 30, month=10),  # after the downtime: the latest missed time
+        ny(30, 2, 30, month=10),
+        ny(31, 2, 30, month=10),
+        datetime(2026, 11, 1, 7, 30, tzinfo=UTC),  # 02:30 EST on the day clocks go back, once
+        ny(2, 2, 30, month=11),
+    ], got
+
+
+async def test_missed_ticks_run_once_for_the_latest(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas()
+    await r.scheduler.tick(ny(1, 0, month=6))
+    result = await r.scheduler.tick(ny(5, 12, month=6))  # down for four days and a half
+    assert result.enqueued == 2 * len(orgs)  # two scheduled pipelines (nightly and saas_cost) per org
+    for org in orgs:
+        assert [t for t, _ in await jobs_of(r, org)] == [ny(5, 2, 30, month=6)]
+        assert [t for t, _ in await jobs_of(r, org, "saas_subscription/costs/saas_cost")] == [
+            datetime(2026, 6, 5, 2, 30, tzinfo=UTC)
+        ]
+
+
+async def test_override_disable_and_back_to_default(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas()
+    jobs = r.store.scheduling
+    one, two = orgs
+    await jobs.put_override(Override(one.slug, NIGHTLY, "0 6 * * *", "Europe/Berlin", True, {"label": "x"}))
+    await jobs.put_override(Override(two.slug, NIGHTLY, "30 2 * * *", "America/New_York", False, {}))
+    schedules = dict((c.key, e) for c, e in await r.scheduler.schedules(two.slug))
+    assert schedules[NIGHTLY] is not None and schedules[NIGHTLY].source == "OVERRIDE"
+    assert not schedules[NIGHTLY].enabled
+    assert schedules["engine/runs/quick"] is None  # no default schedule
+    await r.scheduler.tick(datetime(2026, 6, 1, tzinfo=UTC))
+    await r.scheduler.tick(datetime(2026, 6, 2, tzinfo=UTC))
+    assert [t for t, _ in await jobs_of(r, one)] == [datetime(2026, 6, 1, 4, tzinfo=UTC)]  # 06:00 CEST
+    assert (await jobs.job(f"S|{one.slug}|{NIGHTLY}|2026-06-01T04:00:00+00:00")).parameters == {"label": "x"}
+    assert await jobs_of(r, two) == []
+    assert await jobs.delete_override(two.slug, NIGHTLY)
+    await r.scheduler.tick(datetime(2026, 6, 3, tzinfo=UTC))
+    assert [t for t, _ in await jobs_of(r, two)] == [ny(2, 2, 30, month=6)]
+
+
+async def test_backfill_one_run_per_day_bounded_and_idempotent(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas(caps=Caps(total=20, per_org=10))
+    org = orgs[0]
+    nightly = next(c for c in r.scheduler.scheduled_configs() if c.key == NIGHTLY)
+    start = date.today() - timedelta(days=30)
+    backfill, inserted = await r.scheduler.backfill(
+        org.slug, nightly, start, start + timedelta(days=29), 3, "test"
+    )
+    assert inserted == 30
+    again, inserted_again = await r.scheduler.backfill(
+        org.slug, nightly, start, start + timedelta(days=29), 3, "test"
+    )
+    assert again.backfill_id == backfill.backfill_id and inserted_again == 0
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            async with r.store.connection() as conn:
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM runs WHERE org_slug = $1 AND state IN ('PENDING', 'RUNNING')",
+                    org.slug,
+                )
+            peak = max(peak, n)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    r.scheduler.start()
+    try:
+        await wait_jobs(r, org, NIGHTLY, lambda s: len(s) == 30 and set(s) == {"SUCCEEDED"}, within=60)
+    finally:
+        watcher.cancel()
+    assert 1 <= peak <= 3
+    runs = await scheduler_runs(r, org)
+    days = Counter(run["parameters"]["date"] for run in runs)
+    assert len(days) == 30 and set(days.values()) == {1}
+    progress = await r.store.scheduling.backfill(org.slug, backfill.backfill_id)
+    assert progress is not None and progress.counts == {"SUCCEEDED": 30}
+
+
+async def test_backfill_cancel(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas(caps=Caps(total=1, per_org=1))
+    org = orgs[1]
+    nightly = next(c for c in r.scheduler.scheduled_configs() if c.key == NIGHTLY)
+    start = date.today() - timedelta(days=10)
+    backfill, _ = await r.scheduler.backfill(org.slug, nightly, start, start + timedelta(days=9), 1, "t")
+    cancelled = await r.scheduler.cancel_backfill(org.slug, backfill.backfill_id)
+    assert cancelled.cancelled and cancelled.counts == {"CANCELLED": 10}
+    r.scheduler.start()
+    await asyncio.sleep(0.5)
+    assert await scheduler_runs(r, org) == []
+
+
+async def test_transient_failure_retried_with_backoff_then_failed(replicas: Factory, orgs: list[Org]) -> None:
+    r = await replicas(retry_base_seconds=0.3)
+    org = orgs[0]
+    await r.store.scheduling.put_override(Override(org.slug, LATE, "0 3 * * *", "UTC", True, {}))
+    await r.scheduler.tick(datetime(2026, 7, 1, 2, 59, tzinfo=UTC))
+    assert (await r.scheduler.tick(datetime(2026, 7, 1, 3, 0, 30, tzinfo=UTC))).enqueued == 1
+    r.scheduler.start()
+    [job] = await wait_jobs(r, org, LATE, lambda s: s == ["FAILED"])
+    assert job.attempts == 3 and job.reason == "PIPELINE_TIMEOUT"
+    runs = [x for x in await scheduler_runs(r, org) if x["request_id"].startswith(f"job-{job.job_id}-")]
+    assert [x["state"] for x in runs] == ["TIMEOUT"] * 3
+    assert [x["request_id"] for x in runs] == [f"job-{job.job_id}-{n}" for n in (1, 2, 3)]
+    assert [(a.event, a.org_slug, a.attempt) for a in r.alerts] == [("RUN_TIMED_OUT", org.slug, 3)]
+
+
+async def test_quota_defers_and_does_not_drop(
+    replicas: Factory, service: app.Service, orgs: list[Org]
+) -> None:
+    r = await replicas()
+    org = orgs[1]
+    # Fill the org's concurrent limit with active runs of another replica, so the job is refused.
+    blocker = await replicas()
+
+    ctx = next(o for o in await service.orgs.active_contexts(datetime.now(UTC)) if o.org_slug == org.slug)
+    held = [
+        await blocker.runs.submit(
+            ctx, RunRequest("engine", "runs", "sleepy", parameters={"sleep": "30", "n": str(i)}), "t"
+        )
+        for i in range(ctx.concurrent_limit)
+    ]
+    nightly = next(c for c in r.scheduler.scheduled_configs() if c.key == NIGHTLY)
+    day = date.today() - timedelta(days=1)
+    await r.scheduler.backfill(org.slug, nightly, day, day, 1, "t")
+    r.scheduler.start()
+    [job] = await wait_jobs(r, org, NIGHTLY, lambda s: s == ["QUEUED"], within=5)
+    async with asyncio.timeout(5):
+        while job.deferrals == 0:
+            await asyncio.sleep(0.05)
+            found = await r.store.scheduling.job(job.job_key)
+            assert found is not None
+            job = found
+    assert job.state == "QUEUED" and job.attempts == 0
+    assert job.reason == "CONCURRENT_LIMIT_EXCEEDED"
+    for run in held:
+        await blocker.runs.cancel(org.slug, run.run_id)
+    async with r.store.connection() as conn:  # no waiting for the deferral's 5 s
+        await conn.execute("UPDATE scheduled_jobs SET run_after = now() WHERE job_id = $1", job.job_id)
+    [done] = await wait_jobs(r, org, NIGHTLY, lambda s: s == ["SUCCEEDED"])
+    assert done.attempts == 1 and done.deferrals >= 1
