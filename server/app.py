@@ -12,12 +12,19 @@ from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc, procedure_service_pb2_grpc
+from cloudact.pipeline.v1 import (
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    procedure_service_pb2_grpc,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
 from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
 from server import meta, metrics
 from server.api.guard import Guard
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
+from server.api.scheduler import SchedulerServicer
 from server.auth import Access, Authenticator, Policy
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
@@ -36,7 +43,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_SERVICE = pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 PROCEDURE_SERVICE = _procedure_service_pb2.DESCRIPTOR.services_by_name["ProcedureService"].full_name
-SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE)
+SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE, SCHEDULER_SERVICE)
 
 _ROOT = Policy(Access.ROOT)
 POLICIES: dict[str, Policy] = {
@@ -46,6 +54,14 @@ POLICIES: dict[str, Policy] = {
     f"/{PIPELINE_SERVICE}/WatchPipelineRun": Policy(Access.ORG, "pipelines:read"),
     f"/{PIPELINE_SERVICE}/RunPipeline": Policy(Access.ORG, "pipelines:run"),
     f"/{PIPELINE_SERVICE}/CancelPipelineRun": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/ListSchedules": Policy(Access.ORG, "pipelines:read"),
+    f"/{SCHEDULER_SERVICE}/GetBackfill": Policy(Access.ORG, "pipelines:read"),
+    f"/{SCHEDULER_SERVICE}/UpdateSchedule": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/DeleteSchedule": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/CreateBackfill": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/CancelBackfill": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/TriggerScheduler": _ROOT,
+    f"/{SCHEDULER_SERVICE}/GetSchedulerStatus": _ROOT,
     **{
         f"/{PROCEDURE_SERVICE}/{m}": _ROOT
         for m in ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")
@@ -186,6 +202,11 @@ async def start(
         server,
         procedure_service_pb2_grpc.add_ProcedureServiceServicer_to_server,
         ProcedureServicer(procedures),
+    )
+    guard.register(
+        server,
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server,
+        SchedulerServicer(catalog, scheduler),
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

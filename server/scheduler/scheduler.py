@@ -33,7 +33,7 @@ from server.ids import new_id
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.scheduler import cron
-from server.state.scheduling import Backfill, Caps, Job, NewJob, Override
+from server.state.scheduling import Backfill, Caps, Job, NewJob, Override, SchedulerStore
 from server.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,11 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+
+    @property
+    def jobs(self) -> SchedulerStore:
+        """The scheduler's state (overrides, jobs, backfills)."""
+        return self._jobs
 
     @property
     def settings(self) -> SchedulerSettings:

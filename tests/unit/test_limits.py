@@ -8,9 +8,8 @@ from google.protobuf import descriptor_pool
 
 from cloudact.pipeline.v1 import pipeline_service_pb2, procedure_service_pb2
 from server.api import limits
+from server.app import SERVICES  # every service the server registers
 from server.errors import InvalidInputError
-
-SERVICES = ("cloudact.pipeline.v1.PipelineService", "cloudact.pipeline.v1.ProcedureService")
 
 
 def request_types() -> list[object]:
