@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from dotenv import dotenv_values
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloudact.pipeline.v1 import (
+    notification_service_pb2,
+    notification_service_pb2_grpc,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     procedure_service_pb2_grpc,
@@ -22,6 +26,7 @@ from cloudact.pipeline.v1 import (
 from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
 from server import meta, metrics
 from server.api.guard import Guard
+from server.api.notifications import NotificationServicer
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
 from server.api.scheduler import SchedulerServicer
@@ -30,11 +35,14 @@ from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
 from server.ledger import Ledger
+from server.notify import config as notify_config
+from server.notify.notifier import Notifier
+from server.notify.webhooks import InlineWebhooks, Webhooks
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
-from server.settings import Settings
+from server.settings import Settings, env_file
 from server.state.scheduling import Caps
 from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -44,7 +52,8 @@ log = logging.getLogger(__name__)
 PIPELINE_SERVICE = pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 PROCEDURE_SERVICE = _procedure_service_pb2.DESCRIPTOR.services_by_name["ProcedureService"].full_name
 SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE, SCHEDULER_SERVICE)
+NOTIFICATION_SERVICE = notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE, SCHEDULER_SERVICE, NOTIFICATION_SERVICE)
 
 _ROOT = Policy(Access.ROOT)
 POLICIES: dict[str, Policy] = {
@@ -61,6 +70,9 @@ POLICIES: dict[str, Policy] = {
     f"/{SCHEDULER_SERVICE}/CreateBackfill": Policy(Access.ORG, "pipelines:run"),
     f"/{SCHEDULER_SERVICE}/CancelBackfill": Policy(Access.ORG, "pipelines:run"),
     f"/{SCHEDULER_SERVICE}/TriggerScheduler": _ROOT,
+    f"/{NOTIFICATION_SERVICE}/GetNotificationSettings": Policy(Access.ORG, "pipelines:read"),
+    f"/{NOTIFICATION_SERVICE}/ListNotifications": Policy(Access.ORG, "pipelines:read"),
+    f"/{NOTIFICATION_SERVICE}/UpdateNotificationSettings": Policy(Access.ORG, "pipelines:admin"),
     f"/{SCHEDULER_SERVICE}/GetSchedulerStatus": _ROOT,
     **{
         f"/{PROCEDURE_SERVICE}/{m}": _ROOT
@@ -115,6 +127,13 @@ def scheduler_settings(settings: Settings) -> SchedulerSettings:
     )
 
 
+def load_notifications(settings: Settings) -> notify_config.NotificationConfig:
+    """The global notification settings, `${VAR}`s expanded from the environment and the env file."""
+    env = {k: v for k, v in dotenv_values(env_file(settings.pipeline_env.value)).items() if v is not None}
+    env.update(os.environ)
+    return notify_config.load(settings.notifications_config, env)
+
+
 @dataclass
 class Service:
     """A running gRPC server and what it owns."""
@@ -131,6 +150,7 @@ class Service:
     state: StateStore
     ledger: Ledger
     scheduler: Scheduler
+    notifier: Notifier
     metrics_port: int = 0
 
     async def stop(self) -> None:
@@ -140,6 +160,7 @@ class Service:
         self.scheduler.stop_claiming()
         await self.runs.close()
         await self.scheduler.close()
+        await self.notifier.close()
         await self.ledger.close()
         await self.state.close()
         await self.warehouse.close()
@@ -149,6 +170,7 @@ async def start(
     settings: Settings, *, warehouse: BigQueryWarehouse | None = None, bootstrap: bool = True
 ) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
+    notifications = load_notifications(settings)  # a missing ${VAR} of an enabled channel stops here
     registry = ProcessorRegistry()
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
@@ -175,12 +197,15 @@ async def start(
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
     )
+    webhooks: Webhooks = InlineWebhooks()
+    notifier = Notifier(notifications, state.notifications, webhook=webhooks.get)
     scheduler = Scheduler(
         catalog=catalog,
         runs=runs,
         store=state,
         orgs=orgs.active_contexts,
         settings=scheduler_settings(settings),
+        notify=notifier.publish,
     )
     ledger = Ledger(
         warehouse,
@@ -207,6 +232,17 @@ async def start(
         server,
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server,
         SchedulerServicer(catalog, scheduler),
+    )
+    guard.register(
+        server,
+        notification_service_pb2_grpc.add_NotificationServiceServicer_to_server,
+        NotificationServicer(
+            state.notifications,
+            webhooks,
+            catalog,
+            notifications,
+            allow_http_webhooks=settings.notifications_allow_http_webhooks,
+        ),
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -238,5 +274,6 @@ async def start(
         state,
         ledger,
         scheduler,
+        notifier,
         metrics_port,
     )

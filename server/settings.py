@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     scheduler_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest retry delay or deferral.")
     scheduler_catch_up_hours: float = Field(24.0, gt=0, description="How far back missed times are looked.")
     metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
+    notifications_config: Path = Field(
+        PROJECT_ROOT / "configs" / "notifications" / "config.json",
+        description="Global notification settings (JSON, ${ENV_VAR} values); no file = no notifications.",
+    )
+    notifications_allow_http_webhooks: bool = Field(
+        False, description="Accept http:// Slack webhook URLs (local receivers); else https:// only."
+    )
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")
     schemas_dir: Path = Field(PROJECT_ROOT / "configs" / "schemas", description="Table schema files.")

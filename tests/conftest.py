@@ -78,6 +78,8 @@ def settings(emulator: Emulator, postgres: Postgres, tmp_path_factory: pytest.Te
         database_url=postgres.dsn,
         replica_lease_seconds=2.0,
         scheduler_tick_seconds=0,  # scheduler tests tick themselves, with their own clock and orgs
+        notifications_config=DATA / "notifications" / "config.json",  # tests build their own notifiers
+        notifications_allow_http_webhooks=True,
         configs_dir=DATA / "configs",
         state_dir=tmp_path_factory.mktemp("state"),
     )

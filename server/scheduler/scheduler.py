@@ -30,6 +30,7 @@ from server.engine.manager import RunManager, RunRequest
 from server.engine.run import Run
 from server.errors import ConflictError, NotFoundError, ServiceError, ThrottledError
 from server.ids import new_id
+from server.notify.alert import Alert
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.scheduler import cron
@@ -47,20 +48,6 @@ MISSED_GRACE = timedelta(minutes=2)
 
 OrgSource = Callable[[datetime], Awaitable[list[OrgContext]]]
 CredentialHolders = Callable[[str], Awaitable[set[str]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """Something to tell the org about: RUN_FAILED, RUN_TIMED_OUT, RUN_RECOVERED or QUOTA_EXCEEDED."""
-
-    event: str
-    org_slug: str
-    pipeline_key: str
-    run_id: str
-    state: str
-    reason: str
-    error: str
-    attempt: int
 
 
 Notify = Callable[[Alert], None]

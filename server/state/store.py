@@ -25,6 +25,7 @@ import orjson
 
 from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
+from server.state.notifications import NotificationStore
 from server.state.scheduling import SchedulerStore
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
@@ -126,6 +127,7 @@ class StateStore:
         self.replica_id = ""
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
+        self.notifications = NotificationStore(pool)
 
     @classmethod
     async def connect(

@@ -23,8 +23,9 @@ from server.engine.manager import RunManager, RunRequest
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
 from server.localstack.postgres import Postgres, dsn
+from server.notify.alert import Alert
 from server.orgs import OrgContext
-from server.scheduler.scheduler import Alert, Scheduler, SchedulerSettings
+from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.state.scheduling import Caps, Job, Override
 from server.state.store import StateStore
 from tests.conftest import Org, make_org
