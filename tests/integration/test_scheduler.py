@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -23,14 +24,21 @@ from server.engine.manager import RunManager, RunRequest
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
 from server.localstack.postgres import Postgres, dsn
+from server.localstack.process import free_port
 from server.notify.alert import Alert
+from server.notify.config import EmailConfig, NotificationConfig
+from server.notify.notifier import Notifier
+from server.notify.webhooks import InlineWebhooks
 from server.orgs import OrgContext
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
+from server.state.notifications import OrgNotificationSettings
 from server.state.scheduling import Caps, Job, Override
 from server.state.store import StateStore
 from tests.conftest import Org, make_org
+from tests.integration.standins import SmtpServer, Webhook, self_signed
 
 NIGHTLY = "engine/runs/nightly"
+FAILING = "engine/runs/failing"
 LATE = "engine/runs/late"
 
 
@@ -70,7 +78,7 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
     async def only_test_orgs(now: datetime) -> list[OrgContext]:
         return [o for o in await service.orgs.active_contexts(now) if o.org_slug in slugs]
 
-    async def make(**settings: object) -> Replica:
+    async def make(notify: Callable[[Alert], None] | None = None, **settings: object) -> Replica:
         store = await StateStore.connect(dsn=database, pool_size=8, lease_seconds=2.0)
         runs = RunManager(
             catalog=service.catalog,
@@ -81,6 +89,12 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
         )
         await runs.start()
         alerts: list[Alert] = []
+
+        def tell(alert: Alert) -> None:
+            alerts.append(alert)
+            if notify is not None:
+                notify(alert)
+
         defaults: dict[str, object] = {"tick_seconds": 0.0, "poll_seconds": 0.05, "retry_base_seconds": 0.2}
         scheduler = Scheduler(
             catalog=service.catalog,
@@ -88,7 +102,7 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
             store=store,
             orgs=only_test_orgs,
             settings=SchedulerSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
-            notify=alerts.append,
+            notify=tell,
         )
         replica = Replica(store, runs, scheduler, alerts)
         made.append(replica)
@@ -276,6 +290,14 @@ async def test_transient_failure_retried_with_backoff_then_failed(replicas: Fact
     assert [x["state"] for x in runs] == ["TIMEOUT"] * 3
     assert [x["request_id"] for x in runs] == [f"job-{job.job_id}-{n}" for n in (1, 2, 3)]
     assert [(a.event, a.org_slug, a.attempt) for a in r.alerts] == [("RUN_TIMED_OUT", org.slug, 3)]
+    # The next day it is told to hurry: it succeeds, and that is news after a failure.
+    await r.store.scheduling.put_override(Override(org.slug, LATE, "0 3 * * *", "UTC", True, {"nap": "0"}))
+    await r.scheduler.tick(datetime(2026, 7, 2, 3, 0, 30, tzinfo=UTC))
+    await wait_jobs(r, org, LATE, lambda s: s == ["FAILED", "SUCCEEDED"])
+    assert [(a.event, a.state) for a in r.alerts] == [
+        ("RUN_TIMED_OUT", "TIMEOUT"),
+        ("RUN_RECOVERED", "COMPLETED"),
+    ]
 
 
 async def test_quota_defers_and_does_not_drop(
@@ -312,3 +334,59 @@ async def test_quota_defers_and_does_not_drop(
         await conn.execute("UPDATE scheduled_jobs SET run_after = now() WHERE job_id = $1", job.job_id)
     [done] = await wait_jobs(r, org, NIGHTLY, lambda s: s == ["SUCCEEDED"])
     assert done.attempts == 1 and done.deferrals >= 1
+
+
+@pytest.mark.parametrize("mail_server", ["up", "refused"])
+async def test_a_failing_scheduled_run_notifies_and_is_never_affected_by_it(
+    replicas: Factory, database: str, orgs: list[Org], tmp_path: Path, mail_server: str
+) -> None:
+    smtp = SmtpServer(*self_signed(tmp_path))
+    await smtp.start()
+    hook = Webhook()
+    await hook.start()
+    store = await StateStore.connect(dsn=database, pool_size=2)
+    config = NotificationConfig(
+        enabled=True,
+        email=EmailConfig(
+            smtp_host="127.0.0.1",
+            smtp_port=smtp.port if mail_server == "up" else free_port(),
+            username="svc",
+            password="s3cret",
+            sender="pipelines@cloudact.test",
+            default_recipients=["admin@cloudact.test"],
+            timeout_seconds=1.0,
+            ca_file=str(smtp.cert),
+        ),
+        backoff_seconds=0.05,
+    )
+    org = orgs[0]
+    await store.notifications.put_settings(
+        OrgNotificationSettings(org.slug, ["ops@acme.test"], ["RUN_FAILED"], 3600, {}, slack_webhook=hook.url)
+    )
+    notifier = Notifier(config, store.notifications, webhook=InlineWebhooks().get)
+    r = await replicas(notify=notifier.publish)
+    failing = next(c for c in r.scheduler.scheduled_configs() if c.key == FAILING)
+    day = date.today() - timedelta(days=2)
+    await r.scheduler.backfill(org.slug, failing, day, day, 1, "t")
+    r.scheduler.start()
+    [job] = await wait_jobs(r, org, FAILING, lambda s: s == ["FAILED"])
+    await notifier.drain()
+    # The run and the job are the same whether the mail server answers or not.
+    assert job.attempts == 1 and job.reason == "WAREHOUSE_NOT_FOUND", job
+    runs = await scheduler_runs(r, org)
+    assert [x["state"] for x in runs if x["run_id"] == job.run_id] == ["FAILED"]
+    log = {
+        e.channel: (e.outcome, e.reason)
+        for e in await store.notifications.entries(org.slug, before=None, limit=9)
+    }
+    assert log["SLACK"] == ("SENT", "") and job.run_id in hook.received[0]["text"]
+    if mail_server == "up":
+        [mail] = smtp.received
+        assert job.run_id in mail.content and "WAREHOUSE_NOT_FOUND" in mail.content and mail.tls
+        assert log["EMAIL"] == ("SENT", "")
+    else:
+        assert smtp.received == [] and log["EMAIL"] == ("FAILED", "SMTP_UNREACHABLE")
+    await notifier.close()
+    await store.close()
+    await hook.stop()
+    await smtp.stop()
