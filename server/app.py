@@ -199,6 +199,7 @@ async def start(
     )
     webhooks: Webhooks = InlineWebhooks()
     notifier = Notifier(notifications, state.notifications, webhook=webhooks.get)
+    runs.on_end = notifier.run_ended
     scheduler = Scheduler(
         catalog=catalog,
         runs=runs,

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
         PROJECT_ROOT / "configs" / "notifications" / "config.json",
         description="Global notification settings (JSON, ${ENV_VAR} values); no file = no notifications.",
     )
+    notify_sinks_embedded: bool = Field(
+        False, description="Run a local SMTP sink and Slack receiver with the stack (local only)."
+    )
+    smtp_sink_port: int = Field(2525, description="Local SMTP sink port.")
+    webhook_sink_port: int = Field(8025, description="Local Slack webhook receiver port.")
     notifications_allow_http_webhooks: bool = Field(
         False, description="Accept http:// Slack webhook URLs (local receivers); else https:// only."
     )
@@ -120,9 +125,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.pipeline_env is not Environment.LOCAL and (self.emulator_embedded or self.postgres_embedded):
+        if self.pipeline_env is not Environment.LOCAL and (
+            self.emulator_embedded or self.postgres_embedded or self.notify_sinks_embedded
+        ):
             raise ValueError(
-                "emulator_embedded and postgres_embedded are only allowed in the local environment"
+                "emulator_embedded, postgres_embedded and notify_sinks_embedded are only allowed locally"
             )
         if self.pipeline_env is Environment.PROD and len(self.ca_root_api_key.get_secret_value()) < 32:
             raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from server.engine.run import Run
 from server.notify.alert import Alert
 from server.notify.channels import DeliveryError, EmailChannel, Message, SlackChannel
 from server.notify.config import NotificationConfig
@@ -62,6 +63,24 @@ def render(alert: Alert, config: NotificationConfig) -> Message:
     return Message(subject, "\n".join(lines))
 
 
+def run_alert(run: Run) -> Alert | None:
+    """The alert of an ended run started through the API (the scheduler alerts about its own runs once
+    their retries are over): RUN_FAILED or RUN_TIMED_OUT, else None."""
+    if run.trigger != "API" or run.state not in ("FAILED", "TIMEOUT"):
+        return None
+    reasons = [s.error_reason for s in run.steps.values() if s.error_reason]
+    return Alert(
+        "RUN_TIMED_OUT" if run.state == "TIMEOUT" else "RUN_FAILED",
+        run.org_slug,
+        run.pipeline_key,
+        run.run_id,
+        run.state,
+        reasons[0] if reasons else run.reason,
+        run.error,
+        1,
+    )
+
+
 class Notifier:
     """Delivers alerts in the background (see the module docstring)."""
 
@@ -86,6 +105,12 @@ class Notifier:
     def config(self) -> NotificationConfig:
         """The global settings."""
         return self._config
+
+    def run_ended(self, run: Run) -> None:
+        """Publish the alert of an ended API run, if there is one."""
+        alert = run_alert(run)
+        if alert is not None:
+            self.publish(alert)
 
     def publish(self, alert: Alert) -> None:
         """Deliver `alert` in the background; never raises, never waits."""

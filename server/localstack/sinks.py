@@ -1,0 +1,68 @@
+"""Local stand-ins for the notification channels (`make run`): an SMTP sink (aiosmtpd, plain SMTP, no
+auth) and a Slack incoming-webhook receiver (aiohttp), both on 127.0.0.1. Each message received is logged
+and written to `.state/notifications/` (`mail-N.txt`, `slack-N.json`), so a failing run's e-mail and
+Slack message can be read there."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from itertools import count
+from pathlib import Path
+
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/services/local/demo/webhook"
+
+
+class _Mailbox:
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._n = count(1)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
+        message = email.message_from_bytes(content, policy=email.policy.default)
+        path = self._folder / f"mail-{next(self._n)}.txt"
+        body = message.get_body(("plain",))
+        text = body.get_content() if body is not None else ""
+        note = f"To: {', '.join(envelope.rcpt_tos)}\nSubject: {message['Subject']}\n\n{text}"
+        await asyncio.to_thread(path.write_text, note)
+        log.info("SMTP sink received %r for %s (%s)", message["Subject"], envelope.rcpt_tos, path)
+        return "250 OK"
+
+
+@asynccontextmanager
+async def embedded(folder: Path, smtp_port: int, webhook_port: int) -> AsyncIterator[str]:
+    """Run both sinks for the block; yields the webhook URL."""
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    mailbox = _Mailbox(folder)
+    smtp = await asyncio.get_running_loop().create_server(lambda: SMTP(mailbox), "127.0.0.1", smtp_port)
+    posts = count(1)
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.json()
+        path = folder / f"slack-{next(posts)}.json"
+        await asyncio.to_thread(path.write_text, json.dumps(body, indent=2))
+        log.info("Slack sink received a message (%s)", path)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post(WEBHOOK_PATH, receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", webhook_port).start()
+    try:
+        yield f"http://127.0.0.1:{webhook_port}{WEBHOOK_PATH}"
+    finally:
+        await runner.cleanup()
+        smtp.close()
+        await smtp.wait_closed()
