@@ -390,3 +390,22 @@ async def test_a_failing_scheduled_run_notifies_and_is_never_affected_by_it(
     await store.close()
     await hook.stop()
     await smtp.stop()
+
+
+async def test_a_job_of_a_replica_without_a_lease_goes_back_to_the_queue(
+    replicas: Factory, orgs: list[Org]
+) -> None:
+    r = await replicas()
+    org = orgs[1]
+    nightly = next(c for c in r.scheduler.scheduled_configs() if c.key == NIGHTLY)
+    day = date.today() - timedelta(days=3)
+    await r.scheduler.backfill(org.slug, nightly, day, day, 1, "t")
+    [claimed] = await r.store.scheduling.claim("ghost-replica", Caps(total=10, per_org=10), 10)
+    assert claimed.state == "RUNNING" and claimed.attempts == 1
+    assert await r.store.scheduling.claim(r.store.replica_id, Caps(total=10, per_org=10), 10) == []
+    assert await r.store.scheduling.reap(timedelta(0)) == 1
+    job = await r.store.scheduling.job(claimed.job_key)
+    assert job is not None and (job.state, job.reason, job.owner) == ("QUEUED", "INTERRUPTED", "")
+    r.scheduler.start()
+    [done] = await wait_jobs(r, org, NIGHTLY, lambda s: s == ["SUCCEEDED"])
+    assert done.attempts == 2 and done.run_id and done.owner == r.store.replica_id
