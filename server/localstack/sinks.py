@@ -1,7 +1,7 @@
 """Local stand-ins for the notification channels (`make run`): an SMTP sink (aiosmtpd, plain SMTP, no
 auth) and a Slack incoming-webhook receiver (aiohttp), both on 127.0.0.1. Each message received is logged
-and written to `.state/notifications/` (`mail-N.txt`, `slack-N.json`), so a failing run's e-mail and
-Slack message can be read there."""
+and written to `.state/notifications/` (`mail-<time>-N.txt`, `slack-<time>-N.json`), so a failing run's
+e-mail and Slack message can be read there."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import email
 import email.policy
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from itertools import count
@@ -19,6 +20,7 @@ from aiohttp import web
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 log = logging.getLogger(__name__)
+logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command at INFO
 
 WEBHOOK_PATH = "/services/local/demo/webhook"
 
@@ -31,7 +33,7 @@ class _Mailbox:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
         message = email.message_from_bytes(content, policy=email.policy.default)
-        path = self._folder / f"mail-{next(self._n)}.txt"
+        path = self._folder / f"mail-{time.strftime('%Y%m%dT%H%M%S')}-{next(self._n)}.txt"
         body = message.get_body(("plain",))
         text = body.get_content() if body is not None else ""
         note = f"To: {', '.join(envelope.rcpt_tos)}\nSubject: {message['Subject']}\n\n{text}"
@@ -50,7 +52,7 @@ async def embedded(folder: Path, smtp_port: int, webhook_port: int) -> AsyncIter
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.json()
-        path = folder / f"slack-{next(posts)}.json"
+        path = folder / f"slack-{time.strftime('%Y%m%dT%H%M%S')}-{next(posts)}.json"
         await asyncio.to_thread(path.write_text, json.dumps(body, indent=2))
         log.info("Slack sink received a message (%s)", path)
         return web.Response(text="ok")
