@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description="Scheduler tick period in-process; 0 = none (Cloud Scheduler calls it).",
     )
     scheduler_max_running: int = Field(50, ge=1, description="Scheduled runs at once over every replica.")
-    scheduler_org_max_running: int = Field(2, ge=1, description="Scheduled runs at once per org.")
+    scheduler_org_max_running: int = Field(3, ge=1, description="Scheduled runs at once per org.")
     scheduler_retry_base_seconds: float = Field(60.0, gt=0, description="First retry delay (doubles).")
     scheduler_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest retry delay or deferral.")
     scheduler_catch_up_hours: float = Field(24.0, gt=0, description="How far back missed times are looked.")

@@ -73,7 +73,7 @@ class SchedulerSettings:
 
     tick_seconds: float = 60.0  # 0: no in-process ticker (the trigger RPC only)
     poll_seconds: float = 1.0
-    caps: Caps = field(default_factory=lambda: Caps(total=50, per_org=2))
+    caps: Caps = field(default_factory=lambda: Caps(total=50, per_org=3))
     retry_base_seconds: float = 60.0
     retry_max_seconds: float = 3600.0
     max_catch_up: timedelta = timedelta(days=1)
