@@ -243,6 +243,7 @@ async def start(
             catalog,
             notifications,
             allow_http_webhooks=settings.notifications_allow_http_webhooks,
+            webhook_hosts=tuple(settings.notifications_webhook_hosts),
         ),
     )
     health_servicer = health_aio.HealthServicer()

@@ -115,7 +115,11 @@ class Settings(BaseSettings):
     smtp_sink_port: int = Field(2525, description="Local SMTP sink port.")
     webhook_sink_port: int = Field(8025, description="Local Slack webhook receiver port.")
     notifications_allow_http_webhooks: bool = Field(
-        False, description="Accept http:// Slack webhook URLs (local receivers); else https:// only."
+        False, description="Accept http:// Slack webhook URLs to any host (local receivers)."
+    )
+    notifications_webhook_hosts: list[str] = Field(
+        ["hooks.slack.com"],
+        description="Hosts a https:// Slack webhook URL may name (no other host is posted to).",
     )
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from grpc import aio
 
@@ -74,12 +75,25 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         defaults: NotificationConfig,
         *,
         allow_http_webhooks: bool = False,
+        webhook_hosts: tuple[str, ...] = ("hooks.slack.com",),
     ) -> None:
         self._store = store
         self._webhooks = webhooks
         self._catalog = catalog
         self._defaults = defaults
-        self._schemes = ("https://", "http://") if allow_http_webhooks else ("https://",)
+        self._any_host = allow_http_webhooks
+        self._hosts = frozenset(webhook_hosts)
+
+    def _webhook_allowed(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return False
+        if any(c.isspace() for c in url) or parts.username or parts.password or not parts.hostname:
+            return False
+        if self._any_host:
+            return parts.scheme in ("http", "https")
+        return parts.scheme == "https" and parts.hostname in self._hosts
 
     async def GetNotificationSettings(
         self, request: pb.GetNotificationSettingsRequest, context: aio.ServicerContext[Any, Any]
@@ -96,11 +110,9 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         if not 0 <= request.cooldown_seconds <= MAX_COOLDOWN:
             bad.append(FieldViolation("cooldown_seconds", f"0 to {MAX_COOLDOWN}"))
         url = request.slack_webhook_url
-        if url and (not url.startswith(self._schemes) or any(c.isspace() for c in url)):
+        if url and not self._webhook_allowed(url):
             bad.append(
-                FieldViolation(
-                    "slack_webhook_url", "an incoming-webhook URL (" + ", ".join(self._schemes) + ")"
-                )
+                FieldViolation("slack_webhook_url", "an https:// incoming-webhook URL of an allowed host")
             )
         known = {c.key for c in self._catalog.all()}
         pipelines: dict[str, dict[str, Any]] = {}

@@ -117,13 +117,9 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         minimum = config.spec.schedule.min_interval_minutes if config.spec.schedule else 60
         if expression and cron.min_interval(expression) < minimum * 60:
             bad.append(FieldViolation("cron", f"runs more often than every {minimum} minutes"))
-        bad += [
-            FieldViolation(f"parameters[{k[:64]}]", "keys are lowercase snake_case")
-            for k in request.parameters
-            if not k.isidentifier() or k.lower() != k
-        ]
         if bad:
             raise InvalidInputError("invalid schedule", bad, reason="INVALID_SCHEDULE")
+        self._scheduler.check_parameters(config, dict(request.parameters))
         enabled = request.enabled if request.HasField("enabled") else True
         await self._jobs.put_override(
             Override(

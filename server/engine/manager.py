@@ -300,6 +300,11 @@ class RunManager:
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
+    def parameters(self, config: PipelineConfig, request: RunRequest) -> dict[str, str]:
+        """The parameters a run of `request` would get; InvalidInputError naming the fields if bad (what
+        the scheduler checks when an org sets a schedule's parameters)."""
+        return self._parameters(config, request)
+
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
         """The run's parameters: the config's defaults, the request's parameters, then the run window.

@@ -139,6 +139,19 @@ class Scheduler:
         """Every pipeline config (each can be scheduled by an override; some have a default)."""
         return self._catalog.all()
 
+    def check_parameters(self, config: PipelineConfig, parameters: dict[str, str]) -> None:
+        """Refuse (InvalidInputError, fields named) parameters a scheduled run could not start with."""
+        self._runs.parameters(
+            config,
+            RunRequest(
+                config.provider,
+                config.domain,
+                config.pipeline,
+                date=parameters.get("date", ""),
+                parameters={k: v for k, v in parameters.items() if k != "date"},
+            ),
+        )
+
     @staticmethod
     def effective(config: PipelineConfig, override: Override | None, eligible: bool) -> Effective | None:
         """The org's schedule of a pipeline: its override, else the config's default if the org has

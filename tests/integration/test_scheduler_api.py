@@ -45,6 +45,14 @@ async def test_schedules_override_and_back_to_default(
     assert status == 400
     fields = {v["field"] for d in body["details"] if "field_violations" in d for v in d["field_violations"]}
     assert fields == {"cron", "timezone"}, body  # too frequent, and not a zone
+    status, body = await call(
+        http, "PUT", path, org.headers, json={"cron": "0 6 * * *", "parameters": {"Bad-Key": "x"}}
+    )
+    assert status == 400 and "parameters[Bad-Key]" in str(body)
+    status, body = await call(
+        http, "PUT", path, org.headers, json={"cron": "0 6 * * *", "parameters": {"date": "2999-01-01"}}
+    )
+    assert status == 400 and "date" in str(body["details"])  # no scheduled run could start with it
     status, body = await call(http, "PUT", path, org.headers, json={"cron": "0 99 * * *"})
     assert status == 400 and "cron" in str(body) and "99" not in body["message"]
     status, body = await call(
