@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from server import metrics
 from server.engine.run import Run
 from server.notify.alert import Alert
 from server.notify.channels import DeliveryError, EmailChannel, Message, SlackChannel
@@ -163,6 +164,7 @@ class Notifier:
             log.exception("notification failed unexpectedly")
 
     async def _log(self, alert: Alert, channel: str, outcome: str, reason: str, attempts: int = 0) -> None:
+        metrics.labelled(metrics.NOTIFICATIONS, channel or "-", outcome).inc()
         await self._store.log(
             alert.org_slug, alert.pipeline_key, alert.event, channel, alert.run_id, outcome, reason, attempts
         )

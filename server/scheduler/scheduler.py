@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from server import metrics
 from server.engine.manager import RunManager, RunRequest
 from server.engine.run import Run
 from server.errors import ConflictError, NotFoundError, ServiceError, ThrottledError
@@ -256,6 +257,7 @@ class Scheduler:
 
         lookback = timedelta(seconds=max(self._settings.tick_seconds, 60.0))
         inserted, considered = await self._jobs.tick(now, lookback, due)
+        metrics.SCHEDULER_ENQUEUED.inc(inserted)
         if inserted:
             self._wake.set()
         return TickResult(considered, inserted, asyncio.get_running_loop().time() - started)
@@ -366,6 +368,16 @@ class Scheduler:
         self._tasks.discard(task)
         self._wake.set()  # a slot is free
 
+    async def _finish(self, job: Job, state: str, *, reason: str = "", error: str = "") -> str | None:
+        metrics.labelled(metrics.SCHEDULER_JOBS, state).inc()
+        return await self._jobs.finish(job, state, reason=reason, error=error)
+
+    async def _requeue(
+        self, job: Job, run_after: datetime, *, reason: str, error: str = "", deferred: bool = False
+    ) -> bool:
+        metrics.labelled(metrics.SCHEDULER_JOBS, "DEFERRED" if deferred else "RETRY").inc()
+        return await self._jobs.requeue(job, run_after, reason=reason, error=error, deferred=deferred)
+
     def _backoff(self, attempt: int) -> timedelta:
         s = self._settings
         return timedelta(seconds=min(s.retry_max_seconds, s.retry_base_seconds * 2 ** max(attempt - 1, 0)))
@@ -396,7 +408,7 @@ class Scheduler:
             raise
         except Exception as exc:  # kept for a retry
             log.exception("job %s failed unexpectedly", job.job_id)
-            await self._jobs.requeue(
+            await self._requeue(
                 job, self._clock() + self._backoff(job.attempts), reason="INTERNAL", error=type(exc).__name__
             )
 
@@ -404,7 +416,7 @@ class Scheduler:
         orgs = await self._contexts(self._clock())
         org = orgs.get(job.org_slug) or (await self._contexts(self._clock(), refresh=True)).get(job.org_slug)
         if org is None:
-            await self._jobs.finish(job, "FAILED", reason="ORG_INACTIVE", error="the org is not active")
+            await self._finish(job, "FAILED", reason="ORG_INACTIVE", error="the org is not active")
             return
         provider, domain, pipeline = job.pipeline_key.split("/")
         parameters = dict(job.parameters)
@@ -422,17 +434,15 @@ class Scheduler:
             run = await self._runs.submit(org, request, by)
         except ThrottledError as exc:
             retry = timedelta(seconds=min(max(exc.retry_after, 1.0), self._settings.retry_max_seconds))
-            await self._jobs.requeue(job, self._clock() + retry, reason=exc.reason, deferred=True)
+            await self._requeue(job, self._clock() + retry, reason=exc.reason, deferred=True)
             if exc.reason in QUOTA_REASONS:
                 self._alert("QUOTA_EXCEEDED", job, None, exc.reason, exc.message)
             return
         except ConflictError as exc:  # a run of the same pipeline and parameters is active
-            await self._jobs.requeue(
-                job, self._clock() + timedelta(seconds=30), reason=exc.reason, deferred=True
-            )
+            await self._requeue(job, self._clock() + timedelta(seconds=30), reason=exc.reason, deferred=True)
             return
         except ServiceError as exc:  # the config or the parameters are wrong: retrying will not help
-            await self._jobs.finish(job, "FAILED", reason="CONFIG_INVALID", error=exc.message)
+            await self._finish(job, "FAILED", reason="CONFIG_INVALID", error=exc.message)
             self._alert("RUN_FAILED", job, None, "CONFIG_INVALID", exc.message)
             return
         await self._jobs.started(job, run.run_id)
@@ -442,25 +452,25 @@ class Scheduler:
 
     async def _settle(self, job: Job, run: Run) -> None:
         if run.state == "COMPLETED":
-            previous = await self._jobs.finish(job, "SUCCEEDED")
+            previous = await self._finish(job, "SUCCEEDED")
             if previous == "FAILED":
                 self._alert("RUN_RECOVERED", job, run, "", "")
             return
         if run.state == "CANCELLED":
             if run.reason == "SHUTDOWN":  # this replica stopped: another one takes it
-                await self._jobs.requeue(job, self._clock(), reason="SHUTDOWN", deferred=True)
+                await self._requeue(job, self._clock(), reason="SHUTDOWN", deferred=True)
             else:
-                await self._jobs.finish(job, "CANCELLED", reason=run.reason)
+                await self._finish(job, "CANCELLED", reason=run.reason)
             return
         step_reasons = {s.error_reason for s in run.steps.values() if s.state in ("FAILED", "TIMEOUT")}
         transient = run.reason in TRANSIENT_RUN_REASONS or bool(step_reasons & TRANSIENT_STEP_REASONS)
         reason = next(iter(sorted(step_reasons - {""})), "") or run.reason
         if transient and job.attempts < job.max_attempts:
-            await self._jobs.requeue(
+            await self._requeue(
                 job, self._clock() + self._backoff(job.attempts), reason=reason, error=run.error
             )
             return
-        if await self._jobs.finish(job, "FAILED", reason=reason, error=run.error) is not None:
+        if await self._finish(job, "FAILED", reason=reason, error=run.error) is not None:
             event = "RUN_TIMED_OUT" if run.state == "TIMEOUT" else "RUN_FAILED"
             self._alert(event, job, run, reason, run.error)
 
