@@ -445,7 +445,8 @@ class Scheduler:
             await self._finish(job, "FAILED", reason="CONFIG_INVALID", error=exc.message)
             self._alert("RUN_FAILED", job, None, "CONFIG_INVALID", exc.message)
             return
-        await self._jobs.started(job, run.run_id)
+        if not await self._jobs.started(job, run.run_id):  # cancelled while it was being started
+            run = await self._runs.cancel(org.org_slug, run.run_id)
         while not run.terminal:
             run = await self._runs.wait(run, 60.0)
         await self._settle(job, run)

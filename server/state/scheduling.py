@@ -293,14 +293,24 @@ class SchedulerStore:
             )
             return sorted((Job.from_row(r) for r in rows), key=lambda j: (j.run_after, j.job_id))
 
-    async def started(self, job: Job, run_id: str) -> None:
-        """Record the run of the job's current attempt."""
-        await self._pool.execute(
-            "UPDATE scheduled_jobs SET run_id = $3 WHERE job_id = $1 AND owner = $2 AND state = 'RUNNING'",
-            job.job_id,
-            job.owner,
-            run_id,
-        )
+    async def started(self, job: Job, run_id: str) -> bool:
+        """Record the run of the job's current attempt; False if the job should not go on (its backfill
+        was cancelled meanwhile, or the job is no longer this owner's): the caller cancels the run.
+
+        The backfill's row is read `FOR SHARE`: a concurrent cancel (which updates that row, then reads
+        its running jobs' runs) either comes first and is seen here, or waits and then sees this run."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            cancelled = job.backfill_id is not None and await conn.fetchval(
+                "SELECT cancelled FROM backfills WHERE backfill_id = $1 FOR SHARE", job.backfill_id
+            )
+            result: str = await conn.execute(
+                "UPDATE scheduled_jobs SET run_id = $3 WHERE job_id = $1 AND owner = $2 "
+                "AND state = 'RUNNING'",
+                job.job_id,
+                job.owner,
+                run_id,
+            )
+            return result.endswith(" 1") and not cancelled
 
     async def finish(self, job: Job, state: str, *, reason: str = "", error: str = "") -> str | None:
         """End the job (SUCCEEDED, FAILED, CANCELLED) if it is still this owner's; returns the state of the
