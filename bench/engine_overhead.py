@@ -20,8 +20,9 @@ from grpc import aio
 
 from bench.stack import drain
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from processors.base import RunIdentity, StepContext
 from server import app
-from server.engine.processor import ProcessorRegistry, RunIdentity, StepContext
+from server.engine.processor import ProcessorRegistry
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.pipelines.spec import StepSpec
 
@@ -77,6 +78,8 @@ def _context(service: app.Service, org_slug: str, step_id: str) -> StepContext:
         warehouse=service.warehouse,
         meta_dataset=service.settings.meta_dataset,
         log=logging.LoggerAdapter(logging.getLogger("processors.generic.noop"), {}),
+        http=service.http.bind(org_slug, identity.run_id, step_id),
+        secrets=service.vault.for_org(org_slug),
     )
 
 

@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from server import app
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
@@ -27,7 +28,9 @@ from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog
+from server.providers import ProviderRegistry
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
+from server.settings import load_settings
 from server.state.scheduling import Caps
 from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -53,9 +56,12 @@ async def main(n_orgs: int, execute_seconds: float) -> None:
         return contexts
 
     catalog = PipelineCatalog.load(CONFIGS)
-    warehouse = BigQueryWarehouse(
-        project="bench-project", location="US", endpoint="http://127.0.0.1:9"
-    )  # unused
+    settings = load_settings(state_dir=folder, local_kek_file=folder / "kek.json")
+    # Built as the service builds them; generic.noop uses none of them.
+    warehouse = BigQueryWarehouse(project="bench-project", location="US", endpoint="http://127.0.0.1:9")
+    providers = ProviderRegistry.load(settings.providers_file)
+    http = app.build_http(settings, providers)
+    vault = app.build_vault(settings, warehouse, providers)
     replicas = []
     try:
         for _ in range(2):
@@ -66,6 +72,8 @@ async def main(n_orgs: int, execute_seconds: float) -> None:
                 store=store,
                 warehouse=warehouse,
                 meta_dataset="organizations",
+                http=http,
+                vault=vault,
             )
             await runs.start()
             settings = SchedulerSettings(
@@ -154,6 +162,8 @@ async def main(n_orgs: int, execute_seconds: float) -> None:
             await runs.close()
             await s.close()
             await store.close()
+        await http.close()
+        await vault.store.close()
         await warehouse.close()
         pg.stop()
         shutil.rmtree(folder, ignore_errors=True)

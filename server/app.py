@@ -31,16 +31,21 @@ from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
 from server.api.scheduler import SchedulerServicer
 from server.auth import Access, Authenticator, Policy
+from server.credentials.store import CredentialStore
+from server.credentials.vault import CredentialVault
 from server.engine.manager import RunManager
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
+from server.http.client import HttpSettings, OutboundHttp
+from server.kms import KeyEncryptionKey
 from server.ledger import Ledger
 from server.notify import config as notify_config
 from server.notify.notifier import Notifier
-from server.notify.webhooks import InlineWebhooks, Webhooks
+from server.notify.webhooks import SlackWebhooks
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
+from server.providers import ProviderRegistry
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.settings import Settings, env_file
 from server.state.scheduling import Caps
@@ -134,6 +139,49 @@ def load_notifications(settings: Settings) -> notify_config.NotificationConfig:
     return notify_config.load(settings.notifications_config, env)
 
 
+def build_kek(settings: Settings) -> KeyEncryptionKey:
+    """Cloud KMS when a key name is set (always in stage/prod), else the local key file."""
+    if settings.kms_key_name:
+        from server.kms.cloud import CloudKms  # google.cloud.kms is imported only when KMS is used
+
+        return CloudKms(
+            settings.kms_key_name,
+            endpoint=settings.kms_endpoint,
+            insecure=settings.kms_insecure,
+            timeout=settings.kms_timeout_seconds,
+        )
+    from server.kms.local import LocalKeyFile
+
+    return LocalKeyFile(settings.local_kek_file)
+
+
+def build_http(settings: Settings, registry: ProviderRegistry) -> OutboundHttp:
+    """The process's outbound HTTP client."""
+    return OutboundHttp(
+        registry,
+        HttpSettings(
+            connect_timeout=settings.http_connect_timeout_seconds,
+            read_timeout=settings.http_read_timeout_seconds,
+            total_timeout=settings.http_total_timeout_seconds,
+            max_attempts=settings.http_max_attempts,
+            backoff_initial=settings.http_backoff_initial_seconds,
+            backoff_max=settings.http_backoff_max_seconds,
+            retry_budget=settings.http_retry_budget_seconds,
+            max_response_bytes=settings.http_max_response_bytes,
+            max_connections=settings.http_max_connections,
+            max_connections_per_host=max(1, settings.http_max_connections // 5),
+        ),
+    )
+
+
+def build_vault(
+    settings: Settings, warehouse: BigQueryWarehouse, registry: ProviderRegistry
+) -> CredentialVault:
+    """The credential store behind its cache."""
+    store = CredentialStore(warehouse, settings.meta_dataset, registry, build_kek(settings))
+    return CredentialVault(store, settings.credential_cache_ttl_seconds)
+
+
 @dataclass
 class Service:
     """A running gRPC server and what it owns."""
@@ -151,6 +199,9 @@ class Service:
     ledger: Ledger
     scheduler: Scheduler
     notifier: Notifier
+    webhooks: SlackWebhooks
+    http: OutboundHttp
+    vault: CredentialVault
     metrics_port: int = 0
 
     async def stop(self) -> None:
@@ -163,6 +214,8 @@ class Service:
         await self.notifier.close()
         await self.ledger.close()
         await self.state.close()
+        await self.http.close()
+        await self.vault.store.close()
         await self.warehouse.close()
 
 
@@ -171,10 +224,13 @@ async def start(
 ) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
     notifications = load_notifications(settings)  # a missing ${VAR} of an enabled channel stops here
-    registry = ProcessorRegistry()
+    registry = ProcessorRegistry(settings.processor_dirs)
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
+    providers = ProviderRegistry.load(settings.providers_file)
     warehouse = warehouse or build_warehouse(settings)
+    http = build_http(settings, providers)
+    vault = build_vault(settings, warehouse, providers)
     orgs = OrgRepository.for_settings(warehouse, settings)
     procedures = ProcedureManager(
         warehouse, settings.meta_dataset, settings.procedures_dir, org_datasets=orgs.active_datasets
@@ -196,9 +252,11 @@ async def start(
         store=state,
         warehouse=warehouse,
         meta_dataset=settings.meta_dataset,
+        http=http,
+        vault=vault,
     )
-    webhooks: Webhooks = InlineWebhooks()
-    notifier = Notifier(notifications, state.notifications, webhook=webhooks.get)
+    webhooks = SlackWebhooks(vault, http)
+    notifier = Notifier(notifications, state.notifications, slack=webhooks)
     runs.on_end = notifier.run_ended
     scheduler = Scheduler(
         catalog=catalog,
@@ -206,6 +264,7 @@ async def start(
         store=state,
         orgs=orgs.active_contexts,
         settings=scheduler_settings(settings),
+        credentials=vault.store.holders,
         notify=notifier.publish,
     )
     ledger = Ledger(
@@ -237,14 +296,7 @@ async def start(
     guard.register(
         server,
         notification_service_pb2_grpc.add_NotificationServiceServicer_to_server,
-        NotificationServicer(
-            state.notifications,
-            webhooks,
-            catalog,
-            notifications,
-            allow_http_webhooks=settings.notifications_allow_http_webhooks,
-            webhook_hosts=tuple(settings.notifications_webhook_hosts),
-        ),
+        NotificationServicer(state.notifications, webhooks, catalog, notifications),
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -277,5 +329,8 @@ async def start(
         ledger,
         scheduler,
         notifier,
+        webhooks,
+        http,
+        vault,
         metrics_port,
     )

@@ -7,10 +7,19 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service org keys create SLUG        issue another key
     pipeline-service org keys revoke KEY_ID      revoke a key
     pipeline-service saas import ORG FILE        load SaaS plans from CSV or JSON lines (all or nothing)
-    pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given)
+    pipeline-service configs validate [FILE...]  validate pipeline configs (all when no file is given) and
+                                                 the provider registry
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
     pipeline-service db status                   the state store's schema migrations, applied or not
     pipeline-service db upgrade                  apply the missing migrations (the server does at start)
+    pipeline-service credentials set ORG PROVIDER --from-file FILE|- [--name NAME]
+                                                 store (or replace) an org's provider credential (JSON)
+    pipeline-service credentials list ORG        the org's credentials, masked
+    pipeline-service credentials delete ORG ID   delete one
+    pipeline-service credentials test ORG PROVIDER [--name NAME]
+                                                 one cheap authenticated call to the provider
+    pipeline-service credentials rewrap [--new-local-key]
+                                                 re-wrap every data key with the KEK's primary version
 
 Locally, commands that need the warehouse or the state store start the embedded emulator or PostgreSQL
 for their duration when it is not already running.
@@ -28,12 +37,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from server import devstack, logs, meta, saas
-from server.app import build_warehouse, connect_state
+from server.app import build_http, build_kek, build_warehouse, connect_state
+from server.credentials.probe import probe
+from server.credentials.store import CredentialStore
 from server.engine.processor import ProcessorRegistry
-from server.errors import NotFoundError, ServiceError
+from server.errors import FailedPreconditionError, InvalidInputError, NotFoundError, ServiceError
+from server.kms.local import LocalKeyFile
 from server.localstack import emulator, postgres
 from server.orgs import DEFAULT_SCOPES, OrgRepository
 from server.pipelines.catalog import PipelineCatalog, load_config
+from server.providers import ProviderRegistry
 from server.settings import Settings, load_settings
 from server.state import migrate
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -116,8 +129,9 @@ async def configs_validate(settings: Settings, args: argparse.Namespace) -> None
         catalog = PipelineCatalog([load_config(p, p.parents[2]) for p in paths])
     else:
         catalog = PipelineCatalog.load(settings.configs_dir.resolve())
-    catalog.check_processors(ProcessorRegistry())
-    _print({"valid": [c.key for c in catalog.all()]})
+    catalog.check_processors(ProcessorRegistry(settings.processor_dirs))
+    providers = ProviderRegistry.load(settings.providers_file)
+    _print({"valid": [c.key for c in catalog.all()], "providers": [p.id for p in providers]})
 
 
 async def query(settings: Settings, args: argparse.Namespace) -> None:
@@ -144,6 +158,86 @@ async def db(settings: Settings, args: argparse.Namespace) -> None:
             ],
         }
     )
+
+
+@asynccontextmanager
+async def credential_store(settings: Settings) -> AsyncIterator[CredentialStore]:
+    """The credential store over the warehouse and the configured KEK (Cloud KMS or the local key file)."""
+    registry = ProviderRegistry.load(settings.providers_file)
+    async with warehouse_for(settings) as wh:
+        store = CredentialStore(wh, settings.meta_dataset, registry, build_kek(settings))
+        try:
+            yield store
+        finally:
+            await store.close()
+
+
+def _read_document(source: str) -> object:
+    """The credential JSON from a file or `-` (standard input); errors name the position, never content."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read {source}: {exc.strerror}", reason="INVALID_CREDENTIAL"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(
+            f"the credential is not valid JSON (line {exc.lineno}, column {exc.colno})",
+            reason="INVALID_CREDENTIAL",
+        ) from None
+
+
+async def _require_org(wh: BigQueryWarehouse, settings: Settings, org: str) -> None:
+    if not await OrgRepository.for_settings(wh, settings).exists(org):
+        raise NotFoundError(f"org {org[:64]!r} not found", reason="ORG_NOT_FOUND")
+
+
+async def credentials_set(settings: Settings, args: argparse.Namespace) -> None:
+    document = _read_document(args.from_file)
+    async with credential_store(settings) as store:
+        store.registry.validate_credential(args.provider, document)  # before any warehouse round trip
+        await _require_org(store.warehouse, settings, args.org)
+        stored = await store.set(args.org, args.provider, document, args.name)
+    _print({"stored": stored.public()})
+
+
+async def credentials_list(settings: Settings, args: argparse.Namespace) -> None:
+    async with credential_store(settings) as store:
+        _print({"org_slug": args.org, "credentials": [c.public() for c in await store.list(args.org)]})
+
+
+async def credentials_delete(settings: Settings, args: argparse.Namespace) -> None:
+    async with credential_store(settings) as store:
+        await store.delete(args.org, args.credential_id)
+    _print({"deleted": args.credential_id})
+
+
+async def credentials_test(settings: Settings, args: argparse.Namespace) -> None:
+    async with credential_store(settings) as store:
+        http = build_http(settings, store.registry)
+        try:
+            outcome = await probe(store, http, args.org, args.provider, args.name)
+        finally:
+            await http.close()
+    _print(outcome)
+    if not outcome["ok"]:
+        raise SystemExit(1)
+
+
+async def credentials_rewrap(settings: Settings, args: argparse.Namespace) -> None:
+    async with credential_store(settings) as store:
+        rotated = None
+        if args.new_local_key:
+            if not isinstance(store.kek, LocalKeyFile):
+                raise FailedPreconditionError(
+                    "--new-local-key is for the local key file; rotate Cloud KMS keys in Cloud KMS",
+                    reason="NOT_LOCAL_KEK",
+                )
+            rotated = await store.kek.rotate()
+        counts = await store.rewrap()
+    _print({"new_key_version": rotated, **counts})
 
 
 async def serve(settings: Settings, args: argparse.Namespace) -> None:
@@ -197,6 +291,31 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("org")
     imp.add_argument("file")
     imp.set_defaults(run=saas_import)
+
+    creds = commands.add_parser("credentials", help="provider credentials of orgs").add_subparsers(
+        dest="credentials_command", required=True
+    )
+    cs = creds.add_parser("set", help="store or replace a credential (validated against the registry)")
+    cs.add_argument("org")
+    cs.add_argument("provider")
+    cs.add_argument("--from-file", required=True, help="JSON file, or - for standard input")
+    cs.add_argument("--name", default="default", help="a second credential of the same provider")
+    cs.set_defaults(run=credentials_set)
+    cl = creds.add_parser("list", help="the org's credentials, masked")
+    cl.add_argument("org")
+    cl.set_defaults(run=credentials_list)
+    cd = creds.add_parser("delete", help="delete a credential")
+    cd.add_argument("org")
+    cd.add_argument("credential_id")
+    cd.set_defaults(run=credentials_delete)
+    ct = creds.add_parser("test", help="one cheap authenticated call to the provider")
+    ct.add_argument("org")
+    ct.add_argument("provider")
+    ct.add_argument("--name", default="default")
+    ct.set_defaults(run=credentials_test)
+    cr = creds.add_parser("rewrap", help="re-wrap data keys with the KEK's primary version")
+    cr.add_argument("--new-local-key", action="store_true", help="local only: add a key version first")
+    cr.set_defaults(run=credentials_rewrap)
 
     q = commands.add_parser("query", help="run one SQL query against the warehouse")
     q.add_argument("sql")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
@@ -69,7 +70,8 @@ async def demo_org(orgs: OrgRepository, state: Path) -> dict[str, str]:
 
 
 async def demo_notifications(service: app.Service, org_slug: str, webhook: str) -> None:
-    """The demo org hears about failures through the local sinks (its settings are kept if it has any)."""
+    """The demo org hears about failures through the local sinks (its settings are kept if it has any);
+    its webhook is stored as its `slack` credential, like any org's."""
     store = service.state.notifications
     if await store.settings(org_slug) is None:
         await store.put_settings(
@@ -79,7 +81,7 @@ async def demo_notifications(service: app.Service, org_slug: str, webhook: str) 
                 list(EVENTS),
                 0,
                 {},
-                slack_webhook=webhook,
+                slack_webhook=await service.webhooks.put(org_slug, webhook),
                 updated_by="make run",
             )
         )
@@ -97,6 +99,11 @@ def banner(settings: Settings, demo: dict[str, str], rest: str, webhook: str = "
         separators=(",", ":"),
     )
     grpc_addr = f"{settings.grpc_host}:{settings.grpc_port}"
+    kek = (
+        f"Cloud KMS {settings.kms_key_name}"
+        if settings.kms_key_name
+        else f"the local key {settings.local_kek_file}"
+    )
     return f"""
 Pipeline Service is running (Ctrl-C stops everything)
   gRPC    {grpc_addr}        REST (Envoy) {rest}        warehouse {settings.bigquery_endpoint}
@@ -131,6 +138,13 @@ Scheduler and notifications (README "Scheduler", "Notifications"):
   curl -s {rest}/api/v1/notifications/{demo["org_slug"]}/log -H "X-API-Key: $KEY"
   SMTP sink 127.0.0.1:{settings.smtp_sink_port}, Slack receiver {webhook or "(off)"}
   received messages: {settings.state_dir / "notifications"}
+Provider credentials (encrypted with {kek}):
+  echo '{{"admin_api_key": "sk-admin-..."}}' | \
+       .venv/bin/pipeline-service credentials set {demo["org_slug"]} openai --from-file -
+  .venv/bin/pipeline-service credentials set {demo["org_slug"]} anthropic --from-file anthropic.json
+  .venv/bin/pipeline-service credentials list {demo["org_slug"]}
+  .venv/bin/pipeline-service credentials test {demo["org_slug"]} openai
+  (providers: configs/system/providers.yml; PROVIDER_BASE_URL_OPENAI=http://127.0.0.1:PORT for a local fake)
 """
 
 
@@ -148,6 +162,8 @@ async def run_local_stack(settings: Settings) -> None:
                     settings.state_dir / "notifications", settings.smtp_sink_port, settings.webhook_sink_port
                 )
             )
+        if webhook:  # the `slack` provider posts to the local receiver (read when the registry loads)
+            os.environ.setdefault("PROVIDER_BASE_URL_SLACK", webhook.split("/services/")[0])
         service = await app.start(settings)
         envoy: Envoy | None = None
         try:

@@ -35,6 +35,26 @@ SCHEDULER_JOBS = Counter(
 NOTIFICATIONS = Counter(
     "notifications_total", "Notification outcomes (SENT, FAILED, SUPPRESSED)", ["channel", "outcome"]
 )
+HTTP_REQUESTS = Counter(
+    "provider_http_requests_total",
+    "Outbound HTTP attempts by outcome (2xx, 4xx, 429, 5xx, error)",
+    ["provider", "outcome"],
+)
+HTTP_RETRIES = Counter(
+    "provider_http_retries_total", "Outbound HTTP retries by reason", ["provider", "reason"]
+)
+HTTP_THROTTLED = Counter("provider_http_throttled_total", "HTTP 429 answers from providers", ["provider"])
+HTTP_SECONDS = Histogram(
+    "provider_http_request_duration_seconds",
+    "Outbound HTTP attempt latency (to the end of the body)",
+    ["provider"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60),
+)
+CREDENTIAL_DECRYPTS = Counter(
+    "credential_decrypts_total",
+    "Credential decryptions by outcome (ok, cached, failed)",
+    ["provider", "outcome"],
+)
 
 
 @functools.cache

@@ -114,15 +114,44 @@ class Settings(BaseSettings):
     )
     smtp_sink_port: int = Field(2525, description="Local SMTP sink port.")
     webhook_sink_port: int = Field(8025, description="Local Slack webhook receiver port.")
-    notifications_allow_http_webhooks: bool = Field(
-        False, description="Accept http:// Slack webhook URLs to any host (local receivers)."
+
+    http_connect_timeout_seconds: float = Field(10.0, description="Outbound HTTP connect timeout.")
+    http_read_timeout_seconds: float = Field(60.0, description="Outbound HTTP: longest wait for body bytes.")
+    http_total_timeout_seconds: float = Field(300.0, description="Outbound HTTP: one attempt, whole body.")
+    http_max_attempts: int = Field(5, ge=1, description="Outbound HTTP attempts per call (429/5xx/errors).")
+    http_backoff_initial_seconds: float = Field(
+        1.0, description="First retry's backoff ceiling (full jitter)."
     )
-    notifications_webhook_hosts: list[str] = Field(
-        ["hooks.slack.com"],
-        description="Hosts a https:// Slack webhook URL may name (no other host is posted to).",
+    http_backoff_max_seconds: float = Field(
+        30.0, description="Longest wait before one retry; a longer Retry-After ends the call (transient)."
+    )
+    http_retry_budget_seconds: float = Field(120.0, description="Total waiting between retries of one call.")
+    http_max_response_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest body read whole (not streamed)."
+    )
+    http_max_connections: int = Field(100, description="Outbound connection pool size (per host: a fifth).")
+    providers_file: Path = Field(
+        PROJECT_ROOT / "configs" / "system" / "providers.yml", description="The provider registry."
+    )
+    credential_cache_ttl_seconds: float = Field(
+        60.0, ge=0, description="How long a decrypted credential stays in memory (per credential version)."
+    )
+    kms_key_name: str = Field(
+        "",
+        description="Cloud KMS CryptoKey wrapping data keys: projects/P/locations/L/keyRings/R/cryptoKeys/K.",
+    )
+    kms_endpoint: str = Field("", description="Cloud KMS endpoint override (host:port); empty for Google's.")
+    kms_insecure: bool = Field(False, description="Plaintext gRPC to kms_endpoint (tests' fake KMS only).")
+    kms_timeout_seconds: float = Field(10.0, description="Deadline of one KMS call (retries included).")
+    local_kek_file: Path = Field(
+        PROJECT_ROOT / ".state" / "credentials-kek.json",
+        description="Local key-encryption key (created on first use, mode 0600); local environment only.",
     )
 
     configs_dir: Path = Field(PROJECT_ROOT / "configs", description="Pipeline configs and schemas.")
+    processor_dirs: list[Path] = Field(
+        [], description="Extra folders of {provider}/{domain}.py processors (tests' test-only processors)."
+    )
     schemas_dir: Path = Field(PROJECT_ROOT / "configs" / "schemas", description="Table schema files.")
     procedures_dir: Path = Field(PROJECT_ROOT / "procedures", description="Stored procedure sources.")
     state_dir: Path = Field(PROJECT_ROOT / ".state", description="Local runtime state (git-ignored).")
@@ -137,6 +166,8 @@ class Settings(BaseSettings):
             )
         if self.pipeline_env is Environment.PROD and len(self.ca_root_api_key.get_secret_value()) < 32:
             raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")
+        if self.pipeline_env is not Environment.LOCAL and (not self.kms_key_name or self.kms_insecure):
+            raise ValueError("KMS_KEY_NAME must be set (and KMS_INSECURE off) outside the local environment")
         return self
 
 

@@ -3,6 +3,7 @@ servers on free 127.0.0.1 ports, stopped at the end of the session."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -27,9 +28,13 @@ from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import IssuedKey
 from server.settings import Settings
+from tests.fakes.kms import FakeKms
+from tests.fakes.provider import FakeProvider
 
 ROOT_KEY = "test-root-key-" + uuid.uuid4().hex
 DATA = Path(__file__).parent / "data"
+TEST_PROCESSORS = Path(__file__).parent / "processors"  # test-only ps_types (testprovider.*)
+KMS_KEY = "projects/test-project/locations/us/keyRings/pipeline-service/cryptoKeys/credentials"
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +67,34 @@ def postgres() -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="session")
-def settings(emulator: Emulator, postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+async def fake_kms() -> AsyncIterator[FakeKms]:
+    """Cloud KMS for the session's server: the stage/prod code path (official async client, CRC32C)."""
+    fake = FakeKms([KMS_KEY])
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture(scope="session")
+async def fake_provider() -> AsyncIterator[FakeProvider]:
+    """The provider `generic` of the registry points here (PROVIDER_BASE_URL_GENERIC, read at start)."""
+    fake = FakeProvider()
+    await fake.start()
+    os.environ["PROVIDER_BASE_URL_GENERIC"] = fake.url
+    yield fake
+    os.environ.pop("PROVIDER_BASE_URL_GENERIC", None)
+    await fake.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(
+    emulator: Emulator,
+    postgres: Postgres,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_kms: FakeKms,
+    fake_provider: FakeProvider,
+) -> Settings:
+    state = tmp_path_factory.mktemp("state")
     return Settings(
         pipeline_env="local",
         gcp_project_id="test-project",
@@ -79,9 +111,17 @@ def settings(emulator: Emulator, postgres: Postgres, tmp_path_factory: pytest.Te
         replica_lease_seconds=2.0,
         scheduler_tick_seconds=0,  # scheduler tests tick themselves, with their own clock and orgs
         notifications_config=DATA / "notifications" / "config.json",  # tests build their own notifiers
-        notifications_allow_http_webhooks=True,
         configs_dir=DATA / "configs",
-        state_dir=tmp_path_factory.mktemp("state"),
+        processor_dirs=[TEST_PROCESSORS],
+        state_dir=state,
+        local_kek_file=state / "credentials-kek.json",
+        kms_key_name=KMS_KEY,
+        kms_endpoint=f"127.0.0.1:{fake_kms.port}",
+        kms_insecure=True,
+        kms_timeout_seconds=1.0,
+        http_backoff_initial_seconds=0.05,
+        http_backoff_max_seconds=5.0,
+        http_read_timeout_seconds=5.0,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.processor import StepContext, Templated, parse_config
+from processors.base import StepContext, Templated, parse_config
 
 
 class Config(BaseModel):

@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.processor import StepContext, Templated, parse_config
+from processors.base import StepContext, Templated, parse_config
 from server.errors import FieldViolation, InvalidInputError
 from server.warehouse.rows import json_value
 

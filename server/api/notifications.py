@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from grpc import aio
 
@@ -14,7 +13,7 @@ from server.api.guard import principal_name
 from server.api.paging import decode_token, encode_token, invalid_token, page_size
 from server.errors import FieldViolation, InvalidInputError
 from server.notify.config import EVENTS, NotificationConfig
-from server.notify.webhooks import Webhooks
+from server.notify.webhooks import SlackWebhooks
 from server.pipelines.catalog import PipelineCatalog
 from server.state.notifications import NotificationStore, OrgNotificationSettings
 
@@ -70,30 +69,14 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
     def __init__(
         self,
         store: NotificationStore,
-        webhooks: Webhooks,
+        webhooks: SlackWebhooks,
         catalog: PipelineCatalog,
         defaults: NotificationConfig,
-        *,
-        allow_http_webhooks: bool = False,
-        webhook_hosts: tuple[str, ...] = ("hooks.slack.com",),
     ) -> None:
         self._store = store
         self._webhooks = webhooks
         self._catalog = catalog
         self._defaults = defaults
-        self._any_host = allow_http_webhooks
-        self._hosts = frozenset(webhook_hosts)
-
-    def _webhook_allowed(self, url: str) -> bool:
-        try:
-            parts = urlsplit(url)
-        except ValueError:
-            return False
-        if any(c.isspace() for c in url) or parts.username or parts.password or not parts.hostname:
-            return False
-        if self._any_host:
-            return parts.scheme in ("http", "https")
-        return parts.scheme == "https" and parts.hostname in self._hosts
 
     async def GetNotificationSettings(
         self, request: pb.GetNotificationSettingsRequest, context: aio.ServicerContext[Any, Any]
@@ -110,9 +93,9 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
         if not 0 <= request.cooldown_seconds <= MAX_COOLDOWN:
             bad.append(FieldViolation("cooldown_seconds", f"0 to {MAX_COOLDOWN}"))
         url = request.slack_webhook_url
-        if url and not self._webhook_allowed(url):
+        if url and not self._webhooks.allowed(url):
             bad.append(
-                FieldViolation("slack_webhook_url", "an https:// incoming-webhook URL of an allowed host")
+                FieldViolation("slack_webhook_url", "an incoming-webhook URL on the Slack provider's host")
             )
         known = {c.key for c in self._catalog.all()}
         pipelines: dict[str, dict[str, Any]] = {}
@@ -133,9 +116,12 @@ class NotificationServicer(notification_service_pb2_grpc.NotificationServiceServ
                 "invalid notification settings", bad, reason="INVALID_NOTIFICATION_SETTINGS"
             )
         current = await self._store.settings(request.org_slug)
-        reference = "" if request.clear_slack_webhook else current.slack_webhook if current else ""
+        reference = current.slack_webhook if current else ""
         if url:
             reference = await self._webhooks.put(request.org_slug, url)
+        elif request.clear_slack_webhook and reference:
+            await self._webhooks.delete(request.org_slug, reference)
+            reference = ""
         saved = await self._store.put_settings(
             OrgNotificationSettings(
                 request.org_slug,

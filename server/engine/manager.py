@@ -22,19 +22,21 @@ from typing import Any
 
 import orjson
 
+from processors.base import RunIdentity, StepContext
 from server import metrics
+from server.credentials.vault import CredentialVault
 from server.engine import templates
-from server.engine.processor import RunIdentity, StepContext
 from server.engine.run import ACTIVE, TERMINAL, Event, Run, StepView
 from server.engine.runner import TERMINAL as STEP_TERMINAL
 from server.engine.runner import PreparedStep, StepEvent, StepRunner
 from server.errors import ConflictError, FieldViolation, InvalidInputError, NotFoundError, ThrottledError
+from server.http.client import OutboundHttp
 from server.ids import new_id
 from server.logs import log_fields
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.pipelines.spec import StepSpec
-from server.state.store import INTERRUPTED_ERROR, Limits, StateStore
+from server.state.store import INTERRUPTED_ERROR, Admission, Limits, StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,8 @@ class RunManager:
         store: StateStore,
         warehouse: BigQueryWarehouse,
         meta_dataset: str,
+        http: OutboundHttp,
+        vault: CredentialVault,
         flush_seconds: float = 0.2,
         poll_seconds: float = 0.5,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -125,12 +129,16 @@ class RunManager:
         self._store = store
         self._wh = warehouse
         self._meta = meta_dataset
+        self._http = http
+        self._vault = vault
         self._flush_seconds = flush_seconds
         self._poll_seconds = poll_seconds
         self._clock = clock
         self._active: dict[str, _Live] = {}
         self._background: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+        self._queued: list[tuple[Run, list[dict[str, Any]], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
         """Take this replica's lease, close the runs of dead replicas, start the background loop."""
@@ -212,7 +220,7 @@ class RunManager:
         run's lock. False if not written: kept for the next flush, or no longer ours (fenced)."""
         events, live.pending = live.pending, []
         try:
-            ok = await self._store.write(run, events)
+            ok = await self._queue_write(run, events)
         except Exception as exc:  # kept for the next flush
             live.pending[:0] = events
             log.warning("run write failed, will retry: %s", type(exc).__name__)
@@ -223,6 +231,29 @@ class RunManager:
             return False
         live.written = run.state
         return True
+
+    def _queue_write(self, run: Run, events: list[dict[str, Any]]) -> asyncio.Future[bool]:
+        """Queue a run's write; the writes queued while one batch is in flight go out together as the
+        next one (group commit: one statement and one commit for the transitions of many runs)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((run, events, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
+        return done
+
+    async def _write_batches(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                written = await self._store.write_many([(run, events) for run, events, _ in batch])
+            except Exception as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for run, _, done in batch:
+                if not done.done():
+                    done.set_result(run.run_id in written)
 
     # -- accept ------------------------------------------------------------------------------------
 
@@ -247,7 +278,11 @@ class RunManager:
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
         limits = Limits(org.requests_per_minute, org.concurrent_limit, org.daily_limit, org.monthly_limit)
-        admission = await self._store.admit(run, limits)
+        # Shielded: a caller that goes away (deadline, disconnect) while the admission commits must not
+        # leave an admitted run that nobody executes (it would hold a slot while this replica lives).
+        admitting = asyncio.ensure_future(self._admit(org, run, config, limits))
+        admitting.add_done_callback(lambda t: t.cancelled() or t.exception())  # refusals nobody awaits
+        admission = await asyncio.shield(admitting)
         if admission.outcome == "REPLAY":
             return await self.get(org.org_slug, admission.run_id)
         if admission.outcome == "ACTIVE":
@@ -260,14 +295,20 @@ class RunManager:
             error = self._refusal(admission.outcome, admission.wait, org, run.create_time)
             metrics.labelled(metrics.QUOTA_REJECTIONS, error.reason).inc()
             raise error
-        live = _Live(run, config)
-        self._active[run.run_id] = live
-        run.notify(Event(run.create_time, "PENDING"))
-        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
-        metrics.RUNS_ACTIVE.inc()
-        run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
-        run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
         return run
+
+    async def _admit(self, org: OrgContext, run: Run, config: PipelineConfig, limits: Limits) -> Admission:
+        """The admission transaction; an accepted run starts at once."""
+        admission = await self._store.admit(run, limits)
+        if admission.outcome == "ACCEPTED":
+            live = _Live(run, config)
+            self._active[run.run_id] = live
+            run.notify(Event(run.create_time, "PENDING"))
+            metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
+            metrics.RUNS_ACTIVE.inc()
+            run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
+            run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
+        return admission
 
     @staticmethod
     def _refusal(outcome: str, wait: float, org: OrgContext, now: datetime) -> ThrottledError:
@@ -480,6 +521,8 @@ class RunManager:
             warehouse=self._wh,
             meta_dataset=self._meta,
             log=logger,
+            http=self._http.bind(run.org_slug, run.run_id, step.step_id),
+            secrets=self._vault.for_org(run.org_slug),
         )
 
     def _on_step(self, live: _Live, event: StepEvent) -> None:

@@ -1,101 +1,25 @@
-"""The processor contract and the registry that finds processors by `ps_type`.
+"""The registry that finds processors by `ps_type` (the contract itself is `processors/base.py`).
 
 A processor is a module `processors/{provider}/{domain}.py` (ps_type `{provider}.{domain}`) exposing
-`get_engine()`. The returned object has `async execute(step_config, context) -> dict` whose `status` is
-`SUCCESS`, `FAILED` or `SKIPPED`, plus outputs that later steps read as `steps.<step_id>.<key>`. It may
-declare `Config`, a pydantic model that validates the step's `config` when the pipeline is loaded.
-Processors reach the outside only through the `StepContext` they are given.
-
-Only modules inside the `processors` package can be loaded: a ps_type is two lowercase identifiers, so
-no dotted path, relative import or file name ever reaches `importlib`.
+`get_engine()`. Only modules inside the `processors` package can be loaded: a ps_type is two lowercase
+identifiers, so no dotted path, relative import or file name ever reaches `importlib`.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import date
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, StringConstraints, ValidationError
+from pydantic import BaseModel
 
+from processors.base import Processor, parse_config
 from server.errors import FieldViolation, InvalidInputError
-
-if TYPE_CHECKING:
-    from server.warehouse.bigquery import BigQueryWarehouse
 
 PS_TYPE = re.compile(r"^([a-z][a-z0-9_]*)\.([a-z][a-z0-9_]*)$")
 PACKAGE = "processors"
-
-StepStatus = Literal["SUCCESS", "FAILED", "SKIPPED"]
-
-
-@dataclass(frozen=True, slots=True)
-class RunIdentity:
-    """Which run a step belongs to."""
-
-    run_id: str
-    org_slug: str
-    dataset: str
-    pipeline_id: str
-    pipeline_key: str
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """Everything a processor may use: identity, resolved parameters, earlier results, adapters."""
-
-    run: RunIdentity
-    step_id: str
-    attempt: int
-    parameters: Mapping[str, Any]
-    steps: Mapping[str, Mapping[str, Any]]
-    warehouse: BigQueryWarehouse
-    meta_dataset: str
-    log: logging.LoggerAdapter[logging.Logger]
-    extras: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def start_date(self) -> date | None:
-        """The run window's first day, when the run has one."""
-        value = self.parameters.get("start_date")
-        return date.fromisoformat(value) if isinstance(value, str) and value else None
-
-    @property
-    def end_date(self) -> date | None:
-        """The run window's last day, when the run has one."""
-        value = self.parameters.get("end_date")
-        return date.fromisoformat(value) if isinstance(value, str) and value else None
-
-
-@runtime_checkable
-class Processor(Protocol):
-    """What `get_engine()` returns."""
-
-    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
-        """Run the step; return `{"status": ..., **outputs}`."""
-        ...
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-# A config value that is still a template at load time (`"{{ start_date }}"`); resolved before the step runs.
-Templated = Annotated[str, StringConstraints(pattern=r"(\{\{|\{%)")]
-
-
-def parse_config(model: type[ModelT], step_config: dict[str, Any]) -> ModelT:
-    """Validate a step's resolved config with the processor's model; InvalidInputError names the fields."""
-    try:
-        return model.model_validate(step_config)
-    except ValidationError as exc:
-        raise InvalidInputError(
-            "invalid step config",
-            [FieldViolation("config." + ".".join(map(str, e["loc"])), e["msg"]) for e in exc.errors()],
-            reason="INVALID_STEP_CONFIG",
-        ) from exc
 
 
 def _module_name(ps_type: str) -> str:
@@ -110,10 +34,19 @@ def _module_name(ps_type: str) -> str:
 
 
 class ProcessorRegistry:
-    """Loads processors by ps_type from the `processors` package, once each."""
+    """Loads processors by ps_type from the `processors` package, once each.
 
-    def __init__(self) -> None:
+    `extra_dirs` (setting `PROCESSOR_DIRS`, tests only) are folders laid out like `processors/`
+    (`{provider}/{domain}.py`) added to the package's search path, as `CONFIGS_DIR` points at test
+    pipelines: their modules are still named `processors.{provider}.{domain}`.
+    """
+
+    def __init__(self, extra_dirs: Sequence[Path] = ()) -> None:
         self._loaded: dict[str, Processor] = {}
+        package = importlib.import_module(PACKAGE)
+        for folder in extra_dirs:
+            if str(folder) not in package.__path__:
+                package.__path__.append(str(folder))
 
     def get(self, ps_type: str) -> Processor:
         """The processor for `ps_type`; InvalidInputError if there is none."""

@@ -63,7 +63,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from server.engine.processor import Processor, ProcessorRegistry, StepContext
+from processors.base import Processor, StepContext
+from server.engine.processor import ProcessorRegistry
 from server.errors import ServiceError, TransientError
 from server.pipelines.spec import PipelineSpec, RetryPolicy, StepSpec
 

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from itertools import count
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp.web import Application, AppRunner, Request, Response, TCPSite
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,18 @@ async def embedded(folder: Path, smtp_port: int, webhook_port: int) -> AsyncIter
     smtp = await asyncio.get_running_loop().create_server(lambda: SMTP(mailbox), "127.0.0.1", smtp_port)
     posts = count(1)
 
-    async def receive(request: web.Request) -> web.Response:
+    async def receive(request: Request) -> Response:
         body = await request.json()
         path = folder / f"slack-{time.strftime('%Y%m%dT%H%M%S')}-{next(posts)}.json"
         await asyncio.to_thread(path.write_text, json.dumps(body, indent=2))
         log.info("Slack sink received a message (%s)", path)
-        return web.Response(text="ok")
+        return Response(text="ok")
 
-    app = web.Application()
+    app = Application()
     app.router.add_post(WEBHOOK_PATH, receive)
-    runner = web.AppRunner(app)
+    runner = AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", webhook_port).start()
+    await TCPSite(runner, "127.0.0.1", webhook_port).start()
     try:
         yield f"http://127.0.0.1:{webhook_port}{WEBHOOK_PATH}"
     finally:

@@ -1,6 +1,6 @@
-"""The two channels: e-mail over SMTP (aiosmtplib; STARTTLS, implicit TLS or none; AUTH when a username is
-set) and Slack incoming webhooks (a JSON POST). Each `send` raises `DeliveryError` with a short reason of
-our own words (never the server's reply or the webhook URL)."""
+"""E-mail over SMTP (aiosmtplib; STARTTLS, implicit TLS or none; AUTH when a username is set), and what
+every channel shares: the message and `DeliveryError`, whose short reason is our own words (never the
+server's reply or the webhook URL). Slack goes through `server.notify.webhooks`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 
-import aiohttp
 import aiosmtplib
 
-from server.notify.config import EmailConfig, SlackConfig
+from server.notify.config import EmailConfig
 
 
 class DeliveryError(Exception):
@@ -77,29 +76,3 @@ class EmailChannel:
             ) from None
         except aiosmtplib.SMTPException:
             raise DeliveryError("SMTP_ERROR", transient=True) from None
-
-
-class SlackChannel:
-    """Posts to an org's incoming webhook."""
-
-    def __init__(self, config: SlackConfig, session: aiohttp.ClientSession) -> None:
-        self._c = config
-        self._session = session
-
-    async def send(self, webhook_url: str, message: Message) -> None:
-        """One message to the webhook."""
-        try:
-            async with self._session.post(
-                webhook_url,
-                json={"text": f"*{message.subject}*\n{message.text}"},
-                timeout=aiohttp.ClientTimeout(total=self._c.timeout_seconds),
-                allow_redirects=False,
-            ) as response:
-                if response.status == 429 or response.status >= 500:
-                    raise DeliveryError(f"SLACK_HTTP_{response.status}", transient=True)
-                if response.status >= 300:
-                    raise DeliveryError(f"SLACK_HTTP_{response.status}", transient=False)
-        except TimeoutError:
-            raise DeliveryError("SLACK_TIMEOUT", transient=True) from None
-        except aiohttp.ClientError:
-            raise DeliveryError("SLACK_UNREACHABLE", transient=True) from None

@@ -44,10 +44,10 @@ class EmailConfig(_Strict):
 
 
 class SlackConfig(_Strict):
-    """Slack incoming webhooks (the org's URL is a credential of the org)."""
+    """Slack incoming webhooks (the org's URL is a credential of the org; timeouts and retries are the
+    outbound HTTP client's)."""
 
     enabled: bool = True
-    timeout_seconds: float = Field(10.0, gt=0, le=120)
 
 
 class NotificationConfig(_Strict):

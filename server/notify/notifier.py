@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-
-import aiohttp
+from typing import Protocol
 
 from server import metrics
 from server.engine.run import Run
 from server.notify.alert import Alert
-from server.notify.channels import DeliveryError, EmailChannel, Message, SlackChannel
+from server.notify.channels import DeliveryError, EmailChannel, Message
 from server.notify.config import NotificationConfig
 from server.state.notifications import NotificationStore, OrgNotificationSettings
 
@@ -29,7 +28,15 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 1_000
 ERROR_CHARS = 500
-WebhookLookup = Callable[[str, str], Awaitable[str]]
+
+
+class SlackPoster(Protocol):
+    """Posts to an org's webhook (`server.notify.webhooks.SlackWebhooks`)."""
+
+    async def post(self, org_slug: str, message: Message) -> None:
+        """Deliver or raise DeliveryError."""
+        ...
+
 
 _TITLES = {
     "RUN_FAILED": "failed",
@@ -90,16 +97,14 @@ class Notifier:
         config: NotificationConfig,
         store: NotificationStore,
         *,
-        webhook: WebhookLookup,
+        slack: SlackPoster | None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
         self._store = store
-        self._webhook = webhook
+        self._slack = slack if config.slack_on else None
         self._sleep = sleep
         self._email = EmailChannel(config.email) if config.email_on and config.email else None
-        self._session: aiohttp.ClientSession | None = None
-        self._slack: SlackChannel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -130,18 +135,10 @@ class Notifier:
             await asyncio.wait(list(self._tasks), timeout=seconds)
 
     async def close(self) -> None:
-        """Finish what is in flight (bounded), then close the HTTP session."""
+        """Finish what is in flight (bounded), then give up on the rest."""
         await self.drain()
         for task in list(self._tasks):
             task.cancel()
-        if self._session is not None:
-            await self._session.close()
-
-    def _slack_channel(self) -> SlackChannel:
-        if self._slack is None:
-            self._session = aiohttp.ClientSession()
-            self._slack = SlackChannel(self._config.slack, self._session)
-        return self._slack
 
     def _wanted(self, alert: Alert, settings: OrgNotificationSettings | None) -> tuple[bool, list[str], int]:
         """Whether the org wants this event for this pipeline, its recipients and its cooldown."""
@@ -183,12 +180,9 @@ class Notifier:
         if self._email is not None and recipients:
             email = self._email
             sends.append(("EMAIL", lambda: email.send(recipients, message)))
-        reference = settings.slack_webhook if settings else ""
-        if self._config.slack_on and reference:
-            url = await self._webhook(alert.org_slug, reference)
-            if url:
-                slack = self._slack_channel()
-                sends.append(("SLACK", lambda: slack.send(url, message)))
+        slack = self._slack
+        if slack is not None and settings is not None and settings.slack_webhook:
+            sends.append(("SLACK", lambda: slack.post(alert.org_slug, message)))
         if not sends:
             await self._log(alert, "", "SUPPRESSED", "NO_CHANNEL")
             return

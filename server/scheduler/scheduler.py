@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -48,7 +49,7 @@ QUOTA_REASONS = frozenset({"DAILY_LIMIT_EXCEEDED", "MONTHLY_LIMIT_EXCEEDED"})
 MISSED_GRACE = timedelta(minutes=2)
 
 OrgSource = Callable[[datetime], Awaitable[list[OrgContext]]]
-CredentialHolders = Callable[[str], Awaitable[set[str]]]
+CredentialHolders = Callable[[str], Awaitable[AbstractSet[str]]]
 
 
 Notify = Callable[[Alert], None]
@@ -90,9 +91,9 @@ class TickResult:
     seconds: float
 
 
-async def no_credentials(provider: str) -> set[str]:
-    """The orgs holding a credential of `provider`: none until the credential store (issue-8) is wired."""
-    return set()
+async def no_credentials(provider: str) -> AbstractSet[str]:
+    """No org holds any credential (a scheduler built without the credential store)."""
+    return frozenset()
 
 
 class Scheduler:
@@ -120,6 +121,7 @@ class Scheduler:
         self._notify = notify
         self._clock = clock
         self._org_cache: tuple[float, dict[str, OrgContext]] = (-1e18, {})
+        self._holders_cache: tuple[float, dict[str, AbstractSet[str]]] = (-1e18, {})
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -177,16 +179,23 @@ class Scheduler:
             config.key, default.cron, default.timezone, default.enabled, {}, "DEFAULT", catch_up, max_attempts
         )
 
-    async def _holders(self) -> dict[str, set[str]]:
-        needed = {
-            c.spec.schedule.requires_credential
-            for c in self._catalog.all()
-            if c.spec.schedule and c.spec.schedule.requires_credential
-        }
-        return {provider: await self._credentials(provider) for provider in needed}
+    async def _holders(self) -> dict[str, AbstractSet[str]]:
+        """Per provider a pipeline's default schedule needs, the orgs holding its credential (cached like
+        the org list: a credential added shows within `org_cache_seconds`)."""
+        loop = asyncio.get_running_loop()
+        at, cached = self._holders_cache
+        if loop.time() - at > self._settings.org_cache_seconds:
+            needed = {
+                c.spec.schedule.requires_credential
+                for c in self._catalog.all()
+                if c.spec.schedule and c.spec.schedule.requires_credential
+            }
+            cached = {provider: await self._credentials(provider) for provider in needed}
+            self._holders_cache = (loop.time(), cached)
+        return cached
 
     @staticmethod
-    def _eligible(org_slug: str, config: PipelineConfig, holders: dict[str, set[str]]) -> bool:
+    def _eligible(org_slug: str, config: PipelineConfig, holders: dict[str, AbstractSet[str]]) -> bool:
         schedule = config.spec.schedule
         return (
             schedule is None

@@ -12,6 +12,7 @@ runs another replica closed as INTERRUPTED) can no longer change them (fencing).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -41,6 +42,23 @@ _EVENT_NAMES = (
     "kind, step_id, ps_type, attempt, from_state, to_state, reason, error, error_reason, started_at, "
     "ended_at, duration_ms, rows_written, at"
 )
+
+
+ADMIT_BATCH = 64  # admissions per statement at most
+
+_ADMIT_BATCH_SQL = """
+SELECT i.n, a.outcome, a.run_id, a.wait
+FROM (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+        n integer, run_id text, org text, request_id text, dedupe_key text, at timestamptz, rate integer,
+        concurrent integer, daily integer, monthly integer, pipeline_key text, pipeline_id text,
+        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text)
+    ORDER BY hashtextextended('admit:' || org, 0), n
+    OFFSET 0) AS i
+CROSS JOIN LATERAL admit_run(i.run_id, i.org, i.request_id, i.dedupe_key, $1, i.at, i.rate, i.concurrent,
+    i.daily, i.monthly, i.pipeline_key, i.pipeline_id, i.trigger, i.triggered_by, i.parameters, i.steps,
+    i.identity) AS a
+"""
 
 
 def _dumps(value: Any) -> str:
@@ -128,6 +146,8 @@ class StateStore:
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
+        self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission]]] = []
+        self._admitter: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -260,60 +280,110 @@ class StateStore:
     # -- admission and run writes ------------------------------------------------------------------
 
     async def admit(self, run: Run, limits: Limits) -> Admission:
-        """Admit `run` (in PENDING, owned by this replica) in one transaction; see `admit_run()`."""
-        row = await self._pool.fetchrow(
-            "SELECT * FROM admit_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, "
-            "$16, $17)",
-            run.run_id,
-            run.org_slug,
-            run.request_id,
-            run.dedupe_key,
-            self.replica_id,
-            run.create_time,
-            limits.requests_per_minute,
-            limits.concurrent,
-            limits.daily,
-            limits.monthly,
-            run.pipeline_key,
-            run.pipeline_id,
-            run.trigger,
-            run.triggered_by,
-            run.parameters,
-            _steps(run),
-            identity(run),
-        )
-        assert row is not None
-        return Admission(row["outcome"], row["run_id"] or "", float(row["wait"] or 0.0))
+        """Admit `run` (in PENDING, owned by this replica); see `admit_run()`. The admissions asked for
+        while a batch is in flight go out together as the next one: one statement and one commit for
+        all (group commit), each admission still checked in order against everything before it."""
+        done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._admissions.append((run, limits, done))
+        if self._admitter is None or self._admitter.done():
+            self._admitter = asyncio.create_task(self._admit_batches(), name="admissions")
+        return await done
+
+    async def _admit_batches(self) -> None:
+        while self._admissions:
+            batch, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
+            try:
+                results = await self._admit_batch([(run, limits) for run, limits, _ in batch])
+            except Exception as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for (*_, done), result in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(result)
+
+    async def _admit_batch(self, batch: Sequence[tuple[Run, Limits]]) -> list[Admission]:
+        # The rows are admitted in the order of their orgs' lock keys, as every batch of every replica
+        # does, so two batches never wait for each other's locks in a cycle; a deadlock is retried anyway
+        # (the whole batch rolled back).
+        items = [
+            {
+                "n": n,
+                "run_id": run.run_id,
+                "org": run.org_slug,
+                "request_id": run.request_id,
+                "dedupe_key": run.dedupe_key,
+                "at": run.create_time,
+                "rate": limits.requests_per_minute,
+                "concurrent": limits.concurrent,
+                "daily": limits.daily,
+                "monthly": limits.monthly,
+                "pipeline_key": run.pipeline_key,
+                "pipeline_id": run.pipeline_id,
+                "trigger": run.trigger,
+                "triggered_by": run.triggered_by,
+                "parameters": run.parameters,
+                "steps": _steps(run),
+                "identity": identity(run),
+            }
+            for n, (run, limits) in enumerate(batch)
+        ]
+        for attempt in range(3):
+            try:
+                rows = await self._pool.fetch(_ADMIT_BATCH_SQL, self.replica_id, items)
+                break
+            except asyncpg.exceptions.DeadlockDetectedError:
+                if attempt == 2:
+                    raise
+        by_n = {r["n"]: Admission(r["outcome"], r["run_id"] or "", float(r["wait"] or 0.0)) for r in rows}
+        return [by_n[n] for n in range(len(batch))]
 
     async def write(self, run: Run, events: Sequence[dict[str, Any]]) -> bool:
-        """Store the run's state and append its events, in one statement; False if the run is no longer
-        this replica's to write (it ended, or was closed as INTERRUPTED after this lease expired)."""
-        row = await self._pool.fetchrow(
+        """Store the run's state and append its events; False if the run is no longer this replica's to
+        write (it ended, or was closed as INTERRUPTED after this lease expired)."""
+        return run.run_id in await self.write_many([(run, events)])
+
+    async def write_many(self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]]) -> set[str]:
+        """Several runs' `write`s in one statement (one round trip and one commit for all: concurrent
+        runs' transitions are written together); the ids of the runs written. A run appears once."""
+        rows = await self._pool.fetch(
             f"""
-            WITH u AS (
-                UPDATE runs SET state = $3, reason = $4, error = $5, start_time = $6, end_time = $7,
-                    steps = $8
-                WHERE run_id = $1 AND owner = $2 AND state IN {ACTIVE_SQL}
-                RETURNING run_id, org_slug),
-            i AS (
+            WITH input AS (
+                SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+                    run_id text, state text, reason text, error text, start_time timestamptz,
+                    end_time timestamptz, steps jsonb, events jsonb, n integer)),
+            u AS (
+                UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
+                    start_time = i.start_time, end_time = i.end_time, steps = i.steps
+                FROM input i
+                WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
+                RETURNING r.run_id, r.org_slug, i.events, i.n),
+            ev AS (
                 INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
                 SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
-                FROM u, ROWS FROM (jsonb_to_recordset($9::jsonb) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
-                    AS e({_EVENT_NAMES}, n)
-                ORDER BY e.n)
-            SELECT count(*) AS n FROM u
+                FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
+                    AS e({_EVENT_NAMES}, k)
+                ORDER BY u.n, e.k)
+            SELECT run_id FROM u
             """,
-            run.run_id,
             self.replica_id,
-            run.state,
-            run.reason,
-            run.error,
-            run.start_time,
-            run.end_time,
-            _steps(run),
-            list(events),
+            [
+                {
+                    "run_id": run.run_id,
+                    "state": run.state,
+                    "reason": run.reason,
+                    "error": run.error,
+                    "start_time": run.start_time,
+                    "end_time": run.end_time,
+                    "steps": _steps(run),
+                    "events": list(events),
+                    "n": n,
+                }
+                for n, (run, events) in enumerate(writes)
+            ],
         )
-        return bool(row and row["n"])
+        return {r["run_id"] for r in rows}
 
     # -- reads -------------------------------------------------------------------------------------
 

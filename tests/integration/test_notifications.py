@@ -7,6 +7,7 @@ scheduled run that notifies without being affected by a broken mail server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -14,13 +15,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from server import app
+from server.http.client import HttpSettings, OutboundHttp
 from server.localstack.postgres import Postgres, dsn
 from server.localstack.process import free_port
 from server.notify import config as notify_config
 from server.notify.alert import Alert
 from server.notify.config import EmailConfig, NotificationConfig
 from server.notify.notifier import Notifier
-from server.notify.webhooks import InlineWebhooks
+from server.notify.webhooks import SlackWebhooks
+from server.providers import ProviderRegistry
 from server.state.notifications import LogEntry, OrgNotificationSettings
 from server.state.store import StateStore
 from tests.integration.standins import SmtpServer, Webhook, self_signed, silent_server
@@ -99,8 +103,27 @@ def make_config(smtp: SmtpServer, **email: object) -> NotificationConfig:
     )
 
 
-def notifier(config: NotificationConfig, store: StateStore) -> Notifier:
-    return Notifier(config, store.notifications, webhook=InlineWebhooks().get)
+@pytest.fixture
+async def slack(service: app.Service, webhook: Webhook) -> AsyncIterator[SlackWebhooks]:
+    """Webhooks kept as the orgs' encrypted `slack` credentials (the session's credential store) and
+    posted through an outbound HTTP client whose `slack` provider points at the receiver."""
+    registry = ProviderRegistry.load(
+        service.settings.providers_file, {"PROVIDER_BASE_URL_SLACK": webhook.url.split("/services/")[0]}
+    )
+    http = OutboundHttp(
+        registry, HttpSettings(max_attempts=3, backoff_initial=0.01, backoff_max=0.05, retry_budget=5)
+    )
+    yield SlackWebhooks(service.vault, http)
+    await http.close()
+
+
+def notifier(config: NotificationConfig, store: StateStore, slack: SlackWebhooks | None = None) -> Notifier:
+    return Notifier(config, store.notifications, slack=slack)
+
+
+def new_org() -> str:
+    """An org of its own (the credential cache is keyed by org)."""
+    return f"notif_{uuid.uuid4().hex[:8]}"
 
 
 async def entries(store: StateStore, org: str = ORG) -> list[LogEntry]:
@@ -108,19 +131,22 @@ async def entries(store: StateStore, org: str = ORG) -> list[LogEntry]:
 
 
 async def test_email_over_starttls_with_auth_and_slack(
-    stores: Callable[[], Awaitable[StateStore]], smtp: SmtpServer, webhook: Webhook
+    stores: Callable[[], Awaitable[StateStore]], smtp: SmtpServer, webhook: Webhook, slack: SlackWebhooks
 ) -> None:
     store = await stores()
+    org = new_org()
+    reference = await slack.put(org, webhook.url)
     await store.notifications.put_settings(
-        OrgNotificationSettings(ORG, ["ops@acme.test"], ["RUN_FAILED"], 600, {}, slack_webhook=webhook.url)
+        OrgNotificationSettings(org, ["ops@acme.test"], ["RUN_FAILED"], 600, {}, slack_webhook=reference)
     )
-    n = notifier(make_config(smtp), store)
-    n.publish(ALERT)
+    assert webhook.url not in reference  # the settings hold the credential's id, not the URL
+    n = notifier(make_config(smtp), store, slack)
+    n.publish(dataclasses.replace(ALERT, org_slug=org))
     await n.drain()
     [mail] = smtp.received
     assert mail.tls and mail.user == "svc" and mail.recipients == ["ops@acme.test"]
     for text in (
-        ORG,
+        org,
         "engine/runs/failing",
         ALERT.run_id,
         "WAREHOUSE_NOT_FOUND",
@@ -132,7 +158,7 @@ async def test_email_over_starttls_with_auth_and_slack(
         assert text in mail.content, text
     [posted] = webhook.received
     assert ALERT.run_id in posted["text"] and "failed" in posted["text"]
-    assert [(e.channel, e.outcome, e.attempts) for e in await entries(store)] in (
+    assert [(e.channel, e.outcome, e.attempts) for e in await entries(store, org)] in (
         [("EMAIL", "SENT", 1), ("SLACK", "SENT", 1)],
         [("SLACK", "SENT", 1), ("EMAIL", "SENT", 1)],
     )
@@ -175,22 +201,25 @@ async def test_smtp_failures_are_logged(
 
 
 async def test_slack_retries_a_5xx_and_gives_up_on_a_4xx(
-    stores: Callable[[], Awaitable[StateStore]], smtp: SmtpServer, webhook: Webhook
+    stores: Callable[[], Awaitable[StateStore]], smtp: SmtpServer, webhook: Webhook, slack: SlackWebhooks
 ) -> None:
     store = await stores()
+    org = new_org()
+    reference = await slack.put(org, webhook.url)
     await store.notifications.put_settings(
-        OrgNotificationSettings(ORG, [], ["RUN_FAILED", "RUN_TIMED_OUT"], 0, {}, slack_webhook=webhook.url)
+        OrgNotificationSettings(org, [], ["RUN_FAILED", "RUN_TIMED_OUT"], 0, {}, slack_webhook=reference)
     )
-    n = notifier(make_config(smtp).model_copy(update={"email": None}), store)
-    webhook.statuses = [500, 503]
-    n.publish(ALERT)
+    n = notifier(make_config(smtp).model_copy(update={"email": None}), store, slack)
+    alert = dataclasses.replace(ALERT, org_slug=org)
+    webhook.statuses = [500, 503]  # the HTTP client retries with backoff, then it arrives
+    n.publish(alert)
     await n.drain()
-    webhook.statuses = [404]
-    n.publish(ALERT)
+    webhook.statuses = [404]  # refused: not retried
+    n.publish(alert)
     await n.drain()
-    got = [(e.channel, e.outcome, e.reason, e.attempts) for e in await entries(store)]
-    assert got == [("SLACK", "SENT", "", 3), ("SLACK", "FAILED", "SLACK_HTTP_404", 1)]
-    assert len(webhook.received) == 1
+    got = [(e.channel, e.outcome, e.reason) for e in await entries(store, org)]
+    assert got == [("SLACK", "SENT", ""), ("SLACK", "FAILED", "SLACK_PROVIDER_REJECTED")]
+    assert len(webhook.received) == 1 and webhook.statuses == []
     await n.close()
 
 

@@ -41,7 +41,7 @@ async def test_settings_need_the_admin_scope_and_hide_the_webhook(
     }
     good = {
         "recipients": ["ops@acme.test"],
-        "slack_webhook_url": "https://hooks.slack.test/services/T0/B0/secretpart",
+        "slack_webhook_url": "https://hooks.slack.com/services/T0/B0/secretpart",
         "events": ["RUN_FAILED", "RUN_RECOVERED"],
         "cooldown_seconds": 900,
         "pipelines": [{"pipeline": "engine/runs/quick", "muted": True}],
@@ -67,6 +67,9 @@ async def test_settings_need_the_admin_scope_and_hide_the_webhook(
     assert "ftp://x" not in str(body) and "not-an-address" not in str(body)
     status, body = await call(http, "PUT", path, admin_headers, json=good)
     assert status == 200 and body["settings"]["slack_webhook_configured"], body
+    assert org.slug in await service.vault.store.holders("slack")  # an encrypted credential of the org
+    stored = await service.vault.store.load(org.slug, "slack", "notifications")
+    assert stored.secret("webhook_url").get_secret_value() == good["slack_webhook_url"]
     assert "secretpart" not in str(body)
     assert body["settings"]["pipelines"] == [
         {"pipeline": "engine/runs/quick", "muted": True, "events": [], "recipients": []}
@@ -77,6 +80,15 @@ async def test_settings_need_the_admin_scope_and_hide_the_webhook(
         http, "PUT", path, admin_headers, json={**good, "slack_webhook_url": "", "clear_slack_webhook": True}
     )
     assert status == 200 and not body["settings"]["slack_webhook_configured"]
+    assert org.slug not in await service.vault.store.holders("slack")  # the credential itself is gone
+    for url in (
+        "http://hooks.slack.com/services/T0/B0/x",  # not the provider's scheme
+        "https://169.254.169.254/services/T0/B0/x",  # not the provider's host
+        "https://user@hooks.slack.com/services/T0/B0/x",
+        "https://hooks.slack.com/other/path",
+    ):
+        status, body = await call(http, "PUT", path, admin_headers, json={**good, "slack_webhook_url": url})
+        assert status == 400 and fields(body) == {"slack_webhook_url"} and url not in str(body), url
     status, body = await call(http, "GET", path, org.headers)
     assert (
         status == 200 and body["settings"]["source"] == "ORG" and body["settings"]["cooldown_seconds"] == 900

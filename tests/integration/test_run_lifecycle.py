@@ -842,3 +842,25 @@ async def test_metrics(pipelines: Stub, service: app.Service) -> None:
     ) in after
     assert ("pipeline_runs_active", ()) in after
     assert after[("pipeline_runs_active", ())] == 0
+
+
+async def test_a_caller_that_goes_away_never_leaves_an_admitted_run_behind(
+    pipelines: Stub, service: app.Service
+) -> None:
+    # Deadlines that run out before, during and after the admission commits: whatever was admitted runs.
+    org = await plan_org(service, "gone", concurrent_limit=100, daily_limit=1000, requests_per_minute=1000)
+    outcomes = await asyncio.gather(
+        *(
+            pipelines.RunPipeline(
+                run_request(org, "quick", {"label": str(i)}), metadata=org.metadata, timeout=0.002 * i + 0.001
+            )
+            for i in range(30)
+        ),
+        return_exceptions=True,
+    )
+    assert any(isinstance(o, aio.AioRpcError) for o in outcomes), outcomes
+    await asyncio.sleep(1.0)
+    runs = await list_all(pipelines, org, page_size=50)
+    assert len(runs) == (await service.state.used(org.slug))[0]
+    assert all(r.state == RS.RUN_STATE_COMPLETED for r in runs), runs
+    assert await service.state.active_runs(org.slug) == 0

@@ -23,13 +23,15 @@ from server import app
 from server.engine.manager import RunManager, RunRequest
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
+from server.http.client import HttpSettings, OutboundHttp
 from server.localstack.postgres import Postgres, dsn
 from server.localstack.process import free_port
 from server.notify.alert import Alert
 from server.notify.config import EmailConfig, NotificationConfig
 from server.notify.notifier import Notifier
-from server.notify.webhooks import InlineWebhooks
+from server.notify.webhooks import SlackWebhooks
 from server.orgs import OrgContext
+from server.providers import ProviderRegistry
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.state.notifications import OrgNotificationSettings
 from server.state.scheduling import Caps, Job, Override
@@ -39,6 +41,7 @@ from tests.integration.standins import SmtpServer, Webhook, self_signed
 
 NIGHTLY = "engine/runs/nightly"
 FAILING = "engine/runs/failing"
+NEEDS_OPENAI = "engine/runs/needs_openai"
 LATE = "engine/runs/late"
 
 
@@ -82,10 +85,16 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
         store = await StateStore.connect(dsn=database, pool_size=8, lease_seconds=2.0)
         runs = RunManager(
             catalog=service.catalog,
-            runner=StepRunner(ProcessorRegistry(), global_limit=asyncio.Semaphore(32), per_run_limit=4),
+            runner=StepRunner(
+                ProcessorRegistry(service.settings.processor_dirs),
+                global_limit=asyncio.Semaphore(32),
+                per_run_limit=4,
+            ),
             store=store,
             warehouse=service.warehouse,
             meta_dataset=service.settings.meta_dataset,
+            http=service.http,
+            vault=service.vault,
         )
         await runs.start()
         alerts: list[Alert] = []
@@ -102,6 +111,7 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
             store=store,
             orgs=only_test_orgs,
             settings=SchedulerSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
+            credentials=service.vault.store.holders,
             notify=tell,
         )
         replica = Replica(store, runs, scheduler, alerts)
@@ -196,7 +206,8 @@ async def test_missed_ticks_run_once_for_the_latest(replicas: Factory, orgs: lis
     r = await replicas()
     await r.scheduler.tick(ny(1, 0, month=6))
     result = await r.scheduler.tick(ny(5, 12, month=6))  # down for four days and a half
-    assert result.enqueued == 2 * len(orgs)  # two scheduled pipelines (nightly and saas_cost) per org
+    # Nightly and saas_cost for every org (needs_openai too for an org holding that credential).
+    assert result.enqueued >= 2 * len(orgs)
     for org in orgs:
         assert [t for t, _ in await jobs_of(r, org)] == [ny(5, 2, 30, month=6)]
         assert [t for t, _ in await jobs_of(r, org, "saas_subscription/costs/saas_cost")] == [
@@ -339,7 +350,12 @@ async def test_quota_defers_and_does_not_drop(
 
 @pytest.mark.parametrize("mail_server", ["up", "refused"])
 async def test_a_failing_scheduled_run_notifies_and_is_never_affected_by_it(
-    replicas: Factory, database: str, orgs: list[Org], tmp_path: Path, mail_server: str
+    replicas: Factory,
+    service: app.Service,
+    database: str,
+    orgs: list[Org],
+    tmp_path: Path,
+    mail_server: str,
 ) -> None:
     smtp = SmtpServer(*self_signed(tmp_path))
     await smtp.start()
@@ -361,10 +377,22 @@ async def test_a_failing_scheduled_run_notifies_and_is_never_affected_by_it(
         backoff_seconds=0.05,
     )
     org = orgs[0]
-    await store.notifications.put_settings(
-        OrgNotificationSettings(org.slug, ["ops@acme.test"], ["RUN_FAILED"], 3600, {}, slack_webhook=hook.url)
+    registry = ProviderRegistry.load(
+        service.settings.providers_file, {"PROVIDER_BASE_URL_SLACK": hook.url.split("/services/")[0]}
     )
-    notifier = Notifier(config, store.notifications, webhook=InlineWebhooks().get)
+    http = OutboundHttp(registry, HttpSettings(max_attempts=2, backoff_initial=0.01, backoff_max=0.05))
+    slack = SlackWebhooks(service.vault, http)
+    await store.notifications.put_settings(
+        OrgNotificationSettings(
+            org.slug,
+            ["ops@acme.test"],
+            ["RUN_FAILED"],
+            3600,
+            {},
+            slack_webhook=await slack.put(org.slug, hook.url),
+        )
+    )
+    notifier = Notifier(config, store.notifications, slack=slack)
     r = await replicas(notify=notifier.publish)
     failing = next(c for c in r.scheduler.scheduled_configs() if c.key == FAILING)
     day = date.today() - timedelta(days=2)
@@ -388,6 +416,7 @@ async def test_a_failing_scheduled_run_notifies_and_is_never_affected_by_it(
     else:
         assert smtp.received == [] and log["EMAIL"] == ("FAILED", "SMTP_UNREACHABLE")
     await notifier.close()
+    await http.close()
     await store.close()
     await hook.stop()
     await smtp.stop()
@@ -410,3 +439,19 @@ async def test_a_job_of_a_replica_without_a_lease_goes_back_to_the_queue(
     r.scheduler.start()
     [done] = await wait_jobs(r, org, NIGHTLY, lambda s: s == ["SUCCEEDED"])
     assert done.attempts == 2 and done.run_id and done.owner == r.store.replica_id
+
+
+async def test_a_default_schedule_applies_to_the_orgs_holding_what_it_needs(
+    replicas: Factory, service: app.Service, orgs: list[Org]
+) -> None:
+    holder, other = orgs
+    await service.vault.store.set(holder.slug, "openai", {"admin_api_key": "sk-admin-0123456789abcdef"})
+    r = await replicas()
+    mine = dict((c.key, e) for c, e in await r.scheduler.schedules(holder.slug))
+    theirs = dict((c.key, e) for c, e in await r.scheduler.schedules(other.slug))
+    assert mine[NEEDS_OPENAI] is not None and mine[NEEDS_OPENAI].source == "DEFAULT"
+    assert theirs[NEEDS_OPENAI] is None
+    await r.scheduler.tick(datetime(2026, 8, 1, 3, 59, tzinfo=UTC))
+    await r.scheduler.tick(datetime(2026, 8, 1, 4, 0, 30, tzinfo=UTC))
+    assert [t for t, _ in await jobs_of(r, holder, NEEDS_OPENAI)] == [datetime(2026, 8, 1, 4, tzinfo=UTC)]
+    assert await jobs_of(r, other, NEEDS_OPENAI) == []

@@ -106,6 +106,19 @@ async def test_concurrent_limit_holds_across_replicas(replicas: Factory) -> None
     assert await a.used(org) == (3, 3)  # refusals count nothing
 
 
+async def test_batches_of_many_orgs_from_two_replicas_hold_each_orgs_limit(replicas: Factory) -> None:
+    # Admissions asked for together go out as one statement per replica; batches of the two replicas
+    # lock the same orgs, in any order of arrival, without deadlocking and without overshooting.
+    a, b = await replicas(), await replicas()
+    orgs = [org_slug(f"batch{i}") for i in range(8)]
+    runs = [new_run(orgs[(i * 7) % 8]) for i in range(160)]
+    results = await admit_all([a, b], runs, limits(concurrent=5))
+    per_org = Counter(run.org_slug for run, r in zip(runs, results, strict=True) if r.outcome == "ACCEPTED")
+    assert per_org == dict.fromkeys(orgs, 5)
+    assert Counter(r.outcome for r in results) == {"ACCEPTED": 40, "CONCURRENT_LIMIT_EXCEEDED": 120}
+    assert [await a.active_runs(org) for org in orgs] == [5] * 8
+
+
 async def test_slot_is_given_back_exactly_once_whatever_the_end(replicas: Factory) -> None:
     a, b = await replicas(), await replicas(lease=1.0)
     org = org_slug("release")

@@ -1,45 +1,13 @@
-"""Notification pieces without servers: the message, the webhook URL rule, run alerts."""
+"""Notification pieces without servers: the message and run alerts."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
-
-from server.api.notifications import NotificationServicer
 from server.engine.run import Run, StepView
 from server.notify.alert import Alert
 from server.notify.config import NotificationConfig
 from server.notify.notifier import render, run_alert
-
-
-def servicer(allow_http: bool) -> NotificationServicer:
-    return NotificationServicer(
-        None,  # type: ignore[arg-type]  # only the URL rule is used
-        None,  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
-        NotificationConfig(),
-        allow_http_webhooks=allow_http,
-        webhook_hosts=("hooks.slack.com",),
-    )
-
-
-@pytest.mark.parametrize(
-    ("url", "strict", "local"),
-    [
-        ("https://hooks.slack.com/services/T0/B0/x", True, True),
-        ("http://hooks.slack.com/services/T0/B0/x", False, True),
-        ("https://169.254.169.254/latest/meta-data", False, True),
-        ("https://user:pw@hooks.slack.com/x", False, False),
-        ("http://127.0.0.1:8025/services/local/demo/webhook", False, True),
-        ("ftp://hooks.slack.com/x", False, False),
-        ("https://hooks.slack.com/a b", False, False),
-        ("https:///nohost", False, False),
-    ],
-)
-def test_webhook_urls(url: str, strict: bool, local: bool) -> None:
-    assert servicer(False)._webhook_allowed(url) is strict
-    assert servicer(True)._webhook_allowed(url) is local
 
 
 def test_message_is_bounded_and_says_how_to_inspect() -> None:

@@ -13,7 +13,8 @@ from typing import Any, cast
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from server.engine.processor import Processor, ProcessorRegistry, RunIdentity, StepContext
+from processors.base import Processor, RunIdentity, StepContext
+from server.engine.processor import ProcessorRegistry
 from server.engine.runner import TERMINAL, UNEXPECTED, PreparedStep, RunOutcome, StepEvent, StepRunner
 from server.errors import FieldViolation, InvalidInputError, TerminalError, TransientError
 from server.pipelines.spec import PipelineSpec, StepSpec
@@ -180,6 +181,8 @@ def make_context(spec: StepSpec, attempt: int, steps: Steps) -> StepContext:
         warehouse=cast(Any, None),
         meta_dataset="organizations",
         log=logging.LoggerAdapter(logging.getLogger("test.runner")),
+        http=cast(Any, None),
+        secrets=cast(Any, None),
     )
 
 

@@ -1,0 +1,1 @@
+"""Provider credentials: envelope-encrypted rows of `org_integration_credentials`, decrypted on demand."""

@@ -1,0 +1,1 @@
+"""The one outbound HTTP client: every request to a provider API goes through `server/http/client.py`."""

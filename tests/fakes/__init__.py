@@ -1,0 +1,1 @@
+"""Small real servers speaking the documented protocols of services we cannot run here."""

@@ -1,0 +1,1 @@
+"""Test-only processors, found as `processors.testprovider.*` through the `PROCESSOR_DIRS` setting."""
