@@ -32,8 +32,12 @@ from pydantic import BaseModel, StringConstraints, ValidationError
 from server.credentials.model import Credential
 from server.errors import FieldViolation, InvalidInputError
 from server.http.types import HttpResponse, Paging, StreamedResponse
+from server.providers import Auth
+from server.warehouse.schema import TableInfo, TableSchema
+from server.warehouse.sql import Typed
 
 __all__ = [
+    "Auth",
     "Credential",
     "HttpClient",
     "HttpResponse",
@@ -45,7 +49,10 @@ __all__ = [
     "StepContext",
     "StepStatus",
     "StreamedResponse",
+    "TableInfo",
+    "TableSchema",
     "Templated",
+    "Typed",
     "Warehouse",
     "parse_config",
 ]
@@ -104,6 +111,27 @@ class Warehouse(Protocol):
         """Bulk-load rows with one load job (atomic); return how many were written."""
         ...
 
+    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
+        """Create the table from its schema if it is missing."""
+        ...
+
+    async def drop_table(self, dataset: str, table: str) -> None:
+        """Drop the table if it exists."""
+        ...
+
+    async def table_info(self, project: str, dataset: str, table: str) -> TableInfo:
+        """`tables.get` of any table the principal can see (`WAREHOUSE_NOT_FOUND`,
+        `WAREHOUSE_PERMISSION_DENIED`)."""
+        ...
+
+    def as_service_account(
+        self, info: Mapping[str, Any], *, project: str, scopes: Sequence[str] = ...
+    ) -> AbstractAsyncContextManager[Warehouse]:
+        """`async with warehouse.as_service_account(key, project=p) as source:` the same warehouse seen
+        as another principal (a customer's service account key, in memory only), jobs run in `project`.
+        A rejected key surfaces as `CREDENTIAL_REJECTED`."""
+        ...
+
 
 class Secrets(Protocol):
     """The run's org's provider credentials (scoped to that org; there is no org parameter).
@@ -128,7 +156,9 @@ class HttpClient(Protocol):
     Retries 429/5xx/connection errors/timeouts (Retry-After honoured) and raises domain errors:
     `CREDENTIAL_REJECTED` (401/403), `PROVIDER_REJECTED` (other 4xx), `PROVIDER_RATE_LIMITED` and
     `PROVIDER_UNAVAILABLE` (transient, retries exhausted), `PROVIDER_RESPONSE_TOO_LARGE`,
-    `PROVIDER_BAD_RESPONSE` (malformed JSON), `PAGINATION_LOOP`, `PAGINATION_LIMIT`.
+    `PROVIDER_BAD_RESPONSE` (malformed JSON), `PAGINATION_LOOP`, `PAGINATION_LIMIT`. `auth` (a registry
+    auth scheme, `server.providers.Auth`) replaces the provider's scheme for one call: a declarative
+    step's own auth, with the same token cache, single-flight minting and one refresh after a 401.
 
     JSON numbers: with `exact=True` (the default) every non-integer number is a `Decimal` (parsed with
     `json.loads(parse_float=Decimal)`; money never passes through a float); `exact=False` parses with
@@ -147,6 +177,7 @@ class HttpClient(Protocol):
         data: bytes | Mapping[str, str] | None = None,
         credential: Credential | None = None,
         expect: Sequence[int] = (),
+        auth: Auth | None = None,
     ) -> HttpResponse:
         """One request (with retries); the whole body, up to the size cap.
 
@@ -163,6 +194,7 @@ class HttpClient(Protocol):
         headers: Mapping[str, str] | None = None,
         credential: Credential | None = None,
         exact: bool = True,
+        auth: Auth | None = None,
     ) -> Any:
         """GET and parse the JSON body."""
         ...
@@ -192,11 +224,13 @@ class HttpClient(Protocol):
         credential: Credential | None = None,
         exact: bool = True,
         max_pages: int | None = None,
+        auth: Auth | None = None,
     ) -> AsyncIterator[Any]:
         """GET page after page (each a parsed JSON body) until the last one.
 
-        A cursor, token or URL seen before raises `PAGINATION_LOOP`; more than `max_pages` (default:
-        the provider's `max_pages`) raises `PAGINATION_LIMIT`.
+        A cursor, token or URL seen before, or a page repeating an earlier one, raises
+        `PAGINATION_LOOP`; more than `max_pages` (default: the provider's `max_pages`) raises
+        `PAGINATION_LIMIT`.
         """
         ...
 

@@ -50,7 +50,7 @@ from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.settings import Settings, env_file
 from server.state.scheduling import Caps
 from server.state.store import StateStore
-from server.warehouse.bigquery import BigQueryWarehouse
+from server.warehouse.bigquery import GOOGLE_TOKEN_URL, BigQueryWarehouse
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,19 @@ SERVER_OPTIONS = [
 ]
 
 
-def build_warehouse(settings: Settings) -> BigQueryWarehouse:
-    """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere)."""
+def build_warehouse(settings: Settings, google_token_url: str | None = None) -> BigQueryWarehouse:
+    """The warehouse adapter for these settings (emulator endpoint locally, BigQuery elsewhere).
+
+    `google_token_url` (the registry's `gcp` token URL) is where a customer's service account, used to
+    read its billing export, gets its tokens.
+    """
     return BigQueryWarehouse(
         project=settings.gcp_project_id,
         location=settings.bigquery_location,
         endpoint=settings.bigquery_endpoint,
         job_timeout=settings.bigquery_job_timeout_seconds,
         retry_deadline=settings.bigquery_retry_deadline_seconds,
+        google_token_url=google_token_url or GOOGLE_TOKEN_URL,
     )
 
 
@@ -228,7 +233,7 @@ async def start(
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
     providers = ProviderRegistry.load(settings.providers_file)
-    warehouse = warehouse or build_warehouse(settings)
+    warehouse = warehouse or build_warehouse(settings, providers.google_token_url())
     http = build_http(settings, providers)
     vault = build_vault(settings, warehouse, providers)
     orgs = OrgRepository.for_settings(warehouse, settings)

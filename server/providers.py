@@ -1,6 +1,7 @@
 """The provider registry: `configs/system/providers.yml`, validated at start (unknown keys rejected).
 
-Per provider: display name, base URL (overridden by the environment variable `PROVIDER_BASE_URL_<ID>`),
+Per provider: display name, base URL (overridden by the environment variable `PROVIDER_BASE_URL_<ID>`;
+the token URL of a token scheme by `PROVIDER_TOKEN_URL_<ID>`),
 static headers, the auth scheme and which credential fields it uses, the credential's fields
 (required/optional, secret or not), rate limits per org and per process, page limits, and the one cheap
 authenticated call that `pipeline-service credentials test` makes.
@@ -43,6 +44,14 @@ class ApiKeyHeaderAuth(_Strict):
     header: str = "x-api-key"
 
 
+class ApiKeyQueryAuth(_Strict):
+    """The secret as a query parameter (`?api_key=<field>`); redacted wherever the URL is shown."""
+
+    scheme: Literal["api_key_query"]
+    field: str
+    param: str = Field("api_key", pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
 class BasicAuth(_Strict):
     """HTTP Basic with two credential fields."""
 
@@ -81,6 +90,7 @@ class NoAuth(_Strict):
 Auth = Annotated[
     BearerAuth
     | ApiKeyHeaderAuth
+    | ApiKeyQueryAuth
     | BasicAuth
     | OAuth2ClientCredentialsAuth
     | GoogleServiceAccountAuth
@@ -161,7 +171,14 @@ class ProviderSpec(_Strict):
     base_url: str = Field(description="Scheme and host (and a base path); empty: set by the environment.")
     headers: dict[str, str] = Field(default_factory=dict)
     auth: Auth
-    credential: CredentialSpec
+    credential: CredentialSpec | None = Field(
+        None, description="The credential document; omitted with credential_from (the other's is used)."
+    )
+    credential_from: str | None = Field(
+        None,
+        pattern=PROVIDER_ID,
+        description="Another provider whose credential this one uses (Google APIs share the org's gcp key).",
+    )
     rate_limits: RateLimits
     pages: Pages = Pages()
     test: TestCall | None = None
@@ -172,9 +189,18 @@ class ProviderSpec(_Strict):
             parts = urlsplit(self.base_url)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
                 raise ValueError(f"base_url {self.base_url!r} must be http(s)://host[/path]")
+        if (self.credential is None) == (self.credential_from is None):
+            raise ValueError("give either credential or credential_from")
+        if self.credential is None:
+            return self  # checked against the other provider's credential by the registry
+        self.check_fields(self.credential)
+        return self
+
+    def check_fields(self, credential: CredentialSpec) -> None:
+        """Every credential field the auth scheme uses is declared."""
         used: list[str] = []
         match self.auth:
-            case BearerAuth() | ApiKeyHeaderAuth():
+            case BearerAuth() | ApiKeyHeaderAuth() | ApiKeyQueryAuth():
                 used = [self.auth.field]
             case BasicAuth():
                 used = [self.auth.username_field, self.auth.password_field]
@@ -183,9 +209,19 @@ class ProviderSpec(_Strict):
             case GoogleServiceAccountAuth():
                 used = ["client_email", "private_key", "private_key_id"]
         for name in used:
-            if name not in self.credential.fields:
+            if name not in credential.fields:
                 raise ValueError(f"auth uses field {name!r}, which the credential does not declare")
-        return self
+
+    @property
+    def credential_provider(self) -> str:
+        """The provider whose credentials authenticate calls to this one (itself, or credential_from)."""
+        return self.credential_from or self.id
+
+    @property
+    def credential_spec(self) -> CredentialSpec:
+        """The credential document (resolved from credential_from by the registry)."""
+        assert self.credential is not None, f"{self.id}: credential_from not resolved"
+        return self.credential
 
 
 class ProviderRegistry:
@@ -215,6 +251,9 @@ class ProviderRegistry:
                 override = environ.get(f"PROVIDER_BASE_URL_{str(pid).upper()}")
                 if override:
                     document["base_url"] = override
+                token_override = environ.get(f"PROVIDER_TOKEN_URL_{str(pid).upper()}")
+                if token_override and isinstance(document.get("auth"), dict):
+                    document["auth"] = {**document["auth"], "token_url": token_override}
                 providers[pid] = ProviderSpec.model_validate(document)
             except ValidationError as exc:
                 violations = [
@@ -227,6 +266,25 @@ class ProviderRegistry:
                     violations,
                     reason="INVALID_PROVIDER_REGISTRY",
                 ) from exc
+        for pid, spec in list(providers.items()):
+            if spec.credential_from is None:
+                continue
+            other = providers.get(spec.credential_from)
+            if other is None or other.credential is None:
+                raise InvalidInputError(
+                    f"{path.name}: provider {pid}: credential_from names no provider with a credential",
+                    [FieldViolation(f"providers.{pid}.credential_from", "unknown provider")],
+                    reason="INVALID_PROVIDER_REGISTRY",
+                )
+            try:
+                spec.check_fields(other.credential)
+            except ValueError as exc:
+                raise InvalidInputError(
+                    f"{path.name}: provider {pid}: {exc}",
+                    [FieldViolation(f"providers.{pid}.auth", str(exc))],
+                    reason="INVALID_PROVIDER_REGISTRY",
+                ) from exc
+            providers[pid] = spec.model_copy(update={"credential": other.credential})
         return cls(providers)
 
     def get(self, provider: str) -> ProviderSpec:
@@ -238,6 +296,15 @@ class ProviderRegistry:
                 reason="UNKNOWN_PROVIDER",
             )
         return spec
+
+    def google_token_url(self, provider: str = "gcp") -> str | None:
+        """The token URL of a `google_service_account` provider (None when it has another scheme)."""
+        spec = self._providers.get(provider)
+        return (
+            spec.auth.token_url
+            if spec is not None and isinstance(spec.auth, GoogleServiceAccountAuth)
+            else None
+        )
 
     def __iter__(self) -> Any:
         return iter(sorted(self._providers.values(), key=lambda p: p.id))
@@ -251,7 +318,7 @@ class ProviderRegistry:
         InvalidInputError `INVALID_CREDENTIAL` names each missing, unknown or malformed field (never a
         value).
         """
-        spec = self.get(provider).credential
+        spec = self.get(provider).credential_spec
         if not isinstance(document, dict):
             raise InvalidInputError(
                 "the credential must be a JSON object",

@@ -28,6 +28,7 @@ from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.orgs import IssuedKey
 from server.settings import Settings
+from tests.fakes.google import FakeGoogle
 from tests.fakes.kms import FakeKms
 from tests.fakes.provider import FakeProvider
 
@@ -86,6 +87,26 @@ async def fake_provider() -> AsyncIterator[FakeProvider]:
     await fake.stop()
 
 
+# The Google APIs of the registry and their token endpoint point at the fake (read at start).
+GOOGLE_PROVIDERS = ("GCP", "GCP_BILLING_CATALOG", "GCP_RESOURCE_MANAGER")
+
+
+@pytest.fixture(scope="session")
+async def fake_google() -> AsyncIterator[FakeGoogle]:
+    """Google's token endpoint, Cloud Billing Catalog and Resource Manager for the session's server."""
+    fake = FakeGoogle()
+    await fake.start()
+    for provider in GOOGLE_PROVIDERS:
+        os.environ[f"PROVIDER_TOKEN_URL_{provider}"] = f"{fake.url}/token"
+        if provider != "GCP":
+            os.environ[f"PROVIDER_BASE_URL_{provider}"] = fake.url
+    yield fake
+    for provider in GOOGLE_PROVIDERS:
+        os.environ.pop(f"PROVIDER_TOKEN_URL_{provider}", None)
+        os.environ.pop(f"PROVIDER_BASE_URL_{provider}", None)
+    await fake.stop()
+
+
 @pytest.fixture(scope="session")
 def settings(
     emulator: Emulator,
@@ -93,6 +114,7 @@ def settings(
     tmp_path_factory: pytest.TempPathFactory,
     fake_kms: FakeKms,
     fake_provider: FakeProvider,
+    fake_google: FakeGoogle,
 ) -> Settings:
     state = tmp_path_factory.mktemp("state")
     return Settings(

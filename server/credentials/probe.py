@@ -22,7 +22,7 @@ async def probe(
     if spec.test is None:
         raise FailedPreconditionError(f"{provider} has no test call in the registry", reason="NO_TEST_CALL")
     credential = await store.load(org_slug, provider, name)
-    public = {k: v for k, v in credential.reveal().items() if k not in spec.credential.secret_fields}
+    public = {k: v for k, v in credential.reveal().items() if k not in spec.credential_spec.secret_fields}
     fields = {f for _, f, _, _ in string.Formatter().parse(spec.test.path) if f}
     path = spec.test.path.format(**{f: public.get(f, "") for f in fields})
     try:

@@ -124,7 +124,7 @@ class CredentialStore:
         """Validate, encrypt and store (create or replace) the org's credential."""
         fields = self.registry.validate_credential(provider, document)
         check_name(name)
-        spec = self.registry.get(provider).credential
+        spec = self.registry.get(provider).credential_spec
         existing = await self._find(org_slug, provider, name)
         credential_id = existing.credential_id if existing else "cred_" + uuid.uuid4().hex
         version = existing.version + 1 if existing else 1
@@ -157,7 +157,11 @@ class CredentialStore:
                 "ciphertext": b64(ciphertext),
                 "wrapped": b64(wrapped),
                 "kek": kek_version,
-                "fingerprint": fingerprint(fields[spec.fingerprint]),
+                # the fingerprint field, else the first secret field present (optional fingerprints)
+                "fingerprint": fingerprint(
+                    fields.get(spec.fingerprint)
+                    or next((fields[n] for n in sorted(spec.secret_fields) if n in fields), "")
+                ),
                 "now": now,
             },
         )
@@ -234,7 +238,7 @@ class CredentialStore:
             name=name,
             version=int(row["version"]),
             fields=fields,
-            secret_fields=self.registry.get(provider).credential.secret_fields,
+            secret_fields=self.registry.get(provider).credential_spec.secret_fields,
         )
 
     def _touch(self, row: dict[str, Any]) -> None:

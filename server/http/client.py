@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import logging
 import random
 import re
@@ -46,7 +47,7 @@ from server.credentials.model import Credential
 from server.errors import ServiceError, TerminalError, TransientError
 from server.http.auth import AuthApplier
 from server.http.types import HttpResponse, Paging, dig, parse_json
-from server.providers import ProviderRegistry, ProviderSpec
+from server.providers import Auth, ProviderRegistry, ProviderSpec
 from server.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -315,9 +316,13 @@ class OutboundHttp:
         expect: Sequence[int] = (),
         stream: bool = False,
         stack: contextlib.AsyncExitStack | None = None,
+        auth: Auth | None = None,
     ) -> HttpResponse | _Streamed:
-        """One call with limits, auth and retries (see the module docstring)."""
+        """One call with limits, auth and retries (see the module docstring); `auth` replaces the
+        registry's scheme for this call (a declarative step's own auth), with the same token handling."""
         spec = self.registry.get(provider)
+        if auth is not None:
+            spec = spec.model_copy(update={"auth": auth})
         target = self.url(spec, path_or_url)
         secrets = credential.secret_values() if credential is not None else []
         shown = redact_url(target, secrets)
@@ -327,12 +332,14 @@ class OutboundHttp:
         started = self._clock()
         waited = 0.0
         attempt = 0
+        refreshed = False
         while True:
             attempt += 1
             request_headers = {**spec.headers, **(headers or {})}
             if body is not None:
                 request_headers.setdefault("Content-Type", "application/json")
             request_headers.update(await self.auth.headers(spec, credential))
+            sent_query = {**query, **self.auth.query_params(spec, credential)}
             failure: _Attempt
             async with contextlib.AsyncExitStack() as held:
                 await held.enter_async_context(org_limits.slots)
@@ -344,7 +351,7 @@ class OutboundHttp:
                     response = await self._client().request(
                         method,
                         target,
-                        params=query or None,
+                        params=sent_query or None,
                         headers=request_headers,
                         data=body if body is not None else data,
                         allow_redirects=False,
@@ -384,6 +391,10 @@ class OutboundHttp:
                     else:
                         if status in (401, 403) and credential is not None:
                             self.auth.forget(credential.id)
+                            if status == 401 and not refreshed and self.auth.uses_tokens(spec):
+                                # the token may have been revoked or expired early: mint one, once
+                                refreshed = True
+                                continue
                         reason = "CREDENTIAL_REJECTED" if status in (401, 403) else "PROVIDER_REJECTED"
                         self._log_failure(ids, spec.id, method, shown, attempt, detail, reason)
                         raise TerminalError(f"{spec.id}: {method} {shown}: {detail}", reason=reason)
@@ -485,6 +496,7 @@ class BoundHttp:
         data: bytes | Mapping[str, str] | None = None,
         credential: Credential | None = None,
         expect: Sequence[int] = (),
+        auth: Auth | None = None,
     ) -> HttpResponse:
         """One request with retries; the whole body (capped)."""
         response = await self._out.send(
@@ -498,6 +510,7 @@ class BoundHttp:
             data=data,
             credential=credential,
             expect=expect,
+            auth=auth,
         )
         assert isinstance(response, HttpResponse)
         return response
@@ -511,10 +524,11 @@ class BoundHttp:
         headers: Mapping[str, str] | None = None,
         credential: Credential | None = None,
         exact: bool = True,
+        auth: Auth | None = None,
     ) -> Any:
         """GET and parse the JSON body."""
         response = await self.request(
-            provider, "GET", path_or_url, params=params, headers=headers, credential=credential
+            provider, "GET", path_or_url, params=params, headers=headers, credential=credential, auth=auth
         )
         return await self._out.json_body(response, exact)
 
@@ -546,12 +560,27 @@ class BoundHttp:
         credential: Credential | None = None,
         exact: bool = True,
         max_pages: int | None = None,
+        auth: Auth | None = None,
     ) -> AsyncIterator[Any]:
-        """Each page's parsed body, until the last; guards against loops and endless listings."""
+        """Each page's parsed body, until the last; guards against loops and endless listings.
+
+        A cursor, token or URL seen before, or a page whose body repeats an earlier page byte for byte (an
+        API that ignores the offset or page parameter), raises `PAGINATION_LOOP`.
+        """
         limit = max_pages or self._out.registry.get(provider).pages.max_pages
         url: str = path_or_url
-        query: dict[str, Any] = dict(params or {})
+        base: dict[str, Any] = dict(params or {})
+        if paging.style in ("offset", "page_number"):
+            base.update(
+                {
+                    paging.param: paging.start,
+                    **({paging.size_param: paging.page_size} if paging.size_param else {}),
+                }
+            )
+        query: dict[str, Any] = dict(base)
         seen: set[str] = {path_or_url}
+        bodies: set[bytes] = set()
+        position = paging.start
         for page in range(1, limit + 2):
             if page > limit:
                 raise TerminalError(
@@ -559,8 +588,15 @@ class BoundHttp:
                     reason="PAGINATION_LIMIT",
                 )
             response = await self.request(
-                provider, "GET", url, params=query or None, headers=headers, credential=credential
+                provider, "GET", url, params=query or None, headers=headers, credential=credential, auth=auth
             )
+            digest = hashlib.sha256(response.body).digest()
+            if digest in bodies:
+                raise TerminalError(
+                    f"{provider}: page {page} repeats an earlier page ({redact_url(path_or_url)})",
+                    reason="PAGINATION_LOOP",
+                )
+            bodies.add(digest)
             body = await self._out.json_body(response, exact)
             yield body
             if paging.style == "next_url":
@@ -576,10 +612,21 @@ class BoundHttp:
                         f"{provider}: the next-page URL is not a string", reason="PROVIDER_BAD_RESPONSE"
                     )
                 marker, url, query = following, following, {}
+            elif paging.style in ("offset", "page_number"):
+                records = body if not paging.records_field else dig(body, paging.records_field)
+                count = len(records) if isinstance(records, list) else 0
+                if count == 0 or (paging.page_size and count < paging.page_size):
+                    return
+                position += count if paging.style == "offset" else 1
+                marker = f"#{position}"
+                query = {**base, paging.param: position}
             else:
                 if paging.has_more_field and not dig(body, paging.has_more_field):
                     return
-                cursor = dig(body, paging.next_field)
+                if paging.style == "header_cursor":
+                    cursor: Any = response.headers.get(paging.next_field.lower())
+                else:
+                    cursor = dig(body, paging.next_field)
                 if cursor is None or cursor == "":
                     if paging.has_more_field:
                         raise TerminalError(
@@ -588,7 +635,7 @@ class BoundHttp:
                         )
                     return
                 marker = str(cursor)
-                query = {**(params or {}), paging.param: marker}
+                query = {**base, paging.param: marker}
             if marker in seen:
                 raise TerminalError(
                     f"{provider}: page {page + 1} repeats a cursor already seen ({redact_url(path_or_url)})",

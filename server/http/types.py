@@ -78,18 +78,29 @@ class Paging:
       -> `page`).
     - `page_token`: like `cursor` with no has-more flag; an absent or empty token ends the walk (Google:
       `nextPageToken` -> `pageToken`).
+    - `header_cursor`: like `cursor`, the cursor read from the response header `next_field`.
     - `next_url`: the body's `next_field` holds the next page's URL (absolute or relative to the
       provider); with `next_field=""` the `Link: <...>; rel="next"` header is followed instead.
+    - `offset` / `page_number`: query parameter `param` starts at `start` and grows by the number of
+      records of each page (offset) or by one (page number); `size_param` carries `page_size`. The walk
+      ends at an empty page, or a page with fewer than `page_size` records (when `page_size` is set);
+      `records_field` says where a page's records are ("": the body is the list).
     """
 
-    style: Literal["cursor", "page_token", "next_url"]
+    style: Literal["cursor", "page_token", "header_cursor", "next_url", "offset", "page_number"]
     next_field: str = ""
     param: str = ""
     has_more_field: str = ""
+    records_field: str = ""
+    size_param: str = ""
+    page_size: int = 0
+    start: int = 0
 
     def __post_init__(self) -> None:
-        if self.style in ("cursor", "page_token") and not (self.next_field and self.param):
+        if self.style in ("cursor", "page_token", "header_cursor") and not (self.next_field and self.param):
             raise ValueError(f"{self.style} paging needs next_field and param")
+        if self.style in ("offset", "page_number") and not self.param:
+            raise ValueError(f"{self.style} paging needs param")
 
 
 def dig(body: Any, path: str) -> Any:

@@ -13,8 +13,8 @@ import asyncio
 import base64
 import concurrent.futures
 import io
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -25,28 +25,28 @@ import orjson
 import requests.exceptions
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
+from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
+from google.oauth2 import service_account
 
 from server.errors import AlreadyExistsError, NotFoundError, TerminalError, TransientError
 from server.warehouse import sql
-from server.warehouse.schema import TableSchema
+from server.warehouse.schema import TableInfo, TableSchema
+from server.warehouse.sql import Typed
 
 T = TypeVar("T")
 
+__all__ = ["BigQueryWarehouse", "QueryResult", "RoutineInfo", "Typed"]
+
 Row = dict[str, Any]
+
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+BIGQUERY_SCOPE = "https://www.googleapis.com/auth/bigquery"
 
 _TRANSIENT_REASONS = frozenset(
     {"backendError", "rateLimitExceeded", "internalError", "jobRateLimitExceeded", "jobBackendError"}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Typed:
-    """A query parameter value with an explicit BigQuery type (needed for NULLs and empty arrays)."""
-
-    type: str
-    value: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +125,20 @@ def _mapped(what: str) -> Iterator[None]:
     """
     try:
         yield
+    except auth_exceptions.RefreshError as exc:
+        # The token endpoint refused the service account (wrong, revoked or disabled key).
+        raise TerminalError(
+            f"{what}: the service account was rejected", reason="CREDENTIAL_REJECTED", detail=str(exc)[:300]
+        ) from exc
+    except auth_exceptions.TransportError as exc:
+        raise _unavailable(what, f"token endpoint unreachable ({type(exc).__name__})") from exc
+    except gexc.Forbidden as exc:
+        reasons = {e.get("reason") for e in (exc.errors or []) if isinstance(e, dict)}
+        if reasons & _TRANSIENT_REASONS:
+            raise _unavailable(what, _error_message(exc)) from exc
+        raise TerminalError(
+            f"{what}: permission denied", reason="WAREHOUSE_PERMISSION_DENIED", detail=_error_message(exc)
+        ) from exc
     except gexc.NotFound as exc:
         raise NotFoundError(
             f"{what}: not found", reason="WAREHOUSE_NOT_FOUND", detail=_error_message(exc)
@@ -171,11 +185,17 @@ class BigQueryWarehouse:
         job_timeout: float = 300.0,
         retry_deadline: float = 30.0,
         max_concurrency: int = 16,
+        google_token_url: str = GOOGLE_TOKEN_URL,
+        credentials: Any = None,
     ) -> None:
         options = ClientOptions(api_endpoint=endpoint) if endpoint else None
-        credentials = AnonymousCredentials() if endpoint else None  # type: ignore[no-untyped-call]
+        if credentials is None and endpoint:
+            credentials = AnonymousCredentials()  # type: ignore[no-untyped-call]
         self.project = sql.check_project(project)
         self.location = location
+        self.endpoint = endpoint
+        self.google_token_url = google_token_url
+        self._retry_deadline = retry_deadline
         self._client = bigquery.Client(
             project=project, location=location, credentials=credentials, client_options=options
         )
@@ -312,6 +332,75 @@ class BigQueryWarehouse:
             return len(rows)  # the job is atomic: all rows or an error (the emulator misreports output_rows)
 
         return await self._run(f"load into {dataset}.{table}", run)
+
+    async def drop_table(self, dataset: str, table: str) -> None:
+        """Drop a table if it exists."""
+        await self._run(
+            f"drop table {dataset}.{table}",
+            partial(
+                self._client.delete_table, self._ref(dataset, table), not_found_ok=True, retry=self._retry
+            ),
+        )
+
+    async def table_info(self, project: str, dataset: str, table: str) -> TableInfo:
+        """What `tables.get` says of any table this client can see (another project's too).
+
+        `NotFoundError` (`WAREHOUSE_NOT_FOUND`) when it does not exist, `TerminalError`
+        (`WAREHOUSE_PERMISSION_DENIED`) when the credential may not read its metadata.
+        """
+        ref = ".".join(
+            (sql.check_project(project), sql.check_name(dataset, "dataset"), sql.check_name(table, "table"))
+        )
+
+        def run() -> TableInfo:
+            found = self._client.get_table(ref, retry=self._retry)
+            partitioning = found.time_partitioning
+            return TableInfo(
+                table_id=ref,
+                table_type=str(found.table_type or "TABLE"),
+                partition_type=str(partitioning.type_) if partitioning is not None else None,
+                partition_field=partitioning.field if partitioning is not None else None,
+                location=found.location,
+                num_rows=found.num_rows,
+                fields=tuple(f.to_api_repr() for f in found.schema),
+            )
+
+        return await self._run(f"table {table}", run)
+
+    @asynccontextmanager
+    async def as_service_account(
+        self, info: Mapping[str, Any], *, project: str, scopes: Sequence[str] = (BIGQUERY_SCOPE,)
+    ) -> AsyncIterator[BigQueryWarehouse]:
+        """The same warehouse (endpoint, location) seen as another principal: a customer's service account.
+
+        `info` is the service account's JSON key, held in memory only; its token is fetched (and
+        refreshed before expiry) by google-auth on this adapter's threads from the registry's token URL
+        (`google_token_url`), never from the document's own `token_uri`. Jobs run in `project`.
+        A rejected key surfaces as `CREDENTIAL_REJECTED` on the first call.
+        """
+        document = {**info, "token_uri": self.google_token_url}
+        try:
+            credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+                document, scopes=list(scopes)
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TerminalError(
+                "the service account key is unusable", reason="CREDENTIAL_REJECTED", detail=type(exc).__name__
+            ) from None
+        other = BigQueryWarehouse(
+            project=project,
+            location=self.location,
+            endpoint=self.endpoint,
+            job_timeout=self._job_timeout,
+            retry_deadline=self._retry_deadline,
+            max_concurrency=4,
+            google_token_url=self.google_token_url,
+            credentials=credentials,
+        )
+        try:
+            yield other
+        finally:
+            await other.close()
 
     async def list_routines(self, dataset: str) -> list[RoutineInfo]:
         """The routines of a dataset, ordered by name (definitions left empty)."""

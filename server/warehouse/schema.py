@@ -28,6 +28,24 @@ class TableSchema:
         return tuple(str(f["name"]) for f in self.fields)
 
 
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """What the warehouse says of an existing table (`tables.get`)."""
+
+    table_id: str  # project.dataset.table
+    table_type: str  # TABLE, VIEW, MATERIALIZED_VIEW, EXTERNAL, SNAPSHOT
+    partition_type: str | None  # DAY, HOUR, MONTH, YEAR; None when not time-partitioned
+    partition_field: str | None  # None with a partition_type: ingestion-time (_PARTITIONTIME)
+    location: str | None
+    num_rows: int | None
+    fields: tuple[dict[str, Any], ...]  # BigQuery schema fields (API form), nested ones included
+
+    @property
+    def column_names(self) -> frozenset[str]:
+        """The top-level column names."""
+        return frozenset(str(f["name"]) for f in self.fields)
+
+
 def load_schema(path: Path) -> TableSchema:
     """Read one schema file; the table name is the file stem."""
     data = json.loads(path.read_text())

@@ -7,11 +7,21 @@ underscores) and then backtick-quoted, so no caller-provided text is ever splice
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
 from server.errors import FieldViolation, InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    """A query parameter value with an explicit BigQuery type (needed for NULLs and empty arrays)."""
+
+    type: str
+    value: Any
+
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,1023}$")
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")

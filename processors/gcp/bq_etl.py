@@ -1,0 +1,552 @@
+"""`gcp.bq_etl`: the org's Cloud Billing export (BigQuery) into its raw mirror and its FOCUS 1.2 table.
+
+```yaml
+- step_id: copy_export
+  ps_type: gcp.bq_etl
+  config:
+    credential: default          # the org's `gcp` credential (a service-account JSON key)
+    source_table: ""             # project.dataset.table; default: the credential's billing_export_table
+    job_project: ""              # where the query jobs run (and are billed); default: its project_id
+    trailing_days: 40            # how far back `{}` runs look for new or changed partitions
+    partition_expression: auto   # auto | _PARTITIONDATE | DATE(export_time)
+    raw_table: gcp_billing_export_raw
+    focus_table: cost_data_focus_1_2
+    focus: true                  # rebuild FOCUS for the invoice months the copy touched
+    partitions_per_query: 7      # changed partitions copied per query (sorted, so usually adjacent days)
+    load_batch_rows: 100000      # rows buffered before a load job into the staging table
+```
+
+The export is append-only and has no row key: a late row or a correction is a new row, appended to the
+partition of the day it was exported (ingestion-time partitioning, `_PARTITIONTIME`; some exports are
+partitioned on `export_time`). So the unit of work is the source partition:
+
+1. **Probe** the table with the customer's service account (its key is held in memory only; the query
+   jobs run in `job_project`, which pays the scan): it must exist (`SOURCE_NOT_FOUND`), be readable
+   (`PERMISSION_DENIED`), be a table, not a view (`SOURCE_IS_VIEW`: a view hides the partitions), be
+   day-partitioned (`SOURCE_NOT_PARTITIONED`) and hold the export's columns (`SOURCE_SCHEMA_MISMATCH`).
+   A rejected key fails with `CREDENTIAL_REJECTED`, a missing credential with `CREDENTIAL_NOT_FOUND`,
+   a credential without a table with `SOURCE_NOT_CONFIGURED`.
+2. **Fingerprint** every partition of the window: `(MAX(export_time), COUNT(*))`, one query that reads
+   `export_time` only (plus `usage_start_time` for a dated run), bounded by a partition filter. The
+   window is `{}`: the last `trailing_days` days; `{"date": D}` or `{"start_date", "end_date"}`: the
+   partitions from the window's first day to `trailing_days` after its last (usage of a day can only be
+   exported later), and every partition that holds usage of the window is copied again even when
+   unchanged. `force_refresh` copies every partition of the window.
+3. **Compare** with the stored fingerprints: the same aggregate over the org's raw mirror
+   (`x_source_table`, `x_source_partition`), so the fingerprint of a partition is committed by the very
+   statement that writes its rows and can never disagree with them. New, changed and vanished
+   partitions form the work set.
+4. **Copy** each changed partition whole (explicit columns; every FLOAT of the export is rounded by
+   BigQuery to 9 decimals and read as text, so money never passes through a Python float; the mirror
+   stores it as NUMERIC) into a staging table, then
+   **swap** in one MERGE (atomic): the mirror's rows of exactly those partitions are deleted and the
+   staged rows inserted. A failed run leaves the mirror as it was; a re-run converges.
+5. **Rebuild FOCUS** (`billing_focus.sql`, the column mapping is in its header) for every invoice
+   month that the changed partitions held before or hold after the swap: one MERGE replaces that
+   month's `x_SourceSystem = 'gcp'` rows of the source's billing accounts.
+
+Outputs: `rows_written` (rows copied), `partitions_checked`, `partitions_changed`, `invoice_months`,
+`focus_rows`, `bytes_processed` (the customer's query jobs; also logged), `partition_expression`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from processors.base import (
+    Credential,
+    StepContext,
+    TableInfo,
+    TableSchema,
+    Typed,
+    Warehouse,
+    parse_config,
+)
+from server.errors import NotFoundError, ServiceError, TerminalError
+from server.warehouse.schema import load_schema
+from server.warehouse.sql import literal
+
+HERE = Path(__file__).resolve().parent
+SCHEMAS = HERE.parent.parent / "configs" / "schemas" / "org"
+RAW_SCHEMA = load_schema(SCHEMAS / "gcp_billing_export_raw.json")
+FOCUS_SCHEMA = load_schema(SCHEMAS / "cost_data_focus_1_2.json")
+PROJECTS_SCHEMA = load_schema(SCHEMAS / "gcp_projects.json")
+PACIFIC = ZoneInfo("America/Los_Angeles")
+FOCUS_SQL = (HERE / "billing_focus.sql").read_text(encoding="utf-8")
+PROVIDER = "gcp"
+SOURCE_SYSTEM = "gcp"
+TABLE_ID = re.compile(
+    r"^([a-z][a-z0-9-]{4,28}[a-z0-9])[.:]([A-Za-z_][A-Za-z0-9_]{0,1023})\.([A-Za-z_][A-Za-z0-9_-]{0,1023})$"
+)
+# Columns the copy needs; everything else of the raw schema is copied when the export has it.
+REQUIRED_COLUMNS = frozenset(
+    {"billing_account_id", "export_time", "cost", "currency", "invoice", "cost_type"}
+)
+
+
+class EtlConfig(BaseModel):
+    """The step's config (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    credential: str = Field("default", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    source_table: str = Field("", pattern=TABLE_ID.pattern + "|^$")
+    job_project: str = Field("", pattern=r"^([a-z][a-z0-9-]{4,28}[a-z0-9])?$")
+    trailing_days: int = Field(40, ge=1, le=400)
+    partition_expression: Literal["auto", "_PARTITIONDATE", "DATE(export_time)"] = "auto"
+    raw_table: str = Field("gcp_billing_export_raw", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+    focus_table: str = Field("cost_data_focus_1_2", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+    focus: bool = True
+    partitions_per_query: int = Field(7, ge=1, le=60)
+    load_batch_rows: int = Field(100_000, ge=1, le=2_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Partitioning:
+    """How the source is partitioned: `key` is the DATE of a row's partition; filters prune on it."""
+
+    key: str  # _PARTITIONDATE | DATE(<timestamp column>) | <date column>
+    column: str  # the column the filters compare (the pseudo-column or the partitioning column)
+    is_timestamp: bool
+
+    def between(self, lo: str, hi: str) -> str:
+        """A pruning filter for the partitions from @lo to @hi (DATE parameters, inclusive)."""
+        if self.is_timestamp:
+            upper = f"TIMESTAMP(DATE_ADD({hi}, INTERVAL 1 DAY))"
+            return f"{self.column} >= TIMESTAMP({lo}) AND {self.column} < {upper}"
+        return f"{self.column} BETWEEN {lo} AND {hi}"
+
+    def among(self, days: str, lo: str, hi: str) -> str:
+        """A pruning filter for exactly the partitions in the DATE array @days (bounded by @lo..@hi)."""
+        return f"{self.between(lo, hi)} AND {self.key} IN UNNEST({days})"
+
+
+def partitioning(info: TableInfo, configured: str) -> Partitioning:
+    """The partition expression: the configured one, or what `tables.get` says (`auto`)."""
+    if configured == "_PARTITIONDATE":
+        return Partitioning("_PARTITIONDATE", "_PARTITIONDATE", False)
+    if configured == "DATE(export_time)":
+        return Partitioning("DATE(export_time)", "export_time", True)
+    if info.partition_type != "DAY":
+        raise TerminalError(
+            "the billing export table is not partitioned by day; set partition_expression to read it",
+            reason="SOURCE_NOT_PARTITIONED",
+        )
+    if info.partition_field is None:  # ingestion-time partitioning: the export's own layout
+        return Partitioning("_PARTITIONDATE", "_PARTITIONDATE", False)
+    field = _field(info.fields, info.partition_field)
+    name = info.partition_field
+    if field is None or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise TerminalError("the export's partitioning column is unusable", reason="SOURCE_SCHEMA_MISMATCH")
+    if field.get("type") == "DATE":
+        return Partitioning(f"`{name}`", f"`{name}`", False)
+    return Partitioning(f"DATE(`{name}`)", f"`{name}`", True)
+
+
+def _field(fields: tuple[dict[str, Any], ...] | list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((f for f in fields if str(f.get("name", "")).lower() == name.lower()), None)
+
+
+def projection(
+    raw: tuple[dict[str, Any], ...] | list[dict[str, Any]], source: Any, ref: str = "", depth: int = 0
+) -> list[str]:
+    """The SELECT list that copies the raw schema's columns from the source's schema.
+
+    Columns the source lacks are left out (the load leaves them NULL); a FLOAT in the source (money,
+    quantities) is rounded to 9 decimals by BigQuery and read as text (`FORMAT('%.9f')`), which the load
+    job writes into the mirror's NUMERIC column exactly, so no money passes through a Python float (nor
+    through the emulator's 3-decimal NUMERIC casts); a record is
+    rebuilt only when one of its fields needs a conversion or is missing, an array of records with
+    `ARRAY(SELECT AS STRUCT ... FROM UNNEST(...))`.
+    """
+    out: list[str] = []
+    for field in raw:
+        name = str(field["name"])
+        if name.startswith("x_"):
+            continue
+        found = _field(source, name)
+        if found is None:
+            continue
+        path = f"{ref}.`{name}`" if ref else f"`{name}`"
+        expression = _convert(field, found, path, depth)
+        out.append(f"{expression} AS `{name}`")
+    return out
+
+
+def _needs_rebuild(raw: dict[str, Any], source: dict[str, Any]) -> bool:
+    if raw.get("type") in ("RECORD", "STRUCT"):
+        subs = source.get("fields", [])
+        return any(
+            _field(subs, str(f["name"])) is None or _needs_rebuild(f, _field(subs, str(f["name"])) or {})
+            for f in raw.get("fields", [])
+        ) or len(subs) != len(raw.get("fields", []))
+    return source.get("type") in ("FLOAT", "FLOAT64") and raw.get("type") == "NUMERIC"
+
+
+def _convert(raw: dict[str, Any], source: dict[str, Any], path: str, depth: int) -> str:
+    kind = raw.get("type")
+    if kind in ("RECORD", "STRUCT"):
+        if not _needs_rebuild(raw, source):
+            return path
+        element = f"e{depth}"
+        if raw.get("mode") == "REPEATED":
+            inner = projection(raw.get("fields", []), source.get("fields", []), element, depth + 1)
+            return f"ARRAY(SELECT AS STRUCT {', '.join(inner)} FROM UNNEST({path}) AS {element})"
+        inner = projection(raw.get("fields", []), source.get("fields", []), path, depth + 1)
+        return f"IF({path} IS NULL, NULL, STRUCT({', '.join(inner)}))"
+    if kind == "NUMERIC" and source.get("type") in ("FLOAT", "FLOAT64"):
+        # The float's value rounded to 9 decimals, as text: the load writes it into NUMERIC exactly.
+        return f"FORMAT('%.9f', {path})"
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which partitions to look at, and which to copy regardless of their fingerprint."""
+
+    lo: date
+    hi: date
+    usage_start: date | None  # a dated run: partitions holding usage of [usage_start, usage_end]
+    usage_end: date | None
+    force_all: bool
+
+
+def window(context: StepContext, trailing_days: int, today: date) -> Window:
+    """The run's partition window (see the module docstring)."""
+    force = str(context.parameters.get("force_refresh", "")).lower() == "true"
+    start, end = context.start_date, context.end_date
+    if start is None or end is None:
+        return Window(today - timedelta(days=trailing_days), today, None, None, force)
+    return Window(start, min(end + timedelta(days=trailing_days), today), start, end, force)
+
+
+def fingerprint_sql(source: str, part: Partitioning, dated: bool) -> str:
+    """Per partition of the window: MAX(export_time), COUNT(*) (and rows of the dated window's usage)."""
+    hits = "COUNTIF(DATE(usage_start_time) BETWEEN @usage_start AND @usage_end)" if dated else "0"
+    return (
+        f"SELECT {part.key} AS partition_date, MAX(export_time) AS max_export_time, COUNT(*) AS row_count, "
+        f"{hits} AS window_rows FROM {source} WHERE {part.between('@lo', '@hi')} GROUP BY partition_date"
+    )
+
+
+def copy_sql(source: str, part: Partitioning, columns: list[str]) -> str:
+    """Every row of the partitions @days (bounded by @lo..@hi), with the raw schema's columns."""
+    return (
+        f"SELECT {', '.join(columns)}, {part.key} AS x_source_partition FROM {source} "
+        f"WHERE {part.among('@days', '@lo', '@hi')}"
+    )
+
+
+def tags(row: dict[str, Any]) -> str:
+    """FOCUS `Tags` as a JSON object: resource tags over labels over project labels (first key wins)."""
+    merged: dict[str, str] = {}
+    project = row.get("project") or {}
+    for group in (row.get("tags"), row.get("labels"), project.get("labels")):
+        for item in group or []:
+            key = item.get("key")
+            if isinstance(key, str) and key and key not in merged:
+                value = item.get("value")
+                merged[key] = "" if value is None else str(value)
+    return json.dumps(merged, sort_keys=True, separators=(",", ":"))
+
+
+class BillingExportEtl:
+    """The processor (see the module docstring)."""
+
+    Config = EtlConfig
+
+    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
+        config = parse_config(EtlConfig, step_config)
+        credential = await context.secrets.get(PROVIDER, config.credential)
+        table_id = config.source_table or str(credential.value("billing_export_table") or "")
+        match = TABLE_ID.fullmatch(table_id)
+        if match is None:
+            raise TerminalError(
+                "the gcp credential names no billing export table "
+                "(billing_export_table: project.dataset.table)",
+                reason="SOURCE_NOT_CONFIGURED",
+            )
+        project, dataset, table = match.groups()
+        job_project = config.job_project or str(credential.value("project_id") or project)
+        today = datetime.now(UTC).date()
+        span = window(context, config.trailing_days, today)
+        if config.raw_table == RAW_SCHEMA.name:  # orgs created before the table existed get it here
+            await context.warehouse.ensure_table(context.run.dataset, RAW_SCHEMA)
+        async with context.warehouse.as_service_account(_key(credential), project=job_project) as customer:
+            info = await self._probe(customer, project, dataset, table)
+            part = partitioning(info, config.partition_expression)
+            source = f"`{project}.{dataset}.{table}`"
+            source_id = f"{project}.{dataset}.{table}"
+            dated = span.usage_start is not None
+            params: dict[str, Any] = {"lo": span.lo, "hi": span.hi}
+            if dated:
+                params |= {"usage_start": span.usage_start, "usage_end": span.usage_end}
+            found = await self._customer_query(customer, fingerprint_sql(source, part, dated), params)
+            scanned = found.bytes_processed
+            current = {r["partition_date"]: (r["max_export_time"], int(r["row_count"])) for r in found.rows}
+            forced = {r["partition_date"] for r in found.rows if int(r["window_rows"] or 0) > 0}
+            stored = await self._stored(context, config, source_id, span)
+            changed = sorted(
+                p
+                for p in set(current) | set(stored)
+                if span.force_all or p in forced or current.get(p) != stored.get(p)
+            )
+            context.log.info(
+                "billing export %s: %d partitions in %s..%s, %d changed (%s)",
+                source_id,
+                len(current),
+                span.lo,
+                span.hi,
+                len(changed),
+                part.key,
+            )
+            if not changed:
+                return self._result(0, len(current), [], [], 0, scanned, part)
+            columns = projection(RAW_SCHEMA.fields, list(info.fields))
+            copied, scanned_copy = await self._copy(
+                context, config, customer, source, source_id, part, columns, changed
+            )
+            scanned += scanned_copy
+        months = await self._swap(context, config, source_id, changed, copied)
+        focus_rows = await self._rebuild_focus(context, config, source_id, months) if config.focus else 0
+        context.log.info(
+            "billing export %s: %d rows of %d partitions swapped in, invoice months %s, %d FOCUS rows, "
+            "%d bytes processed at the source",
+            source_id,
+            copied,
+            len(changed),
+            ",".join(months),
+            focus_rows,
+            scanned,
+        )
+        return self._result(copied, len(current), changed, months, focus_rows, scanned, part)
+
+    @staticmethod
+    def _result(
+        copied: int,
+        checked: int,
+        changed: list[date],
+        months: list[str],
+        focus_rows: int,
+        scanned: int,
+        part: Partitioning,
+    ) -> dict[str, Any]:
+        return {
+            "status": "SUCCESS",
+            "rows_written": copied,
+            "partitions_checked": checked,
+            "partitions_changed": [p.isoformat() for p in changed],
+            "invoice_months": months,
+            "focus_rows": focus_rows,
+            "bytes_processed": scanned,
+            "partition_expression": part.key,
+        }
+
+    @staticmethod
+    async def _probe(customer: Warehouse, project: str, dataset: str, table: str) -> TableInfo:
+        try:
+            info = await customer.table_info(project, dataset, table)
+        except NotFoundError as exc:
+            raise TerminalError(
+                "the billing export table does not exist (or the service account cannot see its dataset)",
+                reason="SOURCE_NOT_FOUND",
+                detail=exc.detail,
+            ) from exc
+        except ServiceError as exc:
+            raise _source_error(exc) from exc
+        if info.table_type != "TABLE":
+            raise TerminalError(
+                f"the billing export must be a table, not a {info.table_type.lower().replace('_', ' ')} "
+                "(a view hides the partitions): name the export table itself",
+                reason="SOURCE_IS_VIEW",
+            )
+        missing = sorted(c for c in REQUIRED_COLUMNS if c not in {n.lower() for n in info.column_names})
+        if missing:
+            raise TerminalError(
+                f"the table is not a Cloud Billing export: no column {', '.join(missing[:5])}",
+                reason="SOURCE_SCHEMA_MISMATCH",
+            )
+        return info
+
+    @staticmethod
+    async def _customer_query(customer: Warehouse, statement: str, params: dict[str, Any]) -> Any:
+        try:
+            return await customer.query_job(statement, params)
+        except ServiceError as exc:
+            raise _source_error(exc) from exc
+
+    @staticmethod
+    async def _stored(
+        context: StepContext, config: EtlConfig, source_id: str, span: Window
+    ) -> dict[date, tuple[datetime, int]]:
+        raw = context.warehouse.table_ref(context.run.dataset, config.raw_table)
+        rows = await context.warehouse.query(
+            f"SELECT x_source_partition AS partition_date, MAX(export_time) AS max_export_time, "
+            f"COUNT(*) AS row_count FROM {raw} WHERE x_source_table = @source "
+            "AND x_source_partition BETWEEN @lo AND @hi GROUP BY partition_date",
+            {"source": source_id, "lo": span.lo, "hi": span.hi},
+        )
+        return {r["partition_date"]: (r["max_export_time"], int(r["row_count"])) for r in rows}
+
+    async def _copy(
+        self,
+        context: StepContext,
+        config: EtlConfig,
+        customer: Warehouse,
+        source: str,
+        source_id: str,
+        part: Partitioning,
+        columns: list[str],
+        changed: list[date],
+    ) -> tuple[int, int]:
+        """Copy the changed partitions into a fresh staging table: `partitions_per_query` partitions per
+        query, loaded in batches of at least `load_batch_rows` rows (each load job copies the staging
+        table on the emulator, so fewer, bigger loads)."""
+        wh = context.warehouse
+        staging = _staging_name(config.raw_table, context.run.run_id)
+        await wh.drop_table(context.run.dataset, staging)
+        await wh.ensure_table(context.run.dataset, TableSchema(staging, "staging", RAW_SCHEMA.fields))
+        now = datetime.now(UTC)
+        copied = scanned = 0
+        pending: list[dict[str, Any]] = []
+        step = config.partitions_per_query
+        for start in range(0, len(changed), step):
+            days = changed[start : start + step]
+            params = {"days": Typed("ARRAY<DATE>", days), "lo": days[0], "hi": days[-1]}
+            result = await self._customer_query(customer, copy_sql(source, part, columns), params)
+            scanned += result.bytes_processed
+            for row in result.rows:
+                row["x_source_table"] = source_id
+                row["x_invoice_month"] = (row.get("invoice") or {}).get("month")
+                row["x_pipeline_id"] = context.run.pipeline_id
+                row["x_run_id"] = context.run.run_id
+                row["x_ingested_at"] = now
+                row["x_tags"] = tags(row)
+                pending.append(_loadable(row))
+            if len(pending) >= config.load_batch_rows or start + step >= len(changed):
+                copied += await wh.load_rows(context.run.dataset, staging, pending)
+                pending = []
+        return copied, scanned
+
+    @staticmethod
+    async def _swap(
+        context: StepContext, config: EtlConfig, source_id: str, changed: list[date], copied: int
+    ) -> list[str]:
+        """Replace exactly the changed partitions of the mirror in one MERGE; return the invoice months
+        those partitions held before or hold now."""
+        wh = context.warehouse
+        dataset = context.run.dataset
+        raw = wh.table_ref(dataset, config.raw_table)
+        staging_name = _staging_name(config.raw_table, context.run.run_id)
+        staging = wh.table_ref(dataset, staging_name)
+        days = Typed("ARRAY<DATE>", changed)
+        before = await wh.query(
+            f"SELECT DISTINCT x_invoice_month AS month FROM {raw} "
+            "WHERE x_source_table = @source AND x_source_partition IN UNNEST(@days)",
+            {"source": source_id, "days": days},
+        )
+        after = await wh.query(f"SELECT DISTINCT x_invoice_month AS month FROM {staging}")
+        names = [str(f["name"]) for f in RAW_SCHEMA.fields]
+        # Literals, not parameters: bqemulator binds the parameters of a MERGE's branches wrongly (the
+        # DELETE branch then matches nothing); both are validated values (sql.literal).
+        await wh.query(
+            f"MERGE {raw} AS T USING {staging} AS S ON FALSE "
+            f"WHEN NOT MATCHED BY SOURCE AND T.x_source_table = {literal(source_id)} "
+            f"AND T.x_source_partition IN UNNEST({literal(changed)}) "
+            f"THEN DELETE WHEN NOT MATCHED THEN INSERT ({', '.join(names)}) "
+            f"VALUES ({', '.join('S.' + n for n in names)})"
+        )
+        await wh.drop_table(dataset, staging_name)
+        return sorted({str(r["month"]) for r in before + after if r["month"]})
+
+    @staticmethod
+    async def _rebuild_focus(
+        context: StepContext, config: EtlConfig, source_id: str, months: list[str]
+    ) -> int:
+        """Replace the FOCUS rows of the invoice months from the mirror (one MERGE); return rows inserted."""
+        if not months:
+            return 0
+        wh = context.warehouse
+        dataset = context.run.dataset
+        raw = wh.table_ref(dataset, config.raw_table)
+        await wh.ensure_table(dataset, PROJECTS_SCHEMA)  # read for project names; may still be empty
+        accounts = await wh.query(
+            f"SELECT DISTINCT billing_account_id AS account FROM {raw} WHERE x_source_table = @source",
+            {"source": source_id},
+        )
+        values = {
+            "focus": wh.table_ref(dataset, config.focus_table),
+            "raw": raw,
+            "projects": wh.table_ref(dataset, PROJECTS_SCHEMA.name),
+            "columns": ", ".join(FOCUS_SCHEMA.column_names),
+            "values": ", ".join("S." + c for c in FOCUS_SCHEMA.column_names),
+            "source": literal(source_id),
+            "months": literal([m for m in months if re.fullmatch(r"\d{6}", m)]),
+            "accounts": literal([str(r["account"]) for r in accounts if r["account"]] or [""]),
+            "periods": literal([billing_period(m)[0] for m in months]),
+            "pipeline_id": literal(context.run.pipeline_id),
+            "run_id": literal(context.run.run_id),
+        }
+        statement = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], FOCUS_SQL)
+        await wh.query(statement)
+        focus = wh.table_ref(dataset, config.focus_table)
+        counted = await wh.query(
+            f"SELECT COUNT(*) AS n FROM {focus} WHERE x_SourceSystem = @system AND x_RunId = @run_id",
+            {"system": SOURCE_SYSTEM, "run_id": context.run.run_id},
+        )
+        return int(counted[0]["n"]) if counted else 0
+
+
+def billing_period(month: str) -> tuple[datetime, datetime]:
+    """An invoice month (YYYYMM) as [start, end) in UTC: the month of America/Los_Angeles (DST-correct)."""
+    first = date(int(month[:4]), int(month[4:6]), 1)
+    following = date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return (
+        datetime(first.year, first.month, 1, tzinfo=PACIFIC).astimezone(UTC),
+        datetime(following.year, following.month, 1, tzinfo=PACIFIC).astimezone(UTC),
+    )
+
+
+def _key(credential: Credential) -> dict[str, Any]:
+    """The service-account key document of the credential (without our own fields)."""
+    info = credential.reveal()
+    info.pop("billing_export_table", None)
+    return info
+
+
+def _staging_name(raw_table: str, run_id: str) -> str:
+    return f"{raw_table}__staging_{re.sub(r'[^A-Za-z0-9_]', '_', run_id)[-48:]}"
+
+
+def _loadable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as a load job takes it (Decimal and datetime are written exactly by the adapter)."""
+    return {k: v for k, v in row.items() if v is not None and v != []}
+
+
+def _source_error(exc: ServiceError) -> ServiceError:
+    """The customer's side of an error, in the processor's reasons (the operator detail is kept)."""
+    if exc.reason == "WAREHOUSE_PERMISSION_DENIED":
+        return TerminalError(
+            "the service account may not read the billing export (it needs bigquery.tables.getData on the "
+            "dataset and bigquery.jobs.create in the job project)",
+            reason="PERMISSION_DENIED",
+            detail=exc.detail,
+        )
+    if exc.reason == "WAREHOUSE_NOT_FOUND":
+        return TerminalError(
+            "the billing export table does not exist", reason="SOURCE_NOT_FOUND", detail=exc.detail
+        )
+    return exc
+
+
+def get_engine() -> BillingExportEtl:
+    """The processor."""
+    return BillingExportEtl()
