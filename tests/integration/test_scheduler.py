@@ -30,7 +30,7 @@ from server.notify.alert import Alert
 from server.notify.config import EmailConfig, NotificationConfig
 from server.notify.notifier import Notifier
 from server.notify.webhooks import SlackWebhooks
-from server.orgs import OrgContext
+from server.orgs import OrgContext, Plan
 from server.providers import ProviderRegistry
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.state.notifications import OrgNotificationSettings
@@ -81,7 +81,10 @@ async def replicas(service: app.Service, database: str, orgs: list[Org]) -> Asyn
     async def only_test_orgs(now: datetime) -> list[OrgContext]:
         return [o for o in await service.orgs.active_contexts(now) if o.org_slug in slugs]
 
-    async def make(notify: Callable[[Alert], None] | None = None, **settings: object) -> Replica:
+    async def make(
+        notify: Callable[[Alert], None] | None = None, also: tuple[Org, ...] = (), **settings: object
+    ) -> Replica:
+        slugs.update(o.slug for o in also)
         store = await StateStore.connect(dsn=database, pool_size=8, lease_seconds=2.0)
         runs = RunManager(
             catalog=service.catalog,
@@ -455,3 +458,23 @@ async def test_a_default_schedule_applies_to_the_orgs_holding_what_it_needs(
     await r.scheduler.tick(datetime(2026, 8, 1, 4, 0, 30, tzinfo=UTC))
     assert [t for t, _ in await jobs_of(r, holder, NEEDS_OPENAI)] == [datetime(2026, 8, 1, 4, tzinfo=UTC)]
     assert await jobs_of(r, other, NEEDS_OPENAI) == []
+
+
+async def test_a_daily_quota_defers_and_tells_the_org(replicas: Factory, service: app.Service) -> None:
+    org = await make_org(service, "sched", plan=Plan(daily_limit=1))
+    r = await replicas(also=(org,))
+    nightly = next(c for c in r.scheduler.scheduled_configs() if c.key == NIGHTLY)
+    day = date.today() - timedelta(days=5)
+    await r.scheduler.backfill(org.slug, nightly, day, day + timedelta(days=1), 2, "t")
+    r.scheduler.start()
+    jobs = await wait_jobs(r, org, NIGHTLY, lambda s: sorted(s) == ["QUEUED", "SUCCEEDED"])
+    for _ in range(200):  # the alert is handed over right after the deferral is written
+        if any(a.event == "QUOTA_EXCEEDED" for a in r.alerts):
+            break
+        await asyncio.sleep(0.05)
+    [deferred] = [j for j in await r.store.scheduling.jobs(org.slug, NIGHTLY) if j.state == "QUEUED"]
+    assert deferred.attempts == 0 and deferred.deferrals >= 1 and deferred.reason == "DAILY_LIMIT_EXCEEDED"
+    assert deferred.run_after > datetime.now(UTC) + timedelta(minutes=30)  # next UTC day, capped at 1 h
+    [alert] = [a for a in r.alerts if a.event == "QUOTA_EXCEEDED"]
+    assert (alert.org_slug, alert.reason, alert.run_id) == (org.slug, "DAILY_LIMIT_EXCEEDED", "")
+    assert len(jobs) == 2
