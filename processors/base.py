@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date
-from typing import Annotated, Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Annotated, Any, BinaryIO, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, StringConstraints, ValidationError
 
@@ -130,6 +130,20 @@ class Warehouse(Protocol):
         """`async with warehouse.as_service_account(key, project=p) as source:` the same warehouse seen
         as another principal (a customer's service account key, in memory only), jobs run in `project`.
         A rejected key surfaces as `CREDENTIAL_REJECTED`."""
+        ...
+
+    async def replace_window(
+        self,
+        dataset: str,
+        schema: TableSchema,
+        ndjson: BinaryIO,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+    ) -> int:
+        """Swap a window of a table all or nothing (one load into staging, one MERGE); rows in the window."""
         ...
 
 

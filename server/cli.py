@@ -19,6 +19,11 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service credentials test ORG PROVIDER [--name NAME]
                                                  one cheap authenticated call to the provider
     pipeline-service credentials rewrap [--new-local-key]
+    pipeline-service prices snapshot [--force]   load the pinned genai-prices data into the price catalog
+    pipeline-service prices override ORG PROVIDER MODEL (--rate USD | --discount-pct N) [--token-class C]
+                     [--tier T] [--from DATE] [--to DATE]   an org's negotiated rate (MODEL may end in *)
+    pipeline-service prices overrides ORG        list them
+    pipeline-service prices delete-override ORG ID
                                                  re-wrap every data key with the KEK's primary version
 
 Locally, commands that need the warehouse or the state store start the embedded emulator or PostgreSQL
@@ -33,10 +38,12 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
-from server import devstack, logs, meta, saas
+from processors.genai.catalog import package_version
+from server import devstack, logs, meta, prices, saas
 from server.app import build_http, build_kek, build_warehouse, connect_state
 from server.credentials.probe import probe
 from server.credentials.store import CredentialStore
@@ -132,6 +139,52 @@ async def configs_validate(settings: Settings, args: argparse.Namespace) -> None
     catalog.check_processors(ProcessorRegistry(settings.processor_dirs))
     providers = ProviderRegistry.load(settings.providers_file)
     _print({"valid": [c.key for c in catalog.all()], "providers": [p.id for p in providers]})
+
+
+async def prices_snapshot(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        loaded = await prices.ensure_snapshot(wh, settings.meta_dataset, force=args.force)
+    _print({"package": "genai-prices", "version": package_version(), "rows_loaded": loaded})
+
+
+async def _org_dataset(wh: BigQueryWarehouse, settings: Settings, org: str) -> str:
+    orgs = OrgRepository.for_settings(wh, settings)
+    if not await orgs.exists(org):
+        raise NotFoundError(f"org {org!r} not found", reason="ORG_NOT_FOUND")
+    return await orgs.ensure_org_tables(org)
+
+
+async def prices_override(settings: Settings, args: argparse.Namespace) -> None:
+    request = prices.OverrideRequest(
+        args.provider,
+        args.model,
+        args.token_class,
+        args.tier,
+        args.rate,
+        args.discount_pct,
+        args.effective_from,
+        args.effective_to,
+    )
+    request.check()
+    async with warehouse_for(settings) as wh:
+        row = await prices.set_override(wh, await _org_dataset(wh, settings, args.org), request)
+    _print(json_value(row))
+
+
+async def prices_overrides(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        found = await prices.list_overrides(wh, await _org_dataset(wh, settings, args.org))
+    _print({"org_slug": args.org, "overrides": [json_value(r) for r in found]})
+
+
+async def prices_delete_override(settings: Settings, args: argparse.Namespace) -> None:
+    async with warehouse_for(settings) as wh:
+        deleted = await prices.delete_override(
+            wh, await _org_dataset(wh, settings, args.org), args.override_id
+        )
+    if not deleted:
+        raise NotFoundError(f"override {args.override_id!r} not found", reason="OVERRIDE_NOT_FOUND")
+    _print({"deleted": args.override_id})
 
 
 async def query(settings: Settings, args: argparse.Namespace) -> None:
@@ -316,6 +369,31 @@ def parser() -> argparse.ArgumentParser:
     cr = creds.add_parser("rewrap", help="re-wrap data keys with the KEK's primary version")
     cr.add_argument("--new-local-key", action="store_true", help="local only: add a key version first")
     cr.set_defaults(run=credentials_rewrap)
+
+    pr = commands.add_parser("prices", help="GenAI price catalog and per-org overrides").add_subparsers(
+        dest="prices_command", required=True
+    )
+    ps = pr.add_parser("snapshot", help="load the pinned genai-prices version into the catalog")
+    ps.add_argument("--force", action="store_true", help="replace that version's rows")
+    ps.set_defaults(run=prices_snapshot)
+    po = pr.add_parser("override", help="set an org's negotiated rate or discount")
+    po.add_argument("org")
+    po.add_argument("provider")
+    po.add_argument("model", help="the provider's model string, or a prefix ending in *")
+    po.add_argument("--rate", type=Decimal, help="USD per pricing unit (1M tokens; 1K web searches)")
+    po.add_argument("--discount-pct", type=Decimal, help="0..100 off the list rate (the contracted rate)")
+    po.add_argument("--token-class", help="input, cached_input, output, cache_write_1h, ... (default: all)")
+    po.add_argument("--tier", help="standard, batch, flex, priority, ... (default: all)")
+    po.add_argument("--from", dest="effective_from", type=date.fromisoformat, help="first day (UTC)")
+    po.add_argument("--to", dest="effective_to", type=date.fromisoformat, help="last day (UTC)")
+    po.set_defaults(run=prices_override)
+    pl = pr.add_parser("overrides", help="list an org's overrides")
+    pl.add_argument("org")
+    pl.set_defaults(run=prices_overrides)
+    pd = pr.add_parser("delete-override", help="delete one override")
+    pd.add_argument("org")
+    pd.add_argument("override_id")
+    pd.set_defaults(run=prices_delete_override)
 
     q = commands.add_parser("query", help="run one SQL query against the warehouse")
     q.add_argument("sql")

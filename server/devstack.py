@@ -14,6 +14,7 @@ from pathlib import Path
 from server import app, saas
 from server.localstack import emulator, postgres, sinks
 from server.localstack.envoy import Envoy
+from server.localstack.providers import ProviderSandbox
 from server.notify.config import EVENTS
 from server.orgs import IssuedKey, OrgRepository
 from server.settings import Settings
@@ -22,6 +23,32 @@ from server.state.notifications import OrgNotificationSettings
 log = logging.getLogger(__name__)
 
 DEMO_ORG = "demo"
+# The demo org's sandbox credentials (keys the local provider sandbox accepts; not secrets anywhere).
+SANDBOX_KEYS = {"openai": "sk-admin-sandbox-demo-0000", "anthropic": "sk-ant-admin01-sandbox-demo-0000"}
+
+
+async def start_sandbox(settings: Settings) -> ProviderSandbox | None:
+    """The local provider sandbox, and the providers pointed at it (real environment variables win)."""
+    if not settings.provider_sandbox_port:
+        return None
+    sandbox = ProviderSandbox({SANDBOX_KEYS["openai"]: DEMO_ORG}, {SANDBOX_KEYS["anthropic"]: DEMO_ORG})
+    await sandbox.start(settings.provider_sandbox_port)
+    for provider in SANDBOX_KEYS:
+        os.environ.setdefault(f"PROVIDER_BASE_URL_{provider.upper()}", sandbox.url)
+    return sandbox
+
+
+async def sandbox_credentials(service: app.Service, sandbox: ProviderSandbox | None) -> list[str]:
+    """Give the demo org the sandbox's keys for the providers pointed at the sandbox (never overwrites)."""
+    if sandbox is None:
+        return []
+    have = {c.provider for c in await service.vault.store.list(DEMO_ORG)}
+    added = []
+    for provider, key in SANDBOX_KEYS.items():
+        if os.environ.get(f"PROVIDER_BASE_URL_{provider.upper()}") == sandbox.url and provider not in have:
+            await service.vault.store.set(DEMO_ORG, provider, {"admin_api_key": key})
+            added.append(provider)
+    return added
 
 
 async def _wait_for_signal() -> None:
@@ -117,6 +144,12 @@ Try:
   curl -s {rest}/api/v1/pipelines -H "X-API-Key: $KEY"
   curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/saas_subscription/costs/saas_cost \\
        -H "X-API-Key: $KEY" -d '{{}}'
+  curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/openai/cost/usage_cost \\
+       -H "X-API-Key: $KEY" -d '{{}}'          # last 3 days; or {{"start_date": ..., "end_date": ...}}
+  curl -s -X POST {rest}/api/v1/pipelines/run/{demo["org_slug"]}/anthropic/cost/usage_cost \\
+       -H "X-API-Key: $KEY" -d '{{}}'          # the demo org's keys point at the local provider sandbox
+  .venv/bin/pipeline-service query "SELECT x_SourceSystem, x_ChargeDate, SUM(BilledCost) AS billed \\
+       FROM {demo["dataset"]}.cost_data_focus_1_2 GROUP BY 1, 2 ORDER BY 1, 2"
   curl -s "{rest}/api/v1/pipelines/runs?page_size=5" -H "X-API-Key: $KEY"
   .venv/bin/pipeline-service query "SELECT subscription_id, SUM(daily_cost) AS cost \\
        FROM {demo["dataset"]}.saas_subscription_plan_costs_daily GROUP BY 1 ORDER BY 1"
@@ -153,8 +186,10 @@ def _days_ago(n: int) -> str:
 
 
 async def run_local_stack(settings: Settings) -> None:
-    """Emulator, PostgreSQL, gRPC server and Envoy in the foreground until SIGINT/SIGTERM; then stop all."""
+    """Emulator, PostgreSQL, provider sandbox, notification sinks, gRPC server and Envoy in the foreground
+    until SIGINT/SIGTERM; then stop all."""
     async with emulator.embedded(settings), postgres.embedded(settings), AsyncExitStack() as stack:
+        sandbox = await start_sandbox(settings)
         webhook = ""
         if settings.notify_sinks_embedded:
             webhook = await stack.enter_async_context(
@@ -172,6 +207,7 @@ async def run_local_stack(settings: Settings) -> None:
             if failed:
                 log.warning("procedures failed to sync: %s", failed)
             demo = await demo_org(service.orgs, settings.state_dir)
+            await sandbox_credentials(service, sandbox)
             if webhook:
                 await demo_notifications(service, demo["org_slug"], webhook)
             envoy = await asyncio.to_thread(
@@ -187,3 +223,5 @@ async def run_local_stack(settings: Settings) -> None:
             if envoy is not None:
                 await asyncio.to_thread(envoy.stop)
             await service.stop()
+            if sandbox is not None:
+                await sandbox.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server import prices
 from server.warehouse.bigquery import BigQueryWarehouse
 from server.warehouse.schema import TableSchema, load_schemas
 
@@ -17,4 +18,5 @@ async def bootstrap(warehouse: BigQueryWarehouse, dataset: str, schemas_dir: Pat
     """Create the central dataset and every missing meta table; return the table names."""
     schemas = meta_schemas(schemas_dir)
     await warehouse.ensure_tables(dataset, schemas)
+    await prices.ensure_snapshot(warehouse, dataset)
     return [s.name for s in schemas]

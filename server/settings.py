@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, description="Port the gRPC server binds; 0 picks a free one.")
     grpc_grace_seconds: float = Field(10.0, description="How long shutdown lets in-flight calls finish.")
     envoy_port: int = Field(8001, description="Envoy REST listener (local stack).")
+    provider_sandbox_port: int = Field(
+        0,
+        description="Local stack only: port of the OpenAI/Anthropic sandbox `make run` starts (0: none); "
+        "PROVIDER_BASE_URL_OPENAI/_ANTHROPIC point at it unless set in the environment.",
+    )
     envoy_admin_port: int = Field(9901, description="Envoy admin listener (local stack).")
 
     ca_root_api_key: SecretStr = Field(SecretStr(""), description="Root key for admin calls.")

@@ -26,6 +26,7 @@ from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
 from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
+from server.localstack.providers import ProviderSandbox
 from server.orgs import IssuedKey
 from server.settings import Settings
 from tests.fakes.google import FakeGoogle
@@ -33,9 +34,21 @@ from tests.fakes.kms import FakeKms
 from tests.fakes.provider import FakeProvider
 
 ROOT_KEY = "test-root-key-" + uuid.uuid4().hex
+# The provider sandbox (fake OpenAI and Anthropic admin APIs) of the session; the service's provider
+# registry reads these when it starts, so they are set before any fixture builds it.
+SANDBOX_PORT = free_port()
+for _provider in ("OPENAI", "ANTHROPIC"):
+    os.environ[f"PROVIDER_BASE_URL_{_provider}"] = f"http://127.0.0.1:{SANDBOX_PORT}"
 DATA = Path(__file__).parent / "data"
 TEST_PROCESSORS = Path(__file__).parent / "processors"  # test-only ps_types (testprovider.*)
 KMS_KEY = "projects/test-project/locations/us/keyRings/pipeline-service/cryptoKeys/credentials"
+
+
+@pytest.fixture(scope="session")
+async def provider_sandbox() -> AsyncIterator[ProviderSandbox]:
+    sandbox = await ProviderSandbox().start(SANDBOX_PORT)
+    yield sandbox
+    await sandbox.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,14 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 import requests.exceptions
@@ -47,6 +48,21 @@ BIGQUERY_SCOPE = "https://www.googleapis.com/auth/bigquery"
 _TRANSIENT_REASONS = frozenset(
     {"backendError", "rateLimitExceeded", "internalError", "jobRateLimitExceeded", "jobBackendError"}
 )
+
+
+# DDL types of the scalar columns `ensure_table` may add (NUMERIC with its scale: see the emulator caveats)
+_DDL_TYPES = {
+    "STRING": "STRING",
+    "INT64": "INT64",
+    "INTEGER": "INT64",
+    "NUMERIC": "NUMERIC(38, 9)",
+    "BOOL": "BOOL",
+    "BOOLEAN": "BOOL",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMP",
+    "JSON": "JSON",
+    "FLOAT64": "FLOAT64",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,8 +310,8 @@ class BigQueryWarehouse:
         await self.ensure_dataset(dataset)
         await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
 
-    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way)."""
+    def _table(self, dataset: str, schema: TableSchema) -> bigquery.Table:
+        """The client's table object for a schema file (fields, description, partitioning, clustering)."""
         table = bigquery.Table(
             self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
@@ -305,10 +321,27 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
-        await self._run(
+        return table
+
+    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
+
+        A table created from an older schema file gets the NULLABLE scalar columns added since (one
+        `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
+        """
+        table = self._table(dataset, schema)
+        existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),
         )
+        have = {f.name for f in existing.schema or ()}
+        for added in schema.fields:
+            ddl_type = _DDL_TYPES.get(str(added["type"]))
+            if added["name"] in have or added.get("mode", "NULLABLE") != "NULLABLE" or ddl_type is None:
+                continue
+            column = sql.check_name(str(added["name"]), "column")
+            target = self.table_ref(dataset, schema.name)
+            await self.query(f"ALTER TABLE {target} ADD COLUMN IF NOT EXISTS `{column}` {ddl_type}")
 
     async def load_rows(
         self, dataset: str, table: str, rows: Sequence[Mapping[str, Any]], *, replace: bool = False
@@ -401,6 +434,67 @@ class BigQueryWarehouse:
             yield other
         finally:
             await other.close()
+
+    async def replace_window(
+        self,
+        dataset: str,
+        schema: TableSchema,
+        ndjson: BinaryIO,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+    ) -> int:
+        """Swap one window of a table, all or nothing: returns the number of rows the window now holds.
+
+        The window is the target's rows with `column` BETWEEN `start` AND `end` (and each `equals` column
+        equal to its value). The new rows (newline-delimited JSON, read from `ndjson` by one resumable load
+        job) go into a staging table made from the same schema; then one MERGE inserts them and deletes the
+        window's old rows. A failure before the MERGE leaves the target untouched; the MERGE is atomic.
+        """
+        await self.ensure_table(dataset, schema)
+        stage = TableSchema(f"_stage_{schema.name}_{uuid.uuid4().hex[:12]}", "staging", schema.fields)
+        staging = self._table(dataset, stage)
+        staging.expires = datetime.now(UTC) + timedelta(days=1)  # gone even if this process dies mid-way
+        await self._run(
+            f"create table {dataset}.{stage.name}",
+            partial(self._client.create_table, staging, retry=self._retry),
+        )
+        try:
+            config = bigquery.LoadJobConfig(
+                source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, write_disposition="WRITE_TRUNCATE"
+            )
+
+            def load() -> None:
+                self.jobs_started += 1
+                job = self._client.load_table_from_file(
+                    ndjson, self._ref(dataset, stage.name), job_config=config
+                )
+                job.result(timeout=self._job_timeout)
+
+            if ndjson.seek(0, io.SEEK_END):  # no rows: the staging table stays empty (an empty upload fails)
+                ndjson.seek(0)
+                await self._run(f"load into {dataset}.{stage.name}", load)
+            names = [sql.check_name(c, "column") for c in schema.column_names]
+            cols = ", ".join(f"`{c}`" for c in names)
+            values = ", ".join(f"S.`{c}`" for c in names)
+            conditions = [f"T.`{sql.check_name(column, 'column')}` BETWEEN @window_start AND @window_end"]
+            params: dict[str, Any] = {"window_start": start, "window_end": end}
+            for i, (name, value) in enumerate(sorted((equals or {}).items())):
+                conditions.append(f"T.`{sql.check_name(name, 'column')}` = @eq_{i}")
+                params[f"eq_{i}"] = value
+            target, staged = self.table_ref(dataset, schema.name), self.table_ref(dataset, stage.name)
+            await self.query_job(
+                f"MERGE {target} AS T USING {staged} AS S ON FALSE "
+                f"WHEN NOT MATCHED BY TARGET THEN INSERT ({cols}) VALUES ({values}) "
+                f"WHEN NOT MATCHED BY SOURCE AND {' AND '.join(conditions)} THEN DELETE",
+                params,
+            )
+            rows = await self.query(f"SELECT COUNT(*) AS n FROM {staged}")
+            return int(rows[0]["n"])
+        finally:
+            await self.drop_table(dataset, stage.name)
 
     async def list_routines(self, dataset: str) -> list[RoutineInfo]:
         """The routines of a dataset, ordered by name (definitions left empty)."""
