@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
+from dotenv import dotenv_values
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc, procedure_service_pb2_grpc
+from cloudact.pipeline.v1 import (
+    notification_service_pb2,
+    notification_service_pb2_grpc,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    procedure_service_pb2_grpc,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
 from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
 from server import meta, metrics
 from server.api.guard import Guard
+from server.api.notifications import NotificationServicer
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
+from server.api.scheduler import SchedulerServicer
 from server.auth import Access, Authenticator, Policy
 from server.credentials.store import CredentialStore
 from server.credentials.vault import CredentialVault
@@ -26,11 +39,16 @@ from server.engine.runner import StepRunner
 from server.http.client import HttpSettings, OutboundHttp
 from server.kms import KeyEncryptionKey
 from server.ledger import Ledger
+from server.notify import config as notify_config
+from server.notify.notifier import Notifier
+from server.notify.webhooks import SlackWebhooks
 from server.orgs import OrgRepository
 from server.pipelines.catalog import PipelineCatalog
 from server.procedures import ProcedureManager
 from server.providers import ProviderRegistry
-from server.settings import Settings
+from server.scheduler.scheduler import Scheduler, SchedulerSettings
+from server.settings import Settings, env_file
+from server.state.scheduling import Caps
 from server.state.store import StateStore
 from server.warehouse.bigquery import GOOGLE_TOKEN_URL, BigQueryWarehouse
 
@@ -38,7 +56,9 @@ log = logging.getLogger(__name__)
 
 PIPELINE_SERVICE = pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 PROCEDURE_SERVICE = _procedure_service_pb2.DESCRIPTOR.services_by_name["ProcedureService"].full_name
-SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE)
+SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+NOTIFICATION_SERVICE = notification_service_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+SERVICES = (PIPELINE_SERVICE, PROCEDURE_SERVICE, SCHEDULER_SERVICE, NOTIFICATION_SERVICE)
 
 _ROOT = Policy(Access.ROOT)
 POLICIES: dict[str, Policy] = {
@@ -48,6 +68,17 @@ POLICIES: dict[str, Policy] = {
     f"/{PIPELINE_SERVICE}/WatchPipelineRun": Policy(Access.ORG, "pipelines:read"),
     f"/{PIPELINE_SERVICE}/RunPipeline": Policy(Access.ORG, "pipelines:run"),
     f"/{PIPELINE_SERVICE}/CancelPipelineRun": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/ListSchedules": Policy(Access.ORG, "pipelines:read"),
+    f"/{SCHEDULER_SERVICE}/GetBackfill": Policy(Access.ORG, "pipelines:read"),
+    f"/{SCHEDULER_SERVICE}/UpdateSchedule": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/DeleteSchedule": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/CreateBackfill": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/CancelBackfill": Policy(Access.ORG, "pipelines:run"),
+    f"/{SCHEDULER_SERVICE}/TriggerScheduler": _ROOT,
+    f"/{NOTIFICATION_SERVICE}/GetNotificationSettings": Policy(Access.ORG, "pipelines:read"),
+    f"/{NOTIFICATION_SERVICE}/ListNotifications": Policy(Access.ORG, "pipelines:read"),
+    f"/{NOTIFICATION_SERVICE}/UpdateNotificationSettings": Policy(Access.ORG, "pipelines:admin"),
+    f"/{SCHEDULER_SERVICE}/GetSchedulerStatus": _ROOT,
     **{
         f"/{PROCEDURE_SERVICE}/{m}": _ROOT
         for m in ("ListProcedures", "GetProcedure", "SyncProcedures", "DeleteProcedure", "ExecuteMigration")
@@ -93,6 +124,24 @@ async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateSto
         lease_seconds=settings.replica_lease_seconds,
         upgrade=upgrade,
     )
+
+
+def scheduler_settings(settings: Settings) -> SchedulerSettings:
+    """The scheduler's part of the settings."""
+    return SchedulerSettings(
+        tick_seconds=settings.scheduler_tick_seconds,
+        caps=Caps(total=settings.scheduler_max_running, per_org=settings.scheduler_org_max_running),
+        retry_base_seconds=settings.scheduler_retry_base_seconds,
+        retry_max_seconds=settings.scheduler_retry_max_seconds,
+        max_catch_up=timedelta(hours=settings.scheduler_catch_up_hours),
+    )
+
+
+def load_notifications(settings: Settings) -> notify_config.NotificationConfig:
+    """The global notification settings, `${VAR}`s expanded from the environment and the env file."""
+    env = {k: v for k, v in dotenv_values(env_file(settings.pipeline_env.value)).items() if v is not None}
+    env.update(os.environ)
+    return notify_config.load(settings.notifications_config, env)
 
 
 def build_kek(settings: Settings) -> KeyEncryptionKey:
@@ -153,6 +202,9 @@ class Service:
     runs: RunManager
     state: StateStore
     ledger: Ledger
+    scheduler: Scheduler
+    notifier: Notifier
+    webhooks: SlackWebhooks
     http: OutboundHttp
     vault: CredentialVault
     metrics_port: int = 0
@@ -161,7 +213,10 @@ class Service:
         """Graceful shutdown: NOT_SERVING, drain in-flight calls, cancel runs, give the lease up, close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grpc_grace_seconds)
+        self.scheduler.stop_claiming()
         await self.runs.close()
+        await self.scheduler.close()
+        await self.notifier.close()
         await self.ledger.close()
         await self.state.close()
         await self.http.close()
@@ -173,6 +228,7 @@ async def start(
     settings: Settings, *, warehouse: BigQueryWarehouse | None = None, bootstrap: bool = True
 ) -> Service:
     """Validate configs, bootstrap the meta tables, and start serving on the configured address."""
+    notifications = load_notifications(settings)  # a missing ${VAR} of an enabled channel stops here
     registry = ProcessorRegistry(settings.processor_dirs)
     catalog = PipelineCatalog.load(settings.configs_dir)
     catalog.check_processors(registry)
@@ -204,6 +260,18 @@ async def start(
         http=http,
         vault=vault,
     )
+    webhooks = SlackWebhooks(vault, http)
+    notifier = Notifier(notifications, state.notifications, slack=webhooks)
+    runs.on_end = notifier.run_ended
+    scheduler = Scheduler(
+        catalog=catalog,
+        runs=runs,
+        store=state,
+        orgs=orgs.active_contexts,
+        settings=scheduler_settings(settings),
+        credentials=vault.store.holders,
+        notify=notifier.publish,
+    )
     ledger = Ledger(
         warehouse,
         settings.meta_dataset,
@@ -225,6 +293,16 @@ async def start(
         procedure_service_pb2_grpc.add_ProcedureServiceServicer_to_server,
         ProcedureServicer(procedures),
     )
+    guard.register(
+        server,
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server,
+        SchedulerServicer(catalog, scheduler),
+    )
+    guard.register(
+        server,
+        notification_service_pb2_grpc.add_NotificationServiceServicer_to_server,
+        NotificationServicer(state.notifications, webhooks, catalog, notifications),
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -234,6 +312,7 @@ async def start(
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)
     await runs.start()
+    scheduler.start()
     ledger.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
@@ -253,6 +332,9 @@ async def start(
         runs,
         state,
         ledger,
+        scheduler,
+        notifier,
+        webhooks,
         http,
         vault,
         metrics_port,

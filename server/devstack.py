@@ -7,15 +7,18 @@ import json
 import logging
 import os
 import signal
-from datetime import UTC, datetime
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from server import app, saas
-from server.localstack import emulator, postgres
+from server.localstack import emulator, postgres, sinks
 from server.localstack.envoy import Envoy
 from server.localstack.providers import ProviderSandbox
+from server.notify.config import EVENTS
 from server.orgs import IssuedKey, OrgRepository
 from server.settings import Settings
+from server.state.notifications import OrgNotificationSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +96,35 @@ async def demo_org(orgs: OrgRepository, state: Path) -> dict[str, str]:
     return demo
 
 
-def banner(settings: Settings, demo: dict[str, str], rest: str) -> str:
+async def demo_notifications(service: app.Service, org_slug: str, webhook: str) -> None:
+    """The demo org hears about failures through the local sinks (its settings are kept if it has any);
+    its webhook is stored as its `slack` credential, like any org's."""
+    store = service.state.notifications
+    if await store.settings(org_slug) is None:
+        await store.put_settings(
+            OrgNotificationSettings(
+                org_slug,
+                ["finops@demo.local"],
+                list(EVENTS),
+                0,
+                {},
+                slack_webhook=await service.webhooks.put(org_slug, webhook),
+                updated_by="make run",
+            )
+        )
+
+
+def banner(settings: Settings, demo: dict[str, str], rest: str, webhook: str = "") -> str:
     """What `make run` prints once everything is up."""
     root = settings.ca_root_api_key.get_secret_value()
+    backfill = json.dumps(
+        {
+            "pipeline": "saas_subscription/costs/saas_cost",
+            "start_date": _days_ago(30),
+            "end_date": _days_ago(1),
+        },
+        separators=(",", ":"),
+    )
     grpc_addr = f"{settings.grpc_host}:{settings.grpc_port}"
     kek = (
         f"Cloud KMS {settings.kms_key_name}"
@@ -133,6 +162,15 @@ Try:
        cloudact.pipeline.v1.PipelineService/ListPipelines
   .venv/bin/grpcurl -plaintext {grpc_addr} grpc.health.v1.Health/Check
 
+Scheduler and notifications (README "Scheduler", "Notifications"):
+  curl -s {rest}/api/v1/scheduler/{demo["org_slug"]}/schedules -H "X-API-Key: $KEY"
+  curl -s -X POST {rest}/api/v1/scheduler/trigger -H "X-CA-Root-Key: $ROOT" -d '{{}}'
+  curl -s -X POST {rest}/api/v1/scheduler/{demo["org_slug"]}/backfills -H "X-API-Key: $KEY" \\
+       -d '{backfill}'
+  curl -s {rest}/api/v1/scheduler/status -H "X-CA-Root-Key: $ROOT"
+  curl -s {rest}/api/v1/notifications/{demo["org_slug"]}/log -H "X-API-Key: $KEY"
+  SMTP sink 127.0.0.1:{settings.smtp_sink_port}, Slack receiver {webhook or "(off)"}
+  received messages: {settings.state_dir / "notifications"}
 Provider credentials (encrypted with {kek}):
   echo '{{"admin_api_key": "sk-admin-..."}}' | \
        .venv/bin/pipeline-service credentials set {demo["org_slug"]} openai --from-file -
@@ -143,11 +181,24 @@ Provider credentials (encrypted with {kek}):
 """
 
 
+def _days_ago(n: int) -> str:
+    return (datetime.now(UTC).date() - timedelta(days=n)).isoformat()
+
+
 async def run_local_stack(settings: Settings) -> None:
-    """Emulator, PostgreSQL, provider sandbox, gRPC server and Envoy in the foreground until SIGINT/SIGTERM;
-    then stop all."""
-    async with emulator.embedded(settings), postgres.embedded(settings):
+    """Emulator, PostgreSQL, provider sandbox, notification sinks, gRPC server and Envoy in the foreground
+    until SIGINT/SIGTERM; then stop all."""
+    async with emulator.embedded(settings), postgres.embedded(settings), AsyncExitStack() as stack:
         sandbox = await start_sandbox(settings)
+        webhook = ""
+        if settings.notify_sinks_embedded:
+            webhook = await stack.enter_async_context(
+                sinks.embedded(
+                    settings.state_dir / "notifications", settings.smtp_sink_port, settings.webhook_sink_port
+                )
+            )
+        if webhook:  # the `slack` provider posts to the local receiver (read when the registry loads)
+            os.environ.setdefault("PROVIDER_BASE_URL_SLACK", webhook.split("/services/")[0])
         service = await app.start(settings)
         envoy: Envoy | None = None
         try:
@@ -157,6 +208,8 @@ async def run_local_stack(settings: Settings) -> None:
                 log.warning("procedures failed to sync: %s", failed)
             demo = await demo_org(service.orgs, settings.state_dir)
             await sandbox_credentials(service, sandbox)
+            if webhook:
+                await demo_notifications(service, demo["org_slug"], webhook)
             envoy = await asyncio.to_thread(
                 Envoy,
                 grpc_port=service.port,
@@ -164,7 +217,7 @@ async def run_local_stack(settings: Settings) -> None:
                 admin_port=settings.envoy_admin_port,
                 work_dir=settings.state_dir / "envoy",
             )
-            print(banner(settings, demo, envoy.rest_url), flush=True)
+            print(banner(settings, demo, envoy.rest_url, webhook), flush=True)
             await _wait_for_signal()
         finally:
             if envoy is not None:

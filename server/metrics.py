@@ -24,6 +24,17 @@ STEP_SECONDS = Histogram(
 QUOTA_REJECTIONS = Counter(
     "pipeline_quota_rejections_total", "RunPipeline calls refused by a quota", ["reason"]
 )
+SCHEDULER_ENQUEUED = Counter(
+    "scheduler_jobs_enqueued_total", "Scheduled jobs inserted by this replica's ticks"
+)
+SCHEDULER_JOBS = Counter(
+    "scheduler_jobs_total",
+    "Scheduled job attempts ended here: SUCCEEDED, FAILED, CANCELLED, RETRY, DEFERRED",
+    ["outcome"],
+)
+NOTIFICATIONS = Counter(
+    "notifications_total", "Notification outcomes (SENT, FAILED, SUPPRESSED)", ["channel", "outcome"]
+)
 HTTP_REQUESTS = Counter(
     "provider_http_requests_total",
     "Outbound HTTP attempts by outcome (2xx, 4xx, 429, 5xx, error)",

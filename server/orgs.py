@@ -120,6 +120,31 @@ class OrgRepository:
         )
         return [r["org_dataset_id"] for r in rows]
 
+    async def active_contexts(self, now: datetime) -> list[OrgContext]:
+        """Every ACTIVE org with a live subscription, as the scheduler runs for it (no key, no scopes)."""
+        rows = await self._wh.query(
+            "SELECT p.org_slug, p.org_dataset_id, s.daily_limit, s.monthly_limit, s.concurrent_limit, "
+            f"s.requests_per_minute FROM {self._t('org_profiles')} AS p "
+            f"JOIN {self._t('org_subscriptions')} AS s ON s.org_slug = p.org_slug "
+            "WHERE p.status = 'ACTIVE' AND s.status IN ('ACTIVE', 'TRIAL') "
+            "AND (s.ends_at IS NULL OR s.ends_at > @now) "
+            "QUALIFY ROW_NUMBER() OVER (PARTITION BY p.org_slug ORDER BY s.created_at DESC) = 1",
+            {"now": now},
+        )
+        return [
+            OrgContext(
+                org_slug=r["org_slug"],
+                org_api_key_id="",
+                dataset=r["org_dataset_id"],
+                scopes=frozenset(),
+                daily_limit=int(r["daily_limit"]),
+                monthly_limit=int(r["monthly_limit"]),
+                concurrent_limit=int(r["concurrent_limit"]),
+                requests_per_minute=int(r["requests_per_minute"] or 60),
+            )
+            for r in rows
+        ]
+
     async def exists(self, org_slug: str) -> bool:
         """Whether an org profile with this slug exists."""
         rows = await self._wh.query(

@@ -99,7 +99,26 @@ class Settings(BaseSettings):
         description="Ledger exports (one load job per table each) allowed per day over all replicas; "
         "BigQuery allows 1,500 load jobs per table per day. 0: no limit (the emulator has none).",
     )
+    scheduler_tick_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Scheduler tick period in-process; 0 = none (Cloud Scheduler calls it).",
+    )
+    scheduler_max_running: int = Field(50, ge=1, description="Scheduled runs at once over every replica.")
+    scheduler_org_max_running: int = Field(3, ge=1, description="Scheduled runs at once per org.")
+    scheduler_retry_base_seconds: float = Field(60.0, gt=0, description="First retry delay (doubles).")
+    scheduler_retry_max_seconds: float = Field(3600.0, gt=0, description="Longest retry delay or deferral.")
+    scheduler_catch_up_hours: float = Field(24.0, gt=0, description="How far back missed times are looked.")
     metrics_port: int = Field(0, description="Prometheus /metrics port on grpc_host; 0 disables it.")
+    notifications_config: Path = Field(
+        PROJECT_ROOT / "configs" / "notifications" / "config.json",
+        description="Global notification settings (JSON, ${ENV_VAR} values); no file = no notifications.",
+    )
+    notify_sinks_embedded: bool = Field(
+        False, description="Run a local SMTP sink and Slack receiver with the stack (local only)."
+    )
+    smtp_sink_port: int = Field(2525, description="Local SMTP sink port.")
+    webhook_sink_port: int = Field(8025, description="Local Slack webhook receiver port.")
 
     http_connect_timeout_seconds: float = Field(10.0, description="Outbound HTTP connect timeout.")
     http_read_timeout_seconds: float = Field(60.0, description="Outbound HTTP: longest wait for body bytes.")
@@ -144,9 +163,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.pipeline_env is not Environment.LOCAL and (self.emulator_embedded or self.postgres_embedded):
+        if self.pipeline_env is not Environment.LOCAL and (
+            self.emulator_embedded or self.postgres_embedded or self.notify_sinks_embedded
+        ):
             raise ValueError(
-                "emulator_embedded and postgres_embedded are only allowed in the local environment"
+                "emulator_embedded, postgres_embedded and notify_sinks_embedded are only allowed locally"
             )
         if self.pipeline_env is Environment.PROD and len(self.ca_root_api_key.get_secret_value()) < 32:
             raise ValueError("CA_ROOT_API_KEY must be set (at least 32 characters) in prod")

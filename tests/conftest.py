@@ -144,6 +144,8 @@ def settings(
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
         database_url=postgres.dsn,
         replica_lease_seconds=2.0,
+        scheduler_tick_seconds=0,  # scheduler tests tick themselves, with their own clock and orgs
+        notifications_config=DATA / "notifications" / "config.json",  # tests build their own notifiers
         configs_dir=DATA / "configs",
         processor_dirs=[TEST_PROCESSORS],
         state_dir=state,

@@ -52,6 +52,46 @@ LIMITS: Mapping[str, Mapping[str, Limit]] = {
     "ListPipelineRunsRequest": {"pipeline": Limit(194), "status": Limit(32), "page_token": TOKEN},
     "CancelPipelineRunRequest": {"run_id": RUN_ID},
     "WatchPipelineRunRequest": {"run_id": RUN_ID},
+    "ListSchedulesRequest": {"org_slug": SEGMENT},
+    "UpdateScheduleRequest": {
+        "org_slug": SEGMENT,
+        "provider": SEGMENT,
+        "domain": SEGMENT,
+        "pipeline": SEGMENT,
+        "cron": Limit(128),
+        "timezone": SEGMENT,
+        "parameters": Limit(chars=1024, items=50, key_chars=64),
+    },
+    "DeleteScheduleRequest": {
+        "org_slug": SEGMENT,
+        "provider": SEGMENT,
+        "domain": SEGMENT,
+        "pipeline": SEGMENT,
+    },
+    "CreateBackfillRequest": {
+        "org_slug": SEGMENT,
+        "pipeline": Limit(194),
+        "start_date": DAY,
+        "end_date": DAY,
+    },
+    "GetBackfillRequest": {"org_slug": SEGMENT, "backfill_id": RUN_ID},
+    "CancelBackfillRequest": {"org_slug": SEGMENT, "backfill_id": RUN_ID},
+    "TriggerSchedulerRequest": {},
+    "GetNotificationSettingsRequest": {"org_slug": SEGMENT},
+    "UpdateNotificationSettingsRequest": {
+        "org_slug": SEGMENT,
+        "recipients": Limit(chars=254, items=20),
+        "slack_webhook_url": Limit(512),
+        "events": Limit(chars=32, items=4),
+        "pipelines": Limit(items=100),
+    },
+    "PipelineNotifications": {
+        "pipeline": Limit(194),
+        "events": Limit(chars=32, items=4),
+        "recipients": Limit(chars=254, items=20),
+    },
+    "ListNotificationsRequest": {"org_slug": SEGMENT, "page_token": TOKEN},
+    "GetSchedulerStatusRequest": {},
     "ListProceduresRequest": {"page_token": TOKEN},
     "GetProcedureRequest": {"name": Limit(128)},
     "SyncProceduresRequest": {"names": Limit(chars=128, items=200), "domain": SEGMENT},
@@ -86,6 +126,20 @@ def _field_check(field: FieldDescriptor, limit: Limit) -> Check:
             return found
 
         return check_map
+    if field.message_type is not None and field.is_repeated:
+        element = _violations(field.message_type)
+
+        def check_messages(request: Message) -> list[FieldViolation]:
+            values: list[Message] = list(getattr(request, name))
+            if len(values) > limit.items:
+                return [FieldViolation(name, f"at most {limit.items} entries (got {len(values)})")]
+            return [
+                FieldViolation(f"{name}[{i}].{v.field}", v.description)
+                for i, value in enumerate(values)
+                for v in element(value)
+            ]
+
+        return check_messages
     if field.is_repeated:
 
         def check_list(request: Message) -> list[FieldViolation]:
@@ -108,18 +162,29 @@ def needs_limit(field: FieldDescriptor) -> bool:
     return field.is_repeated or field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
 
 
-def checker(request_type: Descriptor) -> Callable[[Message], None]:
-    """The check of one request type; KeyError at registration if a field has no declared limit."""
-    declared: Mapping[str, Limit] = LIMITS.get(request_type.full_name.removeprefix(_PACKAGE), {})
+def _violations(message_type: Descriptor) -> Check:
+    """The field checks of one message type (a request, or the element of a repeated message field, whose
+    type has its own entry); KeyError if a field has no declared limit."""
+    declared: Mapping[str, Limit] = LIMITS.get(message_type.full_name.removeprefix(_PACKAGE), {})
     checks: list[Check] = []
-    for field in request_type.fields:
+    for field in message_type.fields:
         if needs_limit(field):
             if field.name not in declared:
-                raise KeyError(f"{request_type.full_name}.{field.name} has no size limit")
+                raise KeyError(f"{message_type.full_name}.{field.name} has no size limit")
             checks.append(_field_check(field, declared[field.name]))
 
+    def violations(message: Message) -> list[FieldViolation]:
+        return [v for c in checks for v in c(message)]
+
+    return violations
+
+
+def checker(request_type: Descriptor) -> Callable[[Message], None]:
+    """The check of one request type; KeyError at registration if a field has no declared limit."""
+    violations_of = _violations(request_type)
+
     def check(request: Any) -> None:
-        violations = [v for c in checks for v in c(request)]
+        violations = violations_of(request)
         if violations:
             raise InvalidInputError(
                 "request fields exceed their size limits", violations, reason="REQUEST_TOO_LARGE"

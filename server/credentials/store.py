@@ -196,6 +196,16 @@ class CredentialStore:
                 f"no credential {credential_id[:64]!r} for this org", reason="CREDENTIAL_NOT_FOUND"
             )
 
+    async def holders(self, provider: str) -> frozenset[str]:
+        """The orgs holding an ACTIVE credential of `provider` (what the scheduler's default schedules of
+        pipelines that need one look at)."""
+        self.registry.get(provider)
+        rows = await self.warehouse.query(
+            f"SELECT DISTINCT org_slug FROM {self._table} WHERE provider = @provider AND status = 'ACTIVE'",
+            {"provider": provider},
+        )
+        return frozenset(r["org_slug"] for r in rows)
+
     async def load(self, org_slug: str, provider: str, name: str = "default") -> Credential:
         """Fetch and decrypt the org's credential (the vault caches the result)."""
         self.registry.get(provider)

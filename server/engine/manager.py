@@ -121,8 +121,10 @@ class RunManager:
         flush_seconds: float = 0.2,
         poll_seconds: float = 0.5,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_end: Callable[[Run], None] | None = None,
     ) -> None:
         self._catalog = catalog
+        self.on_end = on_end  # told about every run of this replica that ended (notifications)
         self._runner = runner
         self._store = store
         self._wh = warehouse
@@ -339,6 +341,11 @@ class RunManager:
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
+    def parameters(self, config: PipelineConfig, request: RunRequest) -> dict[str, str]:
+        """The parameters a run of `request` would get; InvalidInputError naming the fields if bad (what
+        the scheduler checks when an org sets a schedule's parameters)."""
+        return self._parameters(config, request)
+
     @staticmethod
     def _parameters(config: PipelineConfig, request: RunRequest) -> dict[str, str]:
         """The run's parameters: the config's defaults, the request's parameters, then the run window.
@@ -470,6 +477,11 @@ class RunManager:
             self._active.pop(run.run_id, None)  # else the background flush retries the write
         metrics.RUNS_ACTIVE.dec()
         metrics.labelled(metrics.RUNS_FINISHED, live.config.key, run.state).inc()
+        if self.on_end is not None and not live.fenced:
+            try:
+                self.on_end(run)
+            except Exception:  # whoever listens never affects the run
+                log.exception("run end listener failed")
 
     def _variables(self, run: Run, org: OrgContext, steps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         return templates.template_variables(

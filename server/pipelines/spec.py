@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from server.scheduler import cron
+
 SEGMENT = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 Identifier = Annotated[str, StringConstraints(pattern=SEGMENT.pattern)]
 
@@ -42,6 +44,22 @@ class Schedule(_Strict):
 
     cron: str
     timezone: str = "UTC"
+    enabled: bool = True
+    # After downtime: run the latest missed time once (true), or skip times missed by more than two
+    # minutes (false).
+    catch_up: bool = True
+    # Runs of one scheduled time (or backfill day) at most: transient failures are retried with backoff.
+    max_attempts: int = Field(3, ge=1, le=10)
+    # The shortest gap an org's override may give this pipeline's schedule.
+    min_interval_minutes: int = Field(60, ge=1, le=10080)
+    # The org needs a credential of this provider for the default schedule to apply (issue-8's store).
+    requires_credential: str = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> Schedule:
+        cron.check_cron(self.cron)
+        cron.timezone(self.timezone)
+        return self
 
 
 class StepSpec(_Strict):

@@ -26,6 +26,8 @@ import orjson
 
 from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
+from server.state.notifications import NotificationStore
+from server.state.scheduling import SchedulerStore
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
 STEP_TERMINAL = ["SUCCEEDED", "FAILED", "SKIPPED", "CANCELLED", "NOT_RUN", "TIMEOUT"]
@@ -142,6 +144,8 @@ class StateStore:
         self.lease_seconds = lease_seconds
         self.replica_id = ""
         self._closers = list(closers)
+        self.scheduling = SchedulerStore(pool)
+        self.notifications = NotificationStore(pool)
         self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission]]] = []
         self._admitter: asyncio.Task[None] | None = None
 

@@ -50,7 +50,7 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-SERVICES = ("cloudact.pipeline.v1.PipelineService", "cloudact.pipeline.v1.ProcedureService")
+SERVICES = app.SERVICES  # every service the server registers
 FORBIDDEN_CODES = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
@@ -105,6 +105,12 @@ HOSTILE = [
     "migrations",
     "FAILED",
     "e30",
+    "30 2 * * *",
+    "*/1 * * * *",
+    "America/New_York",
+    "engine/runs/nightly",
+    "RUN_FAILED",
+    "https://hooks.slack.test/x",
 ]
 TEXT = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=40))
 JSON_VALUE = st.recursive(
@@ -340,6 +346,9 @@ async def _rest(
 def _value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return st.dictionaries(TEXT, TEXT, max_size=6) | st.just({f"k{i}": "v" for i in range(300)})
+    if field.message_type is not None and field.is_repeated:  # repeated messages: lists of fuzzed elements
+        element = _request_type(field.message_type)
+        return st.lists(element, max_size=3) | st.just([GetMessageClass(field.message_type)()] * 150)
     if field.is_repeated:
         return st.lists(TEXT, max_size=5) | st.just(["n"] * 500)
     if field.type == FieldDescriptor.TYPE_STRING:
@@ -352,8 +361,12 @@ def _value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
 
 
 def _request(method: MethodDescriptor) -> st.SearchStrategy[Message]:
-    cls = GetMessageClass(method.input_type)
-    fields = {f.name: _value(f) for f in method.input_type.fields}
+    return _request_type(method.input_type)
+
+
+def _request_type(message_type: Any) -> st.SearchStrategy[Message]:
+    cls = GetMessageClass(message_type)
+    fields = {f.name: _value(f) for f in message_type.fields}
 
     def build(values: dict[str, Any]) -> Message:
         if values.get("wait"):

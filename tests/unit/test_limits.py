@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from google.protobuf import descriptor_pool
 
+from cloudact.pipeline.v1 import notification_service_pb2 as nb
 from cloudact.pipeline.v1 import pipeline_service_pb2, procedure_service_pb2
 from server.api import limits
+from server.app import SERVICES  # every service the server registers
 from server.errors import InvalidInputError
-
-SERVICES = ("cloudact.pipeline.v1.PipelineService", "cloudact.pipeline.v1.ProcedureService")
 
 
 def request_types() -> list[object]:
@@ -22,7 +22,13 @@ def test_every_unbounded_request_field_has_a_limit() -> None:
     for request_type in request_types():
         limits.checker(request_type)  # type: ignore[arg-type]  # raises KeyError for a missing limit
     declared = {f"cloudact.pipeline.v1.{name}" for name in limits.LIMITS}
-    assert declared == {t.full_name for t in request_types()}  # type: ignore[attr-defined]
+    elements = {  # element types of repeated message fields have their own entries
+        f.message_type.full_name
+        for t in request_types()
+        for f in t.fields  # type: ignore[attr-defined]
+        if f.message_type is not None and f.is_repeated and not f.message_type.GetOptions().map_entry
+    }
+    assert declared == {t.full_name for t in request_types()} | elements  # type: ignore[attr-defined]
 
 
 def test_a_new_field_without_a_limit_is_refused() -> None:
@@ -76,3 +82,13 @@ def test_values_at_the_limit_pass() -> None:
             parameters={f"{i:02d}" + "k" * 62: "v" * 1024 for i in range(50)},
         )
     )
+
+
+def test_elements_of_repeated_messages_are_checked() -> None:
+    request = nb.UpdateNotificationSettingsRequest(
+        org_slug="acme",
+        pipelines=[nb.PipelineNotifications(pipeline="a/b/c"), nb.PipelineNotifications(pipeline="x" * 300)],
+    )
+    assert violations(request) == [("pipelines[1].pipeline", "at most 194 characters (got 300)")]
+    too_many = nb.UpdateNotificationSettingsRequest(pipelines=[nb.PipelineNotifications()] * 101)
+    assert violations(too_many) == [("pipelines", "at most 100 entries (got 101)")]

@@ -1,0 +1,1 @@
+"""Failure notifications: e-mail and Slack on run events, with cooldown and a log in PostgreSQL."""

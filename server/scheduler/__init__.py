@@ -1,0 +1,1 @@
+"""The scheduler: effective schedules, the minute tick, backfills and the job worker."""
