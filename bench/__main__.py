@@ -578,11 +578,12 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["genai"] and len(sys.argv) <= 3:
+    if sys.argv[1:2] == ["genai"] and set(sys.argv[3:]) <= set(genai.CONTENDERS):
         rows = int(sys.argv[2]) if sys.argv[2:] else genai.DEFAULT_ROWS
-        raise SystemExit(asyncio.run(genai.main(rows, machine())))
+        only = tuple(sys.argv[3:]) or genai.CONTENDERS
+        raise SystemExit(asyncio.run(genai.main(rows, machine(), only)))
     if sys.argv[1:] == ["saas"]:
         raise SystemExit(asyncio.run(saas_cost.main(machine())))
     if sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [saas | genai [ROWS]]")
+        raise SystemExit("usage: python -m bench [saas | genai [ROWS [ours|dlt|floor ...]]]")
     raise SystemExit(asyncio.run(main()))

@@ -47,6 +47,8 @@ END = date(2025, 12, 31)
 LIMIT = 7  # buckets per page for every contender (OpenAI's default page size for 1d buckets)
 KEY = "sk-admin-bench-" + "0" * 24
 CONTENDER_SECONDS = 150.0  # each contender is stopped after this long
+CONTENDERS = ("ours", "dlt", "floor")
+UPLOAD_CAP = 4 << 30
 GENAI_SECONDS = 170.0  # the whole part in `make bench` (a contender gets what is left, at most the above)
 PROJECT = "bench-project"
 DATASET = "bench_genai"
@@ -338,7 +340,11 @@ def contender_main(argv: list[str]) -> int:
     name, url, start, end, folder = argv[:5]
     first, last, where = date.fromisoformat(start), date.fromisoformat(end), Path(folder)
     if name == "ours":
-        return asyncio.run(ours(url, first, last, where, argv[5]))
+        try:
+            return asyncio.run(ours(url, first, last, where, argv[5]))
+        except Exception as exc:
+            print(f"{type(exc).__name__}: {exc}; detail: {getattr(exc, 'detail', '')}"[:600], file=sys.stderr)
+            return 1
     if name == "dlt":
         return dlt_rest_api(url, first, last, where)
     if name == "floor":
@@ -394,7 +400,7 @@ async def _contender(name: str, args: list[str], timeout: float) -> Outcome:
     lines = [line for line in out.decode().splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = err.decode().strip().splitlines()[-3:]
-        return Outcome(name, error=f"exit {proc.returncode}: {' | '.join(t[:200] for t in tail)}")
+        return Outcome(name, error=f"exit {proc.returncode}: {' | '.join(t[:300] for t in tail)}")
     figures = json.loads(lines[-1])
     return Outcome(
         name, figures["rows"], figures["seconds"], figures["peak_rss_kib"] / 1024, "", figures["load_seconds"]
@@ -413,7 +419,9 @@ def _peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-async def measure(rows: int, result: GenAIResult, budget: float) -> GenAIResult:
+async def measure(
+    rows: int, result: GenAIResult, budget: float, only: tuple[str, ...] = CONTENDERS
+) -> GenAIResult:
     """Start the fake API and an emulator, run the three contenders one after the other within `budget`."""
     from server.localstack.emulator import Emulator
     from server.localstack.process import free_port
@@ -424,6 +432,9 @@ async def measure(rows: int, result: GenAIResult, budget: float) -> GenAIResult:
     start = END - timedelta(days=days - 1)
     folder = Path(tempfile.mkdtemp(prefix="bench-genai-"))
     api = await UsageAPI(start, days, groups).start()
+    # The processor loads the window as one NDJSON upload (~1.1 KB a row): 1M rows pass the emulator's
+    # default 1 GiB upload cap (BigQuery's own limit is far larger), so this emulator gets 4 GiB.
+    os.environ.setdefault("BQEMU_UPLOAD_MAX_BYTES", str(UPLOAD_CAP))
     emulator = await asyncio.to_thread(
         lambda: Emulator(
             rest_port=free_port(),
@@ -436,6 +447,8 @@ async def measure(rows: int, result: GenAIResult, budget: float) -> GenAIResult:
     try:
         common = [api.url, start.isoformat(), END.isoformat(), str(folder)]
         for name, extra in (("ours", [emulator.endpoint]), ("dlt", []), ("floor", [])):
+            if name not in only:
+                continue
             left = min(CONTENDER_SECONDS, deadline - time.perf_counter())
             if left < 5:
                 result.outcomes[name] = Outcome(name, error="skipped (time budget)")
@@ -443,6 +456,9 @@ async def measure(rows: int, result: GenAIResult, budget: float) -> GenAIResult:
             outcome = await _contender(name, [*common, *extra], left)
             if name == "ours":
                 outcome.server_peak_rss_mib = _peak_rss_mib(emulator.pid)
+                if outcome.error:  # what the emulator said about it
+                    log = (folder / "emulator.log").read_text(errors="replace").strip().splitlines()
+                    outcome.error += " | emulator: " + " | ".join(line[:300] for line in log[-3:])
             result.outcomes[name] = outcome
             print(f"  {_line(outcome, days * groups)}", flush=True)
     finally:
@@ -523,21 +539,21 @@ def markdown(result: GenAIResult, host: str) -> str:
     return "\n".join(lines)
 
 
-async def report(rows: int, budget: float = GENAI_SECONDS) -> GenAIResult:
+async def report(rows: int, budget: float = GENAI_SECONDS, only: tuple[str, ...] = CONTENDERS) -> GenAIResult:
     """Measure and print (the `make bench` part)."""
     days, groups = shape(rows)
     print(
         f"OpenAI usage ingestion: {days * groups:,} rows ({days} days x {groups:,} groups), three contenders:"
     )
-    result = await measure(rows, GenAIResult(), budget)
+    result = await measure(rows, GenAIResult(), budget, only)
     for line in verdicts(result):
         print(f"  {line}")
     return result
 
 
-async def main(rows: int, host: str) -> int:
-    """`python -m bench genai [ROWS]`."""
-    result = await report(rows, budget=3 * CONTENDER_SECONDS + 60)
+async def main(rows: int, host: str, only: tuple[str, ...] = CONTENDERS) -> int:
+    """`python -m bench genai [ROWS [CONTENDER ...]]`."""
+    result = await report(rows, budget=3 * CONTENDER_SECONDS + 60, only=only)
     print()
     print(markdown(result, host))
     return 0 if all(not o.error for o in result.outcomes.values()) else 1
