@@ -5,7 +5,7 @@ A local OpenAI completions usage API (this module's `UsageAPI`, the documented p
 `next_page`) serves ROWS rows: DAYS x GROUPS (2,000 groups per day; more groups when ROWS would need a
 window over 366 days, which the processor refuses). Each page is built when asked for, as a real server
 would. Three contenders pull the same pages, each in its own process (so its peak RSS is its own,
-`getrusage(RUSAGE_SELF)` + `RUSAGE_CHILDREN` at its end), one after the other:
+the larger of `getrusage` RUSAGE_SELF and RUSAGE_CHILDREN at its end), one after the other:
 
 - ours: the real `openai.usage` processor with a real `StepContext` built as the engine builds it (the
   process's `OutboundHttp` from `configs/system/providers.yml` with `PROVIDER_BASE_URL_OPENAI` pointing
