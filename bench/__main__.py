@@ -1,6 +1,8 @@
 """`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step, warehouse
 jobs per run and the SaaS cost pipeline at scale against a DuckDB floor, in one bounded run (under 8
-minutes), printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part.
+minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, at most 170 s more),
+printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part, `python -m
+bench genai [ROWS]` only the OpenAI usage part (default 200,000 rows; 1,000,000 for the issue's size).
 
 Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
 order alternates between rounds), and the summary reports the median over the rounds, because on a
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import admission, cpu, engine_overhead, jobs, saas_cost
+from bench import admission, cpu, engine_overhead, genai, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
@@ -563,16 +565,30 @@ async def main() -> int:
     print()
     print(f"total time {time.perf_counter() - started:.1f}s; all servers stopped")
     print()
+    # OpenAI usage ingestion against dlt and a floor (its own fake API and emulator, at most GENAI_SECONDS)
+    try:
+        usage = await genai.report(genai.DEFAULT_ROWS)
+    except Exception as exc:  # reported; the summaries of the other parts still print
+        print(f"OpenAI usage ingestion: failed ({type(exc).__name__}: {str(exc)[:200]})")
+        usage = genai.GenAIResult()
+    print()
     print(summary_markdown(host, measured, overhead, per_run, load_jobs))
     if saas.plans:
         print()
         print(saas_cost.markdown(saas, host))
+    print()
+    if usage.outcomes:
+        print(genai.markdown(usage, host))
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["genai"] and set(sys.argv[3:]) <= set(genai.CONTENDERS):
+        rows = int(sys.argv[2]) if sys.argv[2:] else genai.DEFAULT_ROWS
+        only = tuple(sys.argv[3:]) or genai.CONTENDERS
+        raise SystemExit(asyncio.run(genai.main(rows, machine(), only)))
     if sys.argv[1:] == ["saas"]:
         raise SystemExit(asyncio.run(saas_cost.main(machine())))
     if sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [saas]")
+        raise SystemExit("usage: python -m bench [saas | genai [ROWS [ours|dlt|floor ...]]]")
     raise SystemExit(asyncio.run(main()))
