@@ -38,7 +38,7 @@ class Ledger:
         dataset: str,
         store: StateStore,
         *,
-        interval: float = 0.5,
+        interval: float = 60.0,
         loads_per_day: int = 0,
     ) -> None:
         self._wh = warehouse

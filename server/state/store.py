@@ -2,8 +2,9 @@
 
 Runs (while they live and after), their events (the run ledger, also the outbox of BigQuery's analytics
 copy), quota counters, token buckets and replica leases. Every rule that must hold across replicas is one
-statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql), a
-run's update and its events are one statement, closing a dead replica's runs is one statement.
+statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql, as
+changed by 0004_admit_started.sql), a run's update and its events are one statement, closing a dead
+replica's runs is one statement.
 
 A run is written by the replica that owns it, and only while it is active and that replica's lease
 holds: writes carry the owner and match active runs only, so a replica whose lease expired (and whose
@@ -13,6 +14,7 @@ runs another replica closed as INTERRUPTED) can no longer change them (fencing).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -28,6 +30,8 @@ from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
 from server.state.notifications import NotificationStore
 from server.state.scheduling import SchedulerStore
+
+log = logging.getLogger(__name__)
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
 STEP_TERMINAL = ["SUCCEEDED", "FAILED", "SKIPPED", "CANCELLED", "NOT_RUN", "TIMEOUT"]
@@ -52,12 +56,13 @@ FROM (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
         n integer, run_id text, org text, request_id text, dedupe_key text, at timestamptz, rate integer,
         concurrent integer, daily integer, monthly integer, pipeline_key text, pipeline_id text,
-        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text)
+        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text, state text,
+        start_time timestamptz)
     ORDER BY hashtextextended('admit:' || org, 0), n
     OFFSET 0) AS i
 CROSS JOIN LATERAL admit_run(i.run_id, i.org, i.request_id, i.dedupe_key, $1, i.at, i.rate, i.concurrent,
     i.daily, i.monthly, i.pipeline_key, i.pipeline_id, i.trigger, i.triggered_by, i.parameters, i.steps,
-    i.identity) AS a
+    i.identity, i.state, i.start_time) AS a
 """
 
 
@@ -146,7 +151,7 @@ class StateStore:
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
-        self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission]]] = []
+        self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission], Callable[[], None] | None]] = []
         self._admitter: asyncio.Task[None] | None = None
 
     @classmethod
@@ -279,12 +284,19 @@ class StateStore:
 
     # -- admission and run writes ------------------------------------------------------------------
 
-    async def admit(self, run: Run, limits: Limits) -> Admission:
-        """Admit `run` (in PENDING, owned by this replica); see `admit_run()`. The admissions asked for
-        while a batch is in flight go out together as the next one: one statement and one commit for
-        all (group commit), each admission still checked in order against everything before it."""
+    async def admit(
+        self, run: Run, limits: Limits, *, on_accept: Callable[[], None] | None = None
+    ) -> Admission:
+        """Admit `run` in its state, PENDING or RUNNING (a run that starts the moment it is admitted: its
+        RUNNING transition is then part of the admission), owned by this replica; see `admit_run()`.
+        The admissions asked for while a batch is in flight go out together as the next one: one
+        statement and one commit for all (group commit), each admission still checked in order against
+        everything before it.
+
+        `on_accept` is called once the admission committed, by the batch, before this returns and also
+        when the caller was cancelled meanwhile (an admitted run must run)."""
         done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self._admissions.append((run, limits, done))
+        self._admissions.append((run, limits, done, on_accept))
         if self._admitter is None or self._admitter.done():
             self._admitter = asyncio.create_task(self._admit_batches(), name="admissions")
         return await done
@@ -293,13 +305,18 @@ class StateStore:
         while self._admissions:
             batch, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
             try:
-                results = await self._admit_batch([(run, limits) for run, limits, _ in batch])
+                results = await self._admit_batch([(run, limits) for run, limits, *_ in batch])
             except Exception as exc:
-                for *_, done in batch:
+                for _, _, done, _ in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for (*_, done), result in zip(batch, results, strict=True):
+            for (_, _, done, on_accept), result in zip(batch, results, strict=True):
+                if on_accept is not None and result.outcome == "ACCEPTED":
+                    try:
+                        on_accept()
+                    except Exception:  # the others' admissions are answered regardless
+                        log.exception("starting an admitted run failed")
                 if not done.done():
                     done.set_result(result)
 
@@ -326,6 +343,8 @@ class StateStore:
                 "parameters": run.parameters,
                 "steps": _steps(run),
                 "identity": identity(run),
+                "state": run.state,
+                "start_time": run.start_time,
             }
             for n, (run, limits) in enumerate(batch)
         ]
