@@ -66,6 +66,27 @@ CROSS JOIN LATERAL admit_run(i.run_id, i.org, i.request_id, i.dedupe_key, $1, i.
 """
 
 
+_WRITE_SQL = f"""
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+        run_id text, state text, reason text, error text, start_time timestamptz,
+        end_time timestamptz, steps jsonb, events jsonb, n integer)),
+u AS (
+    UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
+        start_time = i.start_time, end_time = i.end_time, steps = i.steps
+    FROM input i
+    WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
+    RETURNING r.run_id, r.org_slug, i.events, i.n),
+ev AS (
+    INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
+    SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
+    FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
+        AS e({_EVENT_NAMES}, k)
+    ORDER BY u.n, e.k)
+SELECT run_id FROM u
+"""
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
@@ -151,6 +172,7 @@ class StateStore:
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
+        self._kept: dict[str, Any] = {}  # a pooled connection per batch loop, kept between its batches
         self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission], Callable[[], None] | None]] = []
         self._admitter: asyncio.Task[None] | None = None
 
@@ -208,6 +230,9 @@ class StateStore:
 
     async def close(self) -> None:
         """Close the pool (and the Cloud SQL connector)."""
+        for conn in self._kept.values():
+            await self._pool.release(conn)
+        self._kept.clear()
         await self._pool.close()
         for closer in self._closers:
             await closer.close_async()
@@ -217,6 +242,23 @@ class StateStore:
         """A pooled connection (for the migrations command and tests)."""
         async with self._pool.acquire() as conn:
             yield conn
+
+    async def _fetch_kept(self, loop: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """`fetch` on the connection kept for one of the batch loops (admissions, run writes): a loop
+        sends one statement after another, so keeping its connection saves the pool's acquire and
+        release per batch. A concurrent caller (tests) gets another from the pool; a connection that
+        failed goes back to the pool, which replaces it if it broke."""
+        conn = self._kept.pop(loop, None) or await self._pool.acquire()
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        if loop in self._kept:
+            await self._pool.release(conn)
+        else:
+            self._kept[loop] = conn
+        return rows
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -350,7 +392,7 @@ class StateStore:
         ]
         for attempt in range(3):
             try:
-                rows = await self._pool.fetch(_ADMIT_BATCH_SQL, self.replica_id, items)
+                rows = await self._fetch_kept("admissions", _ADMIT_BATCH_SQL, self.replica_id, items)
                 break
             except asyncpg.exceptions.DeadlockDetectedError:
                 if attempt == 2:
@@ -366,26 +408,9 @@ class StateStore:
     async def write_many(self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]]) -> set[str]:
         """Several runs' `write`s in one statement (one round trip and one commit for all: concurrent
         runs' transitions are written together); the ids of the runs written. A run appears once."""
-        rows = await self._pool.fetch(
-            f"""
-            WITH input AS (
-                SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
-                    run_id text, state text, reason text, error text, start_time timestamptz,
-                    end_time timestamptz, steps jsonb, events jsonb, n integer)),
-            u AS (
-                UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
-                    start_time = i.start_time, end_time = i.end_time, steps = i.steps
-                FROM input i
-                WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
-                RETURNING r.run_id, r.org_slug, i.events, i.n),
-            ev AS (
-                INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
-                SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
-                FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
-                    AS e({_EVENT_NAMES}, k)
-                ORDER BY u.n, e.k)
-            SELECT run_id FROM u
-            """,
+        rows = await self._fetch_kept(
+            "writes",
+            _WRITE_SQL,
             self.replica_id,
             [
                 {

@@ -3,6 +3,32 @@
 -- events, in the admission's one statement, instead of writing RUNNING in a second one. p_state is
 -- 'PENDING' or 'RUNNING' (then p_start_time is its start). Everything else is as in 0001.
 
+-- take_token() as in 0001, but the bucket is created only when missing: an admission takes its org's
+-- token every time, and the insert attempted before each take was most of its time (in the benchmark,
+-- 78 -> 23 us of function time per take).
+CREATE OR REPLACE FUNCTION take_token(p_bucket text, p_per_s double precision, p_capacity double precision,
+                                      p_initial double precision) RETURNS double precision
+LANGUAGE plpgsql AS $$
+DECLARE
+    t double precision;
+    at_ timestamptz;
+    now_ timestamptz;
+BEGIN
+    SELECT tokens, updated_at INTO t, at_ FROM token_buckets WHERE bucket = p_bucket FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO token_buckets VALUES (p_bucket, p_initial, clock_timestamp()) ON CONFLICT DO NOTHING;
+        SELECT tokens, updated_at INTO t, at_ FROM token_buckets WHERE bucket = p_bucket FOR UPDATE;
+    END IF;
+    now_ := greatest(clock_timestamp(), at_);
+    t := least(p_capacity, t + extract(epoch FROM now_ - at_) * p_per_s);
+    IF t >= 1 THEN
+        UPDATE token_buckets SET tokens = t - 1, updated_at = now_ WHERE bucket = p_bucket;
+        RETURN 0;
+    END IF;
+    UPDATE token_buckets SET tokens = t, updated_at = now_ WHERE bucket = p_bucket;
+    RETURN (1 - t) / p_per_s;
+END $$;
+
 DROP FUNCTION admit_run(text, text, text, text, text, timestamptz, integer, integer, integer, integer, text,
                         text, text, text, jsonb, jsonb, text);
 
