@@ -287,7 +287,7 @@ class RunManager:
         )
         # It runs the moment it is admitted (no queue in between), so it is admitted RUNNING: the
         # admission's one statement also writes its RUNNING transition (one write fewer per run).
-        run.state, run.start_time = "RUNNING", run.create_time
+        run.state, run.start_time = "RUNNING", max(datetime.now(UTC), run.create_time)
         limits = Limits(org.requests_per_minute, org.concurrent_limit, org.daily_limit, org.monthly_limit)
         # An accepted run is started by the admission batch itself, as it learns the outcome, so a caller
         # that goes away (deadline, disconnect) while the admission commits never leaves an admitted run

@@ -100,6 +100,15 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     migrations' advisory lock is released by them), so asyncpg's reset round trip per use is saved."""
 
 
+def _gone(conn: Any) -> bool:
+    """Whether a pooled connection closed; asyncpg gives a connection that closed back to the pool by
+    itself, and its proxy then refuses every call."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """The outcome of `admit`: ACCEPTED, REPLAY or ACTIVE (with `run_id`), or a refusal (a limit's name,
@@ -248,7 +257,11 @@ class StateStore:
         sends one statement after another, so keeping its connection saves the pool's acquire and
         release per batch. A concurrent caller (tests) gets another from the pool; a connection that
         failed goes back to the pool, which replaces it if it broke."""
-        conn = self._kept.pop(loop, None) or await self._pool.acquire()
+        conn = self._kept.pop(loop, None)
+        if conn is not None and _gone(conn):  # its server went away while it was kept
+            await self._pool.release(conn)  # (nothing to do if asyncpg gave it back already)
+            conn = None
+        conn = conn or await self._pool.acquire()
         try:
             rows: list[asyncpg.Record] = await conn.fetch(query, *args)
         except BaseException:
