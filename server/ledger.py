@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -58,8 +57,8 @@ class Ledger:
         )
         return wait == 0
 
-    async def _load(self, kind: str, rows: list[dict[str, Any]]) -> None:
-        await self._wh.load_rows(self._dataset, EVENTS if kind == "events" else RUNS, rows)
+    async def _load(self, kind: str, ndjson: bytes) -> None:
+        await self._wh.load_ndjson(self._dataset, EVENTS if kind == "events" else RUNS, ndjson)
 
     async def flush(self) -> int:
         """Export every finished run not yet exported now, regardless of the budget; return how many."""
