@@ -151,13 +151,18 @@ def new_stack() -> Stack:
     return Stack(folder=Path(tempfile.mkdtemp(prefix="pipeline-bench-")))
 
 
+async def finish_runs(service: app.Service, max_seconds: float = 20.0) -> None:
+    """Wait until no run is active (at most `max_seconds`)."""
+    tasks = [live.run.task for live in list(service.runs._active.values()) if live.run.task is not None]
+    if tasks:
+        await asyncio.wait(tasks, timeout=max_seconds)
+
+
 async def drain(service: app.Service, max_seconds: float = 20.0) -> float:
     """Wait until no run is active and the ledger is exported; return the seconds waited."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    tasks = [live.run.task for live in list(service.runs._active.values()) if live.run.task is not None]
-    if tasks:
-        await asyncio.wait(tasks, timeout=max_seconds)
+    await finish_runs(service, max_seconds)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(service.ledger.flush(), max(1.0, began + max_seconds - loop.time()))
     return loop.time() - began

@@ -46,6 +46,7 @@ class Ledger:
         self._interval = interval
         self._loads_per_day = loads_per_day
         self._task: asyncio.Task[None] | None = None
+        self.exported = 0  # runs exported by this replica since it started
 
     async def _budget(self) -> bool:
         """Take one export from the shared budget (always granted without a limit)."""
@@ -69,13 +70,14 @@ class Ledger:
                 await asyncio.sleep(0.05)
                 continue
             total += done
+            self.exported += done
             if not done:
                 return total
         return total
 
     async def _tick(self) -> None:
         if await self._store.unexported() and await self._budget():
-            await self._store.export(self._load, lock_key=EXPORT_LOCK)
+            self.exported += await self._store.export(self._load, lock_key=EXPORT_LOCK) or 0
 
     async def _loop(self) -> None:
         while True:

@@ -673,8 +673,10 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub, 
         for r in (quick.run_id, failing.run_id, sleepy.run_id)
     }
 
+    exported = service.ledger.exported
     runs = await ledger_rows(service, "pipeline_runs", [org.slug])
     assert sorted(r["run_id"] for r in runs) == sorted(final)  # exactly one row per run
+    assert service.ledger.exported >= exported + 3  # the count the benchmark divides the export's cost by
     names = {
         RS.RUN_STATE_COMPLETED: "COMPLETED",
         RS.RUN_STATE_FAILED: "FAILED",
