@@ -3,7 +3,7 @@
 Runs (while they live and after), their events (the run ledger, also the outbox of BigQuery's analytics
 copy), quota counters, token buckets and replica leases. Every rule that must hold across replicas is one
 statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql, as
-changed by 0004_admit_started.sql), a run's update and its events are one statement, closing a dead
+changed by 0005_admit_started.sql), a run's update and its events are one statement, closing a dead
 replica's runs is one statement.
 
 A run is written by the replica that owns it, and only while it is active and that replica's lease
