@@ -29,6 +29,7 @@ import orjson
 from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
 from server.state.notifications import NotificationStore
+from server.state.retention import RetentionStore
 from server.state.scheduling import SchedulerStore
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ class StateStore:
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
+        self.retention = RetentionStore(pool)
         self._kept: dict[str, Any] = {}  # a pooled connection per batch loop, kept between its batches
         self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission], Callable[[], None] | None]] = []
         self._admitter: asyncio.Task[None] | None = None
