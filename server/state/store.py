@@ -552,9 +552,9 @@ class StateStore:
             )
             if not ids:
                 return 0
-            events: str = await conn.fetchval(_EXPORT_EVENTS_SQL, ids)
+            events: str | None = await conn.fetchval(_EXPORT_EVENTS_SQL, ids)
             runs: str = await conn.fetchval(_EXPORT_RUNS_SQL, ids)
-            await load("events", events.encode())
+            await load("events", (events or "").encode())
             await load("runs", runs.encode())
             await conn.execute("UPDATE runs SET exported = true WHERE run_id = ANY($1::text[])", ids)
             return len(ids)
