@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -246,7 +247,9 @@ class RunManager:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queued.append((run, events, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
+            self._writer = asyncio.create_task(
+                self._write_batches(), name="run-writes", context=contextvars.Context()
+            )
         return done
 
     async def _write_batches(self) -> None:
@@ -316,7 +319,10 @@ class RunManager:
             run.notify(Event(run.start_time, run.state))
         metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
         metrics.RUNS_ACTIVE.inc()
-        run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
+        # A context of its own: it is started by the admission batch, whose context is some caller's.
+        run.task = asyncio.create_task(
+            self._execute(live, org), name=f"run-{run.run_id}", context=contextvars.Context()
+        )
         run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
 
     @staticmethod

@@ -14,6 +14,7 @@ runs another replica closed as INTERRUPTED) can no longer change them (fencing).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -355,7 +356,10 @@ class StateStore:
         done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._admissions.append((run, limits, done, on_accept))
         if self._admitter is None or self._admitter.done():
-            self._admitter = asyncio.create_task(self._admit_batches(), name="admissions")
+            # A context of its own, not the first caller's (the batch serves every caller).
+            self._admitter = asyncio.create_task(
+                self._admit_batches(), name="admissions", context=contextvars.Context()
+            )
         return await done
 
     async def _admit_batches(self) -> None:

@@ -10,6 +10,7 @@ closes runs of replicas without a lease) never touches these runs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -267,6 +268,23 @@ async def test_an_admitted_run_is_started_even_when_its_caller_went_away(replica
     await asyncio.sleep(0.2)
     assert sorted(started) == sorted(r.run_id for r in runs)  # each once, the refused one never
     assert await a.active_runs(org) == len(runs)
+
+
+async def test_admissions_are_started_outside_any_callers_context(replicas: Factory) -> None:
+    # The batch that starts accepted runs serves every caller: it must not run in the first caller's
+    # context (its request id, its principal), or runs would carry another caller's log fields.
+    a = await replicas()
+    org = org_slug("context")
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="")
+    seen: list[str] = []
+
+    async def call(name: str) -> str:
+        caller.set(name)
+        run = new_run(org)
+        return (await a.admit(run, limits(), on_accept=lambda: seen.append(caller.get()))).outcome
+
+    assert await asyncio.gather(call("first"), call("second")) == ["ACCEPTED", "ACCEPTED"]
+    assert seen == ["", ""]
 
 
 async def test_a_broken_connection_of_a_batch_loop_is_replaced(replicas: Factory, database: str) -> None:
