@@ -323,13 +323,17 @@ class BigQueryWarehouse:
             table.clustering_fields = list(schema.clustering)
         return table
 
-    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
+    async def ensure_table(
+        self, dataset: str, schema: TableSchema, *, expires: datetime | None = None
+    ) -> None:
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way);
+        `expires` sets its expiration time (BigQuery drops it then: staging tables of a crashed run).
 
         A table created from an older schema file gets the NULLABLE scalar columns added since (one
         `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
         """
         table = self._table(dataset, schema)
+        table.expires = expires
         existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),

@@ -70,8 +70,11 @@ def test_a_table_without_day_partitions_is_refused_unless_configured() -> None:
 def test_floats_are_read_as_exact_text_and_missing_columns_are_left_out() -> None:
     columns = bq_etl.projection(bq_etl.RAW_SCHEMA.fields, SOURCE_FIELDS)
     text = ", ".join(columns)
-    assert "FORMAT('%.9f', `cost`) AS `cost`" in text
-    assert "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, FORMAT('%.9f', e0.`amount`) AS `amount`" in text
+    assert "PARSE_NUMERIC(FORMAT('%.9f', `cost`)) AS `cost`" in text
+    assert (
+        "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, PARSE_NUMERIC(FORMAT('%.9f', e0.`amount`)) AS `amount`"
+        in text
+    )
     assert "`price` AS `price`" in text  # NUMERIC already: copied as it is
     parse("SELECT " + text + " FROM t")  # valid BigQuery SQL
     standard = tuple(f for f in SOURCE_FIELDS if f["name"] not in ("resource", "subscription", "price"))
