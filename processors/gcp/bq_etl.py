@@ -124,7 +124,9 @@ class Partitioning:
     def between(self, lo: str, hi: str) -> str:
         """A pruning filter for the partitions from @lo to @hi (DATE parameters, inclusive)."""
         if self.is_timestamp:
-            upper = f"TIMESTAMP(DATE_ADD({hi}, INTERVAL 1 DAY))"
+            # (TIMESTAMP_ADD, not DATE_ADD: bqemulator re-renders statements with DATE_ADD and drops the
+            # scale of their NUMERIC(38, 9) casts)
+            upper = f"TIMESTAMP_ADD(TIMESTAMP({hi}), INTERVAL 1 DAY)"
             return f"{self.column} >= TIMESTAMP({lo}) AND {self.column} < {upper}"
         return f"{self.column} BETWEEN {lo} AND {hi}"
 
@@ -166,10 +168,10 @@ def projection(
 
     Top-level columns the source lacks are left out (they stay NULL); a missing field of a record is a
     typed NULL, so a rebuilt record has the mirror's exact type (an INSERT needs it). A FLOAT in the
-    source (money, quantities) becomes `PARSE_NUMERIC(FORMAT('%.9f', x))`: BigQuery rounds the float to
-    9 decimals as text, and the text becomes NUMERIC exactly, so no money passes through a
-    float of ours (nor through the emulator's 3-decimal `NUMERIC` casts). A record is rebuilt only when
-    one of its fields needs a conversion or is missing, an array of records with
+    source (money, quantities) becomes `CAST(x AS NUMERIC(38, 9))`: BigQuery's own rounding of the float
+    to 9 decimals, computed by BigQuery, so no money passes through a float of ours (and the mirror's sums
+    are exact NUMERIC). The scale is explicit: bqemulator's plain NUMERIC keeps 3 decimals. A record is
+    rebuilt only when one of its fields needs a conversion or is missing, an array of records with
     `ARRAY(SELECT AS STRUCT ... FROM UNNEST(...))` (BigQuery casts no arrays).
     """
     out: list[str] = []
@@ -226,9 +228,9 @@ def _convert(raw: dict[str, Any], source: dict[str, Any], path: str, depth: int)
         inner = projection(raw.get("fields", []), source.get("fields", []), path, depth + 1)
         return f"IF({path} IS NULL, NULL, STRUCT({', '.join(inner)}))"
     if kind == "NUMERIC" and source.get("type") in ("FLOAT", "FLOAT64"):
-        # The float's value rounded to 9 decimals, as text, then NUMERIC: exact. (PARSE_NUMERIC, not a
-        # CAST to NUMERIC(38, 9): bqemulator re-renders some statements and drops the cast's scale.)
-        return f"PARSE_NUMERIC(FORMAT('%.9f', {path}))"
+        # Rounded to 9 decimals by BigQuery. (The copy statement avoids DATE_ADD, ARRAY_AGG(... LIMIT) and
+        # WITH OFFSET: bqemulator re-renders such statements through sqlglot, which drops the scale.)
+        return f"CAST({path} AS NUMERIC(38, 9))"
     return path
 
 
@@ -246,7 +248,7 @@ def tags_sql(groups: int) -> str:
     ]
     return (
         "(SELECT CONCAT('{', IFNULL(STRING_AGG(CONCAT(TO_JSON_STRING(k), ':', TO_JSON_STRING(v)), ',' "
-        "ORDER BY k), ''), '}') FROM (SELECT k, ARRAY_AGG(v ORDER BY g, v LIMIT 1)[OFFSET(0)] AS v FROM ("
+        "ORDER BY k), ''), '}') FROM (SELECT k, SUBSTR(MIN(CONCAT(CAST(g AS STRING), v)), 2) AS v FROM ("
         + " UNION ALL ".join(parts)
         + ") WHERE k IS NOT NULL AND k != '' GROUP BY k))"
     )
@@ -413,7 +415,9 @@ class BillingExportEtl:
                     "pipeline_id": context.run.pipeline_id,
                     "run_id": context.run.run_id,
                 }
-                copy = self._copy_in_warehouse if config.copy_via == "warehouse" else self._copy_through_client
+                copy = (
+                    self._copy_in_warehouse if config.copy_via == "warehouse" else self._copy_through_client
+                )
                 copied, scanned_copy = await copy(
                     context, config, customer, (statement, copy_columns(columns)), lineage, staging, changed
                 )

@@ -310,8 +310,9 @@ class BigQueryWarehouse:
         await self.ensure_dataset(dataset)
         await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
 
-    def _table(self, dataset: str, schema: TableSchema) -> bigquery.Table:
-        """The client's table object for a schema file (fields, description, partitioning, clustering)."""
+    def _table(self, dataset: str, schema: TableSchema, expires: datetime | None = None) -> bigquery.Table:
+        """The client's table object for a schema file (fields, description, partitioning, clustering,
+        expiration time)."""
         table = bigquery.Table(
             self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
@@ -321,6 +322,7 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
+        table.expires = expires
         return table
 
     async def ensure_table(
@@ -332,8 +334,7 @@ class BigQueryWarehouse:
         A table created from an older schema file gets the NULLABLE scalar columns added since (one
         `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
         """
-        table = self._table(dataset, schema)
-        table.expires = expires
+        table = self._table(dataset, schema, expires)
         existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),

@@ -55,7 +55,8 @@ def test_column_partitioned_tables_prune_on_the_column() -> None:
     assert part.key == "DATE(`export_time`)"
     text = bq_etl.copy_sql("`p.d.t`", part, ["`cost`"])
     assert (
-        "`export_time` >= TIMESTAMP(@lo) AND `export_time` < TIMESTAMP(DATE_ADD(@hi, INTERVAL 1 DAY))" in text
+        "`export_time` >= TIMESTAMP(@lo) AND `export_time` < TIMESTAMP_ADD(TIMESTAMP(@hi), INTERVAL 1 DAY)"
+        in text
     )
     assert bq_etl.partitioning(info("DAY", None), "DATE(export_time)").key == "DATE(export_time)"
 
@@ -67,13 +68,12 @@ def test_a_table_without_day_partitions_is_refused_unless_configured() -> None:
     assert bq_etl.partitioning(info(None, None), "_PARTITIONDATE").key == "_PARTITIONDATE"
 
 
-def test_floats_are_read_as_exact_text_and_missing_columns_are_left_out() -> None:
+def test_floats_become_nine_decimal_numerics_and_missing_columns_are_left_out() -> None:
     columns = bq_etl.projection(bq_etl.RAW_SCHEMA.fields, SOURCE_FIELDS)
     text = ", ".join(columns)
-    assert "PARSE_NUMERIC(FORMAT('%.9f', `cost`)) AS `cost`" in text
+    assert "CAST(`cost` AS NUMERIC(38, 9)) AS `cost`" in text
     assert (
-        "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, PARSE_NUMERIC(FORMAT('%.9f', e0.`amount`)) AS `amount`"
-        in text
+        "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, CAST(e0.`amount` AS NUMERIC(38, 9)) AS `amount`" in text
     )
     assert "`price` AS `price`" in text  # NUMERIC already: copied as it is
     parse("SELECT " + text + " FROM t")  # valid BigQuery SQL
