@@ -402,13 +402,9 @@ class BillingExportEtl:
                 return self._result(0, len(current), [], [], 0, scanned, part)
             # A crashed run's staging table expires by itself (BigQuery drops it); a retry replaces it.
             await wh.drop_table(context.run.dataset, staging)
-            await wh.ensure_table(
-                context.run.dataset,
-                TableSchema(staging, "staging", RAW_SCHEMA.fields),
-                expires=datetime.now(UTC) + timedelta(hours=config.staging_hours),
-            )
             try:
                 columns = projection(RAW_SCHEMA.fields, list(info.fields))
+                names = copy_columns(columns)
                 statement = copy_sql(source, part, columns, info.fields)
                 lineage = {
                     "source_table": source_id,
@@ -419,14 +415,14 @@ class BillingExportEtl:
                     self._copy_in_warehouse if config.copy_via == "warehouse" else self._copy_through_client
                 )
                 copied, scanned_copy = await copy(
-                    context, config, customer, (statement, copy_columns(columns)), lineage, staging, changed
+                    context, config, customer, statement, lineage, staging, changed
                 )
                 scanned += scanned_copy
             except BaseException:
                 await wh.drop_table(context.run.dataset, staging)
                 raise
         try:
-            months, focus_rows = await self._swap(context, config, source_id, changed, staging)
+            months, focus_rows = await self._swap(context, config, source_id, changed, staging, names)
         finally:
             await wh.drop_table(context.run.dataset, staging)
         context.log.info(
@@ -521,44 +517,53 @@ class BillingExportEtl:
         context: StepContext,
         config: EtlConfig,
         customer: Warehouse,
-        copy: tuple[str, list[str]],
+        statement: str,
         lineage: dict[str, Any],
         staging: str,
         changed: list[date],
     ) -> tuple[int, int]:
-        """`INSERT INTO staging SELECT ...`, run by the customer's service account: the rows never leave
-        BigQuery (the account needs write access to the staging table: see the README)."""
-        target = context.warehouse.table_ref(context.run.dataset, staging)
-        statement, names = copy[0], ", ".join(copy[1])
-        copied = scanned = 0
-        # One statement for every changed partition: BigQuery prunes to them, and each DML job costs
-        # (a job, a quota unit; on the emulator a snapshot of the target).
-        for params in self._batches(changed, len(changed)):
-            result = await self._customer_query(
-                customer, f"INSERT INTO {target} ({names}) {statement}", params | lineage
-            )
-            scanned += result.bytes_processed
-            copied += result.num_dml_affected_rows
-        return copied, scanned
+        """`CREATE TABLE staging OPTIONS (expiration_timestamp ...) AS SELECT ...`, one statement for every
+        changed partition (BigQuery prunes to them), run by the customer's service account: the rows never
+        leave BigQuery (the account needs to create tables in the org's dataset: see the README). A DDL
+        job, not DML: no DML quota, and on the emulator no snapshot of the table it fills."""
+        wh = context.warehouse
+        target = wh.table_ref(context.run.dataset, staging)
+        params = {"days": changed, "lo": changed[0], "hi": changed[-1]} | lineage
+        # Literals, not parameters (DDL); every value is validated (sql.literal).
+        select = re.sub(r"@(\w+)", lambda m: literal(params[m.group(1)]), statement)
+        result = await self._customer_query(
+            customer,
+            f"CREATE TABLE {target} OPTIONS (expiration_timestamp = "
+            f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {config.staging_hours} HOUR)) AS {select}",
+            {},
+        )
+        counted = await wh.query(f"SELECT COUNT(*) AS n FROM {target}")
+        return int(counted[0]["n"]), result.bytes_processed
 
     async def _copy_through_client(
         self,
         context: StepContext,
         config: EtlConfig,
         customer: Warehouse,
-        copy: tuple[str, list[str]],
+        statement: str,
         lineage: dict[str, Any],
         staging: str,
         changed: list[date],
     ) -> tuple[int, int]:
         """The rows read by the customer's service account and loaded by ours (no grant needed, every
-        row passes through this process): batches of at least `load_batch_rows` rows per load job."""
+        row passes through this process) into a staging table of the mirror's schema that expires by
+        itself: batches of at least `load_batch_rows` rows per load job."""
         wh = context.warehouse
+        await wh.ensure_table(
+            context.run.dataset,
+            TableSchema(staging, "staging", RAW_SCHEMA.fields),
+            expires=datetime.now(UTC) + timedelta(hours=config.staging_hours),
+        )
         copied = scanned = 0
         pending: list[dict[str, Any]] = []
         batches = self._batches(changed, config.partitions_per_query)
         for n, params in enumerate(batches):
-            result = await self._customer_query(customer, copy[0], params | lineage)
+            result = await self._customer_query(customer, statement, params | lineage)
             scanned += result.bytes_processed
             pending.extend(_loadable(row) for row in result.rows)
             if len(pending) >= config.load_batch_rows or n == len(batches) - 1:
@@ -568,7 +573,12 @@ class BillingExportEtl:
 
     @staticmethod
     async def _swap(
-        context: StepContext, config: EtlConfig, source_id: str, changed: list[date], staging_name: str
+        context: StepContext,
+        config: EtlConfig,
+        source_id: str,
+        changed: list[date],
+        staging_name: str,
+        copied: list[str],
     ) -> tuple[list[str], int]:
         """One script, one transaction: the mirror's rows of exactly the changed partitions are replaced by
         the staged ones, and the FOCUS rows converted from them are rebuilt. Returns the invoice months the
@@ -587,7 +597,7 @@ class BillingExportEtl:
         )
         months = sorted({str(r["month"]) for r in scope if r["month"]})
         accounts = sorted({str(r["account"]) for r in scope if r["account"]}) or [""]
-        names = ", ".join(f"`{f['name']}`" for f in RAW_SCHEMA.fields)
+        names = ", ".join(copied)
         statements = [
             f"DELETE FROM {raw} WHERE x_source_table = {literal(source_id)} "
             f"AND x_source_partition IN UNNEST({days})",
