@@ -8,12 +8,17 @@
     source_table: ""             # project.dataset.table; default: the credential's billing_export_table
     job_project: ""              # where the query jobs run (and are billed); default: its project_id
     trailing_days: 40            # how far back `{}` runs look for new or changed partitions
+    history_days: 400            # how far back a sweep looks (restatements older than trailing_days)
+    sweep_weekday: 6             # UTC weekday (0 = Monday) whose `{}` runs sweep; null: only `sweep=true`
     partition_expression: auto   # auto | _PARTITIONDATE | DATE(export_time)
+    copy_via: warehouse          # warehouse: CREATE TABLE AS SELECT by the customer's account (needs
+                                 # dataEditor on the org's dataset); client: rows through this process
+    staging_hours: 24            # the staging table's expiration (a crashed run's is dropped by BigQuery)
     raw_table: gcp_billing_export_raw
     focus_table: cost_data_focus_1_2
-    focus: true                  # rebuild FOCUS for the invoice months the copy touched
-    partitions_per_query: 7      # changed partitions copied per query (sorted, so usually adjacent days)
-    load_batch_rows: 100000      # rows buffered before a load job into the staging table
+    focus: true                  # rebuild the FOCUS rows of the changed partitions
+    partitions_per_query: 7      # copy_via client: changed partitions read per query
+    load_batch_rows: 100000      # copy_via client: rows buffered before a load job into the staging table
 ```
 
 The export is append-only and has no row key: a late row or a correction is a new row, appended to the
@@ -28,7 +33,8 @@ partitioned on `export_time`). So the unit of work is the source partition:
    a credential without a table with `SOURCE_NOT_CONFIGURED`.
 2. **Fingerprint** every partition of the window: `(MAX(export_time), COUNT(*))`, one query that reads
    `export_time` only (plus `usage_start_time` for a dated run), bounded by a partition filter. The
-   window is `{}`: the last `trailing_days` days; `{"date": D}` or `{"start_date", "end_date"}`: the
+   window is `{}`: the last `trailing_days` days (`history_days` for a sweep: on `sweep_weekday` or with
+   the parameter `sweep=true`); `{"date": D}` or `{"start_date", "end_date"}`: the
    partitions from the window's first day to `trailing_days` after its last (usage of a day can only be
    exported later), and every partition that holds usage of the window is copied again even when
    unchanged. `force_refresh` copies every partition of the window.
@@ -36,14 +42,17 @@ partitioned on `export_time`). So the unit of work is the source partition:
    (`x_source_table`, `x_source_partition`), so the fingerprint of a partition is committed by the very
    statement that writes its rows and can never disagree with them. New, changed and vanished
    partitions form the work set.
-4. **Copy** each changed partition whole (explicit columns; every FLOAT of the export is rounded by
-   BigQuery to 9 decimals and read as text, so money never passes through a Python float; the mirror
-   stores it as NUMERIC) into a staging table, then
-   **swap** in one MERGE (atomic): the mirror's rows of exactly those partitions are deleted and the
-   staged rows inserted. A failed run leaves the mirror as it was; a re-run converges.
-5. **Rebuild FOCUS** (`billing_focus.sql`, the column mapping is in its header) for every invoice
-   month that the changed partitions held before or hold after the swap: one MERGE replaces that
-   month's `x_SourceSystem = 'gcp'` rows of the source's billing accounts.
+4. **Copy** the changed partitions whole, inside BigQuery (`copy_via: warehouse`): the customer's account
+   runs one `CREATE TABLE staging OPTIONS (expiration_timestamp ...) AS SELECT` over exactly those
+   partitions (explicit columns; every FLOAT of the export becomes NUMERIC(38, 9), rounded by BigQuery,
+   so money never passes through a float of ours; `x_tags` from the tag arrays). `copy_via: client`
+   reads the rows and loads them with our account instead (no grant needed, slower).
+5. **Swap and rebuild FOCUS** in one script of ours, one transaction: the mirror's rows of exactly the
+   changed partitions are deleted and the staged rows inserted, and the FOCUS rows converted from those
+   partitions (`x_SourcePartition`, of the billing accounts they held) are deleted and converted again
+   (`billing_focus.sql`, the column mapping is in its header). FOCUS rows from before `x_SourcePartition`
+   (NULL) make that run rebuild their whole invoice months once. A failed run leaves mirror and FOCUS as
+   they were; a re-run converges.
 
 Outputs: `rows_written` (rows copied), `partitions_checked`, `partitions_changed`, `invoice_months`,
 `focus_rows`, `bytes_processed` (the customer's query jobs; also logged), `partition_expression`.

@@ -115,3 +115,39 @@ def test_config_is_validated_at_load() -> None:
     with pytest.raises(InvalidInputError):
         parse_config(bq_etl.EtlConfig, {"source_table": "proj.ds.t`; DROP TABLE x"})
     assert parse_config(bq_etl.EtlConfig, {"source_table": "customer-billing.ds.gcp_billing_export_v1_X"})
+
+
+def test_a_sweep_widens_only_the_trailing_window() -> None:
+    from datetime import date, timedelta
+    from types import SimpleNamespace
+
+    config = bq_etl.EtlConfig(trailing_days=40, history_days=400, sweep_weekday=6)
+    monday, sunday = date(2026, 11, 30), date(2026, 11, 29)
+
+    def span(today: date, **parameters: str) -> bq_etl.Window:
+        context = SimpleNamespace(parameters=parameters, start_date=None, end_date=None)
+        return bq_etl.window(context, config, today)  # type: ignore[arg-type]
+
+    assert span(monday).lo == monday - timedelta(days=40)
+    assert span(sunday).lo == sunday - timedelta(days=400)  # the configured weekday
+    assert span(monday, sweep="true").lo == monday - timedelta(days=400)
+    off = bq_etl.EtlConfig(sweep_weekday=None)
+    context = SimpleNamespace(parameters={}, start_date=None, end_date=None)
+    assert bq_etl.window(context, off, sunday).lo == sunday - timedelta(days=40)  # type: ignore[arg-type]
+    dated = SimpleNamespace(parameters={"sweep": "true"}, start_date=monday, end_date=monday)
+    assert bq_etl.window(dated, config, monday).lo == monday  # type: ignore[arg-type]
+
+
+def test_the_copy_keeps_nine_decimals_on_the_emulator_too() -> None:
+    """bqemulator re-renders statements with DATE_ADD, ARRAY_AGG(... LIMIT) or WITH OFFSET through sqlglot,
+    which drops the scale of NUMERIC(38, 9) casts: the copy statement uses none of them."""
+    part = bq_etl.partitioning(info("DAY", "export_time"), "auto")
+    columns = bq_etl.projection(bq_etl.RAW_SCHEMA.fields, SOURCE_FIELDS)
+    copy = bq_etl.copy_sql("`p.d.t`", part, columns, SOURCE_FIELDS).upper()
+    for trap in ("DATE_ADD", "DATE_SUB", " LIMIT ", "WITH OFFSET", "IGNORE NULLS"):
+        assert trap not in copy
+    assert copy.count("AS NUMERIC(38, 9)") == 6
+    names = bq_etl.copy_columns(columns)
+    assert names[-7:] == ["x_source_partition", "x_invoice_month", "x_tags", *bq_etl.LINEAGE]
+    assert len(names) == len(set(names)) == len(columns) + 7
+    parse(copy)
