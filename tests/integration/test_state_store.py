@@ -242,6 +242,32 @@ async def test_a_run_admitted_running_has_both_transitions_in_the_admission(repl
     assert [e["to_state"] for e in await b.events(run.run_id)] == ["PENDING", "RUNNING", "COMPLETED"]
 
 
+async def test_the_previous_releases_admission_still_works_during_a_rolling_upgrade(
+    replicas: Factory, database: str
+) -> None:
+    # 0005 adds an overload of admit_run(); a replica of the previous release calls 0001's signature.
+    a = await replicas()
+    org = org_slug("rolling")
+    run = new_run(org)
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM admit_run($1, $2, '', $3, $4, $5, 100, 10, 100, 1000, 'engine/runs/quick', "
+            "'quick', 'API', 'old', '{}'::jsonb, '[]'::jsonb, '{}')",
+            run.run_id,
+            org,
+            run.dedupe_key,
+            a.replica_id,
+            run.create_time,
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["outcome"], row["run_id"]) == ("ACCEPTED", run.run_id)
+    stored = await a.get_run(org, run.run_id)
+    assert stored is not None and stored.state == "PENDING" and stored.start_time is None
+    assert [e["to_state"] for e in await a.events(run.run_id)] == ["PENDING"]
+
+
 async def test_an_admitted_run_is_started_even_when_its_caller_went_away(replicas: Factory) -> None:
     a = await replicas()
     org = org_slug("gone")

@@ -29,13 +29,14 @@ BEGIN
     RETURN (1 - t) / p_per_s;
 END $$;
 
-DROP FUNCTION admit_run(text, text, text, text, text, timestamptz, integer, integer, integer, integer, text,
-                        text, text, text, jsonb, jsonb, text);
+-- The new admit_run() is an overload with two more arguments: 0001's stays, so the replicas of the
+-- previous release keep admitting during a rolling upgrade (a later migration may drop it).
 
 -- Admission of one run, in the caller's one transaction, serialized per org by an advisory lock:
 -- request-id replay, duplicate guard, RunPipeline rate (the token stays spent when a later check
 -- refuses: the rate counts calls), concurrent, daily and monthly limits, then the run row (in p_state),
--- its PENDING event (and RUNNING event) and the counters. p_now (the service's clock) decides the UTC day and month.
+-- its PENDING event (and RUNNING event) and the counters. p_now (the service's clock) decides the UTC
+-- day and month.
 -- Outcomes: ACCEPTED, REPLAY (run_id), ACTIVE (run_id), RATE_LIMITED (wait seconds),
 -- CONCURRENT_LIMIT_EXCEEDED, DAILY_LIMIT_EXCEEDED, MONTHLY_LIMIT_EXCEEDED.
 CREATE FUNCTION admit_run(
