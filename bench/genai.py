@@ -48,6 +48,7 @@ LIMIT = 7  # buckets per page for every contender (OpenAI's default page size fo
 KEY = "sk-admin-bench-" + "0" * 24
 CONTENDER_SECONDS = 150.0  # each contender is stopped after this long
 CONTENDERS = ("ours", "dlt", "floor")
+UNTHROTTLED = os.environ.get("BENCH_GENAI_THROTTLED", "") != "1"  # see `_registry`
 UPLOAD_CAP = 4 << 30
 GENAI_SECONDS = 170.0  # the whole part in `make bench` (a contender gets what is left, at most the above)
 PROJECT = "bench-project"
@@ -180,20 +181,41 @@ def _window(start: date, end: date) -> dict[str, Any]:
     return {"start_time": first, "end_time": last, "bucket_width": "1d", "limit": LIMIT}
 
 
+def _registry(path: Path, url: str, folder: Path) -> Any:
+    """The production registry, OpenAI pointed at the fake, its per-org request rate lifted to the
+    per-process one (UNTHROTTLED; concurrency stays as configured): the production 60 requests a minute
+    would make this a measure of `sleep` (see `throttled_seconds`)."""
+    import yaml
+
+    from server.providers import ProviderRegistry
+
+    raw = yaml.safe_load(path.read_text())
+    limits = raw["providers"]["openai"]["rate_limits"]
+    if UNTHROTTLED:
+        limits["per_org"]["requests_per_minute"] = limits["per_process"]["requests_per_minute"]
+    copy = folder / "providers.yml"
+    copy.write_text(yaml.safe_dump(raw))
+    return ProviderRegistry.load(copy, {**os.environ, "PROVIDER_BASE_URL_OPENAI": url})
+
+
+def throttled_seconds(pages: int, requests_per_minute: int = 60) -> float:
+    """The least time `pages` requests take under a per-org token bucket of `requests_per_minute`
+    (a burst of a tenth of it, as `server.http.client` sizes it)."""
+    burst = max(1, requests_per_minute // 10)
+    return max(0, pages - burst) * 60 / requests_per_minute
+
+
 async def ours(url: str, start: date, end: date, folder: Path, emulator: str) -> int:
     """The real processor with a StepContext built as the engine builds it; returns rows written."""
     from processors.base import RunIdentity, StepContext
     from processors.openai.usage import get_engine
     from server.credentials.model import Credential
     from server.http.client import OutboundHttp
-    from server.providers import ProviderRegistry
     from server.settings import PROJECT_ROOT
     from server.warehouse.bigquery import BigQueryWarehouse
     from server.warehouse.schema import load_schemas
 
-    registry = ProviderRegistry.load(
-        PROJECT_ROOT / "configs" / "system" / "providers.yml", {**os.environ, "PROVIDER_BASE_URL_OPENAI": url}
-    )
+    registry = _registry(PROJECT_ROOT / "configs" / "system" / "providers.yml", url, folder)
     http = OutboundHttp(registry)
     warehouse = BigQueryWarehouse(project=PROJECT, location="US", endpoint=emulator, job_timeout=3600)
     credential = Credential(
@@ -336,12 +358,26 @@ def _report(rows: int, seconds: float, load_seconds: float | None = None) -> Non
     print(json.dumps(figures), flush=True)
 
 
+def _profiled(run: Any) -> int:
+    """`run()`, under cProfile when BENCH_GENAI_PROFILE names a file for the stats."""
+    target = os.environ.get("BENCH_GENAI_PROFILE")
+    if not target:
+        return int(run())
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return int(profiler.runcall(run))
+    finally:
+        profiler.dump_stats(target)
+
+
 def contender_main(argv: list[str]) -> int:
     name, url, start, end, folder = argv[:5]
     first, last, where = date.fromisoformat(start), date.fromisoformat(end), Path(folder)
     if name == "ours":
         try:
-            return asyncio.run(ours(url, first, last, where, argv[5]))
+            return _profiled(lambda: asyncio.run(ours(url, first, last, where, argv[5])))
         except Exception as exc:
             print(f"{type(exc).__name__}: {exc}; detail: {getattr(exc, 'detail', '')}"[:600], file=sys.stderr)
             return 1
