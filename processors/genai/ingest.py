@@ -139,7 +139,7 @@ def _default(value: Any) -> Any:
 
 # --- the spool: pages -> Arrow batches -> Parquet files -> staging table -> one MERGE --------------------
 
-Columns = Mapping[str, Sequence[Any]]
+Columns = Mapping[str, "Sequence[Any] | Runs"]
 ROWS_PER_FILE = 200_000  # a Parquet file is handed to a load job once it holds this many rows
 FILES_AHEAD = 2  # finished files waiting for their load job before the pull waits
 _ARROW = {
@@ -154,6 +154,29 @@ _ARROW = {
     "NUMERIC": pa.decimal128(38, 9),
     "FLOAT64": pa.float64(),
 }
+
+
+class Runs:
+    """A column given as runs of one value (a bucket's day, the run's lineage, a field no row has):
+    converted without a Python object per row."""
+
+    def __init__(self, value: Any = None, count: int = 0) -> None:
+        self.runs: list[tuple[Any, int]] = []
+        self.count = 0
+        self.add(value, count)
+
+    def add(self, value: Any, count: int) -> None:
+        """Append `count` rows of `value`."""
+        if count:
+            self.runs.append((value, count))
+            self.count += count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def values(self) -> list[Any]:
+        """The column as a list (tests, small pages)."""
+        return [v for v, n in self.runs for _ in range(n)]
 
 
 def arrow_schema(schema: TableSchema) -> pa.Schema:
@@ -184,14 +207,17 @@ def batch(schema: TableSchema, columns: Columns, count: int) -> pa.RecordBatch:
     for field, spec in zip(arrow_schema(schema), schema.fields, strict=True):
         values = columns.get(field.name)
         try:
+            convert = {"JSON": _json_text, "NUMERIC": _numeric}.get(spec["type"])
             if values is None:
                 array = pa.nulls(count, field.type)
+            elif isinstance(values, Runs):
+                parts = [
+                    pa.repeat(pa.scalar(convert(v) if convert else v, type=field.type), n)
+                    for v, n in values.runs
+                ]
+                array = pa.concat_arrays(parts) if parts else pa.nulls(0, field.type)
             else:
-                if spec["type"] == "JSON":
-                    values = [_json_text(v) for v in values]
-                elif spec["type"] == "NUMERIC":
-                    values = [_numeric(v) for v in values]
-                array = pa.array(values, type=field.type)
+                array = pa.array([convert(v) for v in values] if convert else values, type=field.type)
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             raise TerminalError(
                 f"{schema.name}.{field.name}: a value does not fit {spec['type']}", reason="ROW_REJECTED"

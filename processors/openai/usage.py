@@ -78,47 +78,61 @@ class Config(ingest.WindowConfig):
 
 
 _NOT_INT = frozenset({bool, float, str, list, dict})  # JSON types that are no integer (bool is an int)
+_PER_RESULT = ("result_object", *DIMENSIONS, *METRICS)
+_METRICS = frozenset(METRICS)
 
 
-def columns_of_page(endpoint: str, page: Any, lineage: dict[str, Any]) -> dict[str, list[Any]]:
+def columns_of_page(endpoint: str, page: Any, lineage: dict[str, Any]) -> dict[str, list[Any] | ingest.Runs]:
     """The raw rows of one page as columns: a row per bucket x result, an `is_empty_bucket` row per
-    empty bucket. Built column by column (no dict per row); a metric that is not an integer, or a result
-    that is not an object, fails the page."""
-    cols: dict[str, list[Any]] = {
-        name: [] for name in ("endpoint", "usage_date", "bucket_start", "bucket_end", "is_empty_bucket")
-    }
-    for name in ("result_object", *DIMENSIONS, *METRICS, "extra"):
-        cols[name] = []
+    empty bucket. Built column by column (no dict per row; per-bucket values and fields no result has
+    as runs); a metric that is not an integer, or a result that is not an object, fails the page."""
+    buckets = ingest.buckets(page)
+    for bucket in buckets:
+        if not all(type(r) is dict for r in bucket["results"]):
+            raise TerminalError(f"{endpoint}: a result is not an object", reason="PROVIDER_BAD_RESPONSE")
+    present: set[str] = set().union(*(r for b in buckets for r in b["results"]))
+    fields = {"result_object" if n == "object" else n for n in present} & set(_PER_RESULT)
+    usage_date, bucket_start, bucket_end, empty = ingest.Runs(), ingest.Runs(), ingest.Runs(), ingest.Runs()
+    cols: dict[str, list[Any] | ingest.Runs] = {name: [] for name in fields}
+    extra: list[Any] | ingest.Runs = [] if present - KNOWN else ingest.Runs()
     count = 0
-    for bucket in ingest.buckets(page):
+    for bucket in buckets:
         start, end = ingest.utc_day(bucket.get("start_time")), ingest.utc_day(bucket.get("end_time"))
         results = bucket["results"]
         n = len(results) or 1
         count += n
-        cols["usage_date"] += [start.date()] * n
-        cols["bucket_start"] += [start] * n
-        cols["bucket_end"] += [end] * n
-        if not results:
-            cols["is_empty_bucket"].append(True)
-            for name in ("result_object", *DIMENSIONS, *METRICS):
-                cols[name].append(None)
-            cols["extra"].append({})
-            continue
-        if not all(type(r) is dict for r in results):
-            raise TerminalError(f"{endpoint}: a result is not an object", reason="PROVIDER_BAD_RESPONSE")
-        cols["is_empty_bucket"] += [False] * n
-        cols["result_object"] += [r.get("object") for r in results]
-        for name in DIMENSIONS:
-            cols[name] += [r.get(name) for r in results]
-        for name in METRICS:
-            values = [r.get(name) for r in results]
-            if not _NOT_INT.isdisjoint(map(type, values)):
+        usage_date.add(start.date(), n)
+        bucket_start.add(start, n)
+        bucket_end.add(end, n)
+        empty.add(not results, n)
+        for name in fields:
+            column = cols[name]
+            assert isinstance(column, list)
+            if not results:
+                column.append(None)
+                continue
+            key = "object" if name == "result_object" else name
+            values = [r.get(key) for r in results]
+            if name in _METRICS and not _NOT_INT.isdisjoint(map(type, values)):
                 raise TerminalError(f"{endpoint}: {name} is not an integer", reason="PROVIDER_BAD_RESPONSE")
-            cols[name] += values
-        cols["extra"] += [{} if r.keys() <= KNOWN else ingest.extra(r, KNOWN) for r in results]
-    cols["endpoint"] = [endpoint] * count
+            column += values
+        if isinstance(extra, list):
+            extra += [{} if r.keys() <= KNOWN else ingest.extra(r, KNOWN) for r in results] or [{}]
+        else:
+            extra.add({}, n)
+    for name in _PER_RESULT:
+        if name not in cols:
+            cols[name] = ingest.Runs(None, count)
+    cols.update(
+        endpoint=ingest.Runs(endpoint, count),
+        usage_date=usage_date,
+        bucket_start=bucket_start,
+        bucket_end=bucket_end,
+        is_empty_bucket=empty,
+        extra=extra,
+    )
     for name, value in lineage.items():
-        cols[name] = [value] * count
+        cols[name] = ingest.Runs(value, count)
     return cols
 
 
