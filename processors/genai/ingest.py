@@ -247,14 +247,15 @@ class Spool:
     """
 
     def __init__(
-        self, warehouse: Warehouse, dataset: str, schema: TableSchema, rows_per_file: int = ROWS_PER_FILE
+        self, warehouse: Warehouse, dataset: str, schema: TableSchema, rows_per_file: int | None = None
     ) -> None:
         self.schema = schema
         self.rows = 0
         self.files = 0
+        self.loaded = 0  # files loaded into the staging table so far
         self._staged = warehouse.staged_window(dataset, schema)
         self._stage: StagedWindow | None = None
-        self._rows_per_file = rows_per_file
+        self._rows_per_file = rows_per_file or ROWS_PER_FILE
         self._folder = Path(tempfile.mkdtemp(prefix="genai-spool-"))
         self._writer: pq.ParquetWriter | None = None
         self._path: Path | None = None
@@ -338,6 +339,7 @@ class Spool:
         while (path := await self._ready.get()) is not None:
             with path.open("rb") as source:
                 await self._stage.load(source)
+            self.loaded += 1
             await asyncio.to_thread(path.unlink)
 
     async def swap(
