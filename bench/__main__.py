@@ -2,7 +2,7 @@
 jobs per run and the SaaS cost pipeline at scale against a DuckDB floor, in one bounded run (under 8
 minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, at most 170 s more),
 printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part, `python -m
-bench genai [ROWS]` only the OpenAI usage part (default 200,000 rows; 1,000,000 for the issue's size).
+bench genai [ROWS]` only the OpenAI usage part (1,000,000 rows by default and in `make bench`).
 
 Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
 order alternates between rounds), and the summary reports the median over the rounds, because on a
