@@ -140,7 +140,7 @@ def _default(value: Any) -> Any:
 # --- the spool: pages -> Arrow batches -> Parquet files -> staging table -> one MERGE --------------------
 
 Columns = Mapping[str, "Sequence[Any] | Runs"]
-ROWS_PER_FILE = 200_000  # a Parquet file is handed to a load job once it holds this many rows
+ROWS_PER_FILE = 500_000  # a Parquet file (~20 MB) goes to a load job once it holds this many rows
 FILES_AHEAD = 2  # finished files waiting for their load job before the pull waits
 _ARROW = {
     "STRING": pa.string(),
