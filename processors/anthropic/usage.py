@@ -125,6 +125,7 @@ class AnthropicUsage:
             ):
                 pages += 1
                 await spool.add(partial(rows_of_page, page, lineage))
+                del page  # not held while the next page is fetched and parsed
 
         # one stream per slice of the window (whole pages each: no extra requests)
         cuts = ingest.slices(start, end, config.bucket_limit, config.concurrency)

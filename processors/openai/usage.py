@@ -170,6 +170,7 @@ class OpenAIUsage:
             ):
                 pages += 1
                 await spool.add(partial(columns_of_page, endpoint, page, lineage))
+                del page  # not held while the next page is fetched and parsed
 
         # one stream per endpoint x slice of the window (each slice whole pages: no extra requests)
         cuts = ingest.slices(start, end, config.bucket_limit, config.concurrency)
