@@ -273,7 +273,7 @@ async def ours(url: str, start: date, end: date, folder: Path, emulator: str) ->
         StagedWindow.load = timer("load", StagedWindow.load)  # type: ignore[method-assign]
         StagedWindow.swap = timer("merge", StagedWindow.swap)  # type: ignore[method-assign]
         ingest.Spool.swap = timer("swap", ingest.Spool.swap)  # type: ignore[method-assign]
-        started = time.perf_counter()
+        started = _start()
         out = await get_engine().execute(config, context)
         seconds = time.perf_counter() - started
         _report(int(out["rows_written"]), seconds, timed["swap"], timed["load"], timed["merge"])
@@ -314,7 +314,7 @@ def dlt_rest_api(url: str, start: date, end: date, folder: Path) -> int:
         dataset_name="usage",
         pipelines_dir=str(folder / "dlt"),
     )
-    started = time.perf_counter()
+    started = _start()
     pipeline.run(source, loader_file_format="parquet")
     seconds = time.perf_counter() - started
     with pipeline.sql_client() as client:
@@ -329,7 +329,7 @@ async def floor(url: str, start: date, end: date, folder: Path) -> int:
     import duckdb
     import pyarrow as pa
 
-    started = time.perf_counter()
+    started = _start()
     batches: list[pa.RecordBatch] = []
     params: dict[str, Any] = {**_window(start, end)}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
@@ -358,6 +358,21 @@ async def floor(url: str, start: date, end: date, folder: Path) -> int:
     return 0
 
 
+_CPU_AT_START = [0.0]
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and its waited-for children."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _start() -> float:
+    """The start of a contender's timing (wall clock; its CPU is counted from here too)."""
+    _CPU_AT_START[0] = _cpu()
+    return time.perf_counter()
+
+
 def _report(
     rows: int,
     seconds: float,
@@ -373,6 +388,7 @@ def _report(
         "rows": rows,
         "seconds": seconds,
         "peak_rss_kib": peak,
+        "cpu_seconds": _cpu() - _CPU_AT_START[0],
         "tail_seconds": tail_seconds,
         "load_seconds": load_seconds,
         "merge_seconds": merge_seconds,
@@ -426,6 +442,7 @@ class Outcome:
     load_seconds: float | None = None  # ours: all load jobs (overlapping the pull)
     merge_seconds: float | None = None  # ours: the staged count + the MERGE
     pages: int | None = None  # ours: the requests it made
+    cpu_seconds: float = 0.0  # the contender's process (dlt's and the floor's DuckDB included)
     server_peak_rss_mib: float | None = None  # ours: the emulator's peak RSS (dlt and floor: in-process)
 
     @property
@@ -472,6 +489,7 @@ async def _contender(name: str, args: list[str], timeout: float) -> Outcome:
         figures["tail_seconds"],
         figures["load_seconds"],
         figures["merge_seconds"],
+        cpu_seconds=figures["cpu_seconds"],
     )
 
 
@@ -550,7 +568,7 @@ def _line(o: Outcome, expected: int) -> str:
         extra += f"; emulator peak RSS {o.server_peak_rss_mib:.0f} MiB"
     return (
         f"{o.name:<6} {o.rows:>9,} rows in {o.seconds:7.2f} s = {o.rows_per_second:>9,.0f} rows/s, "
-        f"peak RSS {o.peak_rss_mib:6.0f} MiB{check}{extra}"
+        f"peak RSS {o.peak_rss_mib:6.0f} MiB, CPU {o.cpu_seconds:5.1f} s{check}{extra}"
     )
 
 
@@ -590,16 +608,16 @@ def markdown(result: GenAIResult, host: str) -> str:
         f"buckets per page) from a local fake API, on {host}; each contender in its own process, one "
         "after the other.",
         "",
-        "| contender | rows | seconds | rows/s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|",
+        "| contender | rows | seconds | rows/s | peak RSS MiB | CPU s (its process) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for o in result.outcomes.values():
         if o.error:
-            lines.append(f"| {o.name} | failed: {o.error[:80]} | | | |")
+            lines.append(f"| {o.name} | failed: {o.error[:80]} | | | | |")
         else:
             lines.append(
                 f"| {o.name} | {o.rows:,} | {o.seconds:.2f} | {o.rows_per_second:,.0f} "
-                f"| {o.peak_rss_mib:.0f} |"
+                f"| {o.peak_rss_mib:.0f} | {o.cpu_seconds:.1f} |"
             )
     ours = result.outcomes.get("ours")
     if ours and not ours.error and ours.tail_seconds is not None and ours.load_seconds is not None:
