@@ -443,6 +443,7 @@ class Outcome:
     merge_seconds: float | None = None  # ours: the staged count + the MERGE
     pages: int | None = None  # ours: the requests it made
     cpu_seconds: float = 0.0  # the contender's process (dlt's and the floor's DuckDB included)
+    server_cpu_seconds: float | None = None  # ours: the emulator's CPU during ours' run
     server_peak_rss_mib: float | None = None  # ours: the emulator's peak RSS (dlt and floor: in-process)
 
     @property
@@ -493,6 +494,16 @@ async def _contender(name: str, args: list[str], timeout: float) -> Outcome:
     )
 
 
+def _cpu_of(pid: int) -> float:
+    """A live process's CPU seconds (user + system), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _peak_rss_mib(pid: int) -> float | None:
     """A live process's peak RSS (VmHWM), MiB."""
     try:
@@ -536,10 +547,11 @@ async def measure(
             if left < 5:
                 result.outcomes[name] = Outcome(name, error="skipped (time budget)")
                 continue
-            served = api.pages
+            served, emulator_cpu = api.pages, _cpu_of(emulator.pid)
             outcome = await _contender(name, [*common, *extra], left)
             if name == "ours":
                 outcome.pages = api.pages - served
+                outcome.server_cpu_seconds = _cpu_of(emulator.pid) - emulator_cpu
                 outcome.server_peak_rss_mib = _peak_rss_mib(emulator.pid)
                 if outcome.error:  # what the emulator said about it
                     log = (folder / "emulator.log").read_text(errors="replace").strip().splitlines()
@@ -565,7 +577,7 @@ def _line(o: Outcome, expected: int) -> str:
             f"load jobs {o.load_seconds:.2f} s in all (overlapping the pull)"
         )
     if o.server_peak_rss_mib is not None:
-        extra += f"; emulator peak RSS {o.server_peak_rss_mib:.0f} MiB"
+        extra += f"; emulator peak RSS {o.server_peak_rss_mib:.0f} MiB, CPU {o.server_cpu_seconds or 0:.1f} s"
     return (
         f"{o.name:<6} {o.rows:>9,} rows in {o.seconds:7.2f} s = {o.rows_per_second:>9,.0f} rows/s, "
         f"peak RSS {o.peak_rss_mib:6.0f} MiB, CPU {o.cpu_seconds:5.1f} s{check}{extra}"
@@ -629,7 +641,8 @@ def markdown(result: GenAIResult, host: str) -> str:
             "the processor's process alone "
             "(the emulator, a separate server, peaked at "
             + (f"{ours.server_peak_rss_mib:.0f} MiB" if ours.server_peak_rss_mib else "?")
-            + "); dlt's and the floor's include their in-process DuckDB.",
+            + f" and used {ours.server_cpu_seconds or 0:.1f} s of CPU); dlt's and the floor's include their "
+            "in-process DuckDB.",
         ]
     lines += ["", *(f"- {v}" for v in verdicts(result))]
     return "\n".join(lines)
