@@ -204,7 +204,8 @@ def batch(schema: TableSchema, columns: Columns, count: int) -> pa.RecordBatch:
     (`ROW_REJECTED`) before anything is loaded.
     """
     arrays = []
-    for field, spec in zip(arrow_schema(schema), schema.fields, strict=True):
+    arrow = arrow_schema(schema)
+    for field, spec in zip(arrow, schema.fields, strict=True):
         values = columns.get(field.name)
         try:
             convert = {"JSON": _json_text, "NUMERIC": _numeric}.get(spec["type"])
@@ -227,7 +228,7 @@ def batch(schema: TableSchema, columns: Columns, count: int) -> pa.RecordBatch:
         if array.null_count and spec.get("mode") == "REQUIRED":
             raise TerminalError(f"{schema.name}.{field.name} is required but empty", reason="ROW_REJECTED")
         arrays.append(array)
-    return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema(schema))
+    return pa.RecordBatch.from_arrays(arrays, schema=arrow)
 
 
 def rows_to_columns(rows: Sequence[Mapping[str, Any]], schema: TableSchema) -> dict[str, list[Any]]:
@@ -256,7 +257,7 @@ class Spool:
         self._staged = warehouse.staged_window(dataset, schema)
         self._stage: StagedWindow | None = None
         self._rows_per_file = rows_per_file or ROWS_PER_FILE
-        self._folder = Path(tempfile.mkdtemp(prefix="genai-spool-"))
+        self._folder: Path | None = None
         self._writer: pq.ParquetWriter | None = None
         self._path: Path | None = None
         self._file_rows = 0
@@ -266,6 +267,7 @@ class Spool:
 
     async def __aenter__(self) -> Spool:
         self._stage = await self._staged.__aenter__()
+        self._folder = Path(tempfile.mkdtemp(prefix="genai-spool-"))
         self._loader = asyncio.create_task(self._load_files())
         return self
 
@@ -280,7 +282,8 @@ class Spool:
             if self._writer is not None:
                 await asyncio.to_thread(self._writer.close)
         finally:
-            await asyncio.to_thread(shutil.rmtree, self._folder, True)
+            if self._folder is not None:
+                await asyncio.to_thread(shutil.rmtree, self._folder, True)
             await self._staged.__aexit__(kind, exc, tb)
 
     async def add(self, build: Callable[[], Columns | Sequence[Mapping[str, Any]]]) -> int:
@@ -310,6 +313,7 @@ class Spool:
 
     def _write(self, page: pa.RecordBatch) -> None:
         if self._writer is None:
+            assert self._folder is not None, "use the spool in `async with`"
             self._path = self._folder / f"{self.files:05d}.parquet"
             self._writer = pq.ParquetWriter(self._path, page.schema, compression="snappy")
             self.files += 1
