@@ -1,8 +1,10 @@
 """`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step, warehouse
 jobs per run and the SaaS cost pipeline at scale against a DuckDB floor, in one bounded run (under 8
-minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, at most 170 s more),
-printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part, `python -m
-bench genai [ROWS]` only the OpenAI usage part (1,000,000 rows by default and in `make bench`).
+minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, 1,000,000 rows, at most
+170 s more), then the GCP billing export ETL against a DuckDB floor (bench/gcp_billing.py, 1,000,000
+rows, at most 420 s more), printed as tables and Markdown summaries. `python -m bench saas` runs only the
+SaaS part, `python -m bench genai [ROWS]` only the OpenAI usage part (1,000,000 rows by default and in
+`make bench`), `python -m bench gcp [ROWS]` only the GCP part (default 1,000,000 rows).
 
 Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
 order alternates between rounds), and the summary reports the median over the rounds, because on a
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import admission, cpu, engine_overhead, genai, jobs, saas_cost
+from bench import admission, cpu, engine_overhead, gcp_billing, genai, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
@@ -572,6 +574,9 @@ async def main() -> int:
         print(f"OpenAI usage ingestion: failed ({type(exc).__name__}: {str(exc)[:200]})")
         usage = genai.GenAIResult()
     print()
+    # GCP billing export ETL against a DuckDB floor (its own emulator, at most gcp_billing.GCP_SECONDS)
+    gcp = await gcp_billing.report(gcp_billing.DEFAULT_ROWS)
+    print()
     print(summary_markdown(host, measured, overhead, per_run, load_jobs))
     if saas.plans:
         print()
@@ -579,6 +584,8 @@ async def main() -> int:
     print()
     if usage.outcomes:
         print(genai.markdown(usage, host))
+    print()
+    print(gcp_billing.markdown(gcp, host))
     return 0
 
 
@@ -589,6 +596,9 @@ if __name__ == "__main__":
         raise SystemExit(asyncio.run(genai.main(rows, machine(), only)))
     if sys.argv[1:] == ["saas"]:
         raise SystemExit(asyncio.run(saas_cost.main(machine())))
+    if sys.argv[1:2] == ["gcp"] and len(sys.argv) <= 3:
+        rows = int(sys.argv[2]) if sys.argv[2:] else gcp_billing.DEFAULT_ROWS
+        raise SystemExit(asyncio.run(gcp_billing.main(rows, machine())))
     if sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [saas | genai [ROWS [ours|dlt|floor ...]]]")
+        raise SystemExit("usage: python -m bench [saas | genai [ROWS [ours|dlt|floor ...]] | gcp [ROWS]]")
     raise SystemExit(asyncio.run(main()))

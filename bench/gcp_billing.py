@@ -1,16 +1,18 @@
-"""`gcp.bq_etl` at scale on the emulator, against a DuckDB floor: `python -m bench.gcp_billing [rows]`.
+"""`gcp.bq_etl` at scale on the emulator, against a DuckDB floor: `python -m bench gcp [ROWS]`, and a part of
+`make bench` (DEFAULT_ROWS, bounded by GCP_SECONDS).
 
-1. A customer export of `rows` generated detailed-export rows (default 1,000,000; deterministic,
-   `random.Random(7)`) over 30 daily partitions (column-partitioned on `export_time`, as in the tests),
-   loaded in chunks; the org dataset and its tables are created.
+1. A customer export of `rows` generated detailed-export rows (deterministic, `random.Random(7)`) over 30
+   daily partitions (column-partitioned on `export_time`, as in the tests), loaded in a few big load jobs
+   (each load makes the emulator snapshot the whole table); the org dataset and its tables are created.
+   Not timed.
 2. The processor runs as the server runs it (real warehouse adapter, real vault-shaped credential, the
    customer's service account signing in at a local token endpoint): fresh, then again after 1 % late
    rows were appended to 3 partitions. Reported: seconds, rows/s, partitions copied, FOCUS rows, bytes
-   processed (the emulator reports 0).
-3. Floor: the same rows as one DuckDB query in-process (read the NDJSON, fold the credits, group nothing:
-   one FOCUS-shaped row per export row), and the ratio of the fresh run to it.
-
-Not part of `make bench` yet (it needs several minutes for 1M rows on 2 cores).
+   processed (the emulator reports 0), and whether the re-run copied exactly the 3 changed partitions
+   (their rows, no more) and rebuilt only their FOCUS rows.
+3. Floor: the same rows as one DuckDB query in-process (read the NDJSON, fold the credits in NUMERIC,
+   one FOCUS-shaped row per export row with the key columns: a lower bound, it maps fewer columns than
+   billing_focus.sql), and the ratios to it. Target (issue #10): the fresh run within 10x the floor.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import random
-import sys
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from processors.base import RunIdentity, StepContext
+from processors.base import RunIdentity, StepContext, Typed
 from processors.gcp.bq_etl import get_engine
 from server.credentials.model import Credential
 from server.localstack.emulator import Emulator
@@ -48,7 +52,9 @@ SERVICES = [
     ("9662-B51E-5089", "Cloud SQL"),
     ("E505-1604-58F8", "Networking"),
 ]
-CHUNK = 50_000
+CHUNK = 250_000  # rows per load job: each load snapshots the whole table on the emulator
+DEFAULT_ROWS = 1_000_000
+GCP_SECONDS = 420.0  # the whole part in `make bench`; stopped (and reported) beyond that
 
 
 def rows(count: int, first: date, rng: random.Random, late: bool = False) -> Any:
@@ -141,7 +147,102 @@ class Secrets:
         return self.credential
 
 
-async def main(count: int) -> None:
+@dataclass
+class GcpResult:
+    """What one benchmark run measured."""
+
+    rows: int = 0
+    load_seconds: float = 0.0
+    fresh_seconds: float = 0.0
+    fresh: dict[str, Any] = field(default_factory=dict)
+    late_rows: int = 0
+    late_partitions: list[str] = field(default_factory=list)
+    late_partition_rows: int = 0
+    rerun_seconds: float = 0.0
+    rerun: dict[str, Any] = field(default_factory=dict)
+    rerun_focus_untouched: bool = False
+    floor_rows: int = 0
+    floor_seconds: float = 0.0
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    error: str = ""
+
+    @property
+    def rerun_exact(self) -> bool:
+        """The re-run copied exactly the changed partitions (all their rows, nothing else)."""
+        return (
+            sorted(self.rerun.get("partitions_changed", [])) == sorted(self.late_partitions)
+            and self.rerun.get("rows_written") == self.late_partition_rows
+            and self.rerun_focus_untouched
+        )
+
+
+def lines(result: GcpResult) -> list[str]:
+    """The console report."""
+    if not result.fresh:
+        return [f"GCP billing export ETL: {result.error or 'no result'}"]
+    f, r = result.fresh, result.rerun
+    out = [
+        f"GCP billing export ETL (gcp.bq_etl, {result.rows:,} export rows, 30 partitions; load average "
+        f"{result.load_before[0]:.2f} before, {result.load_after[0]:.2f} after):",
+        f"  generated and loaded the export in {result.load_seconds:.1f} s (not timed)",
+        f"  fresh:  {f['rows_written']:,} rows of {len(f['partitions_changed'])} partitions, "
+        f"{f['focus_rows']:,} FOCUS rows in {result.fresh_seconds:.1f} s "
+        f"({f['rows_written'] / result.fresh_seconds:,.0f} rows/s), bytes processed {f['bytes_processed']:,}",
+    ]
+    if r:
+        out.append(
+            f"  re-run after {result.late_rows:,} late rows in 3 partitions: {r['rows_written']:,} rows of "
+            f"{len(r['partitions_changed'])} partitions, {r['focus_rows']:,} FOCUS rows in "
+            f"{result.rerun_seconds:.1f} s, bytes processed {r['bytes_processed']:,}; only the changed "
+            f"partitions: {'yes' if result.rerun_exact else 'NO'}"
+        )
+    if result.floor_seconds:
+        out.append(
+            f"  DuckDB floor: {result.floor_rows:,} rows in {result.floor_seconds:.2f} s "
+            f"({result.floor_rows / result.floor_seconds:,.0f} rows/s); fresh / floor "
+            f"{result.fresh_seconds / result.floor_seconds:.1f}x (target 10x), re-run / floor "
+            f"{result.rerun_seconds / result.floor_seconds:.1f}x"
+        )
+    if result.error:
+        out.append(f"  stopped: {result.error}")
+    return out
+
+
+def markdown(result: GcpResult, host: str) -> str:
+    """The README block."""
+    if not result.fresh or not result.floor_seconds:
+        return "#### GCP billing export ETL\n\n" + "\n".join(lines(result))
+    f, r, floor = result.fresh, result.rerun, result.floor_seconds
+    rows = [
+        "#### GCP billing export ETL (`python -m bench gcp [ROWS]`)",
+        "",
+        f"{result.rows:,} generated detailed-export rows over 30 partitions in the emulator, on {host} "
+        f"(load average {result.load_before[0]:.2f} before, {result.load_after[0]:.2f} after).",
+        "",
+        "| run | rows copied | partitions | FOCUS rows | seconds | rows/s | x floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| fresh | {f['rows_written']:,} | {len(f['partitions_changed'])} | {f['focus_rows']:,} "
+        f"| {result.fresh_seconds:.1f} | {f['rows_written'] / result.fresh_seconds:,.0f} "
+        f"| {result.fresh_seconds / floor:.1f} |",
+    ]
+    if r:
+        rows.append(
+            f"| re-run, {result.late_rows:,} late rows in 3 partitions | {r['rows_written']:,} "
+            f"| {len(r['partitions_changed'])} | {r['focus_rows']:,} | {result.rerun_seconds:.1f} "
+            f"| {r['rows_written'] / result.rerun_seconds:,.0f} | {result.rerun_seconds / floor:.1f} |"
+        )
+    rows.append(
+        f"| DuckDB floor (one query, in-process) | {result.floor_rows:,} | | | {floor:.2f} "
+        f"| {result.floor_rows / floor:,.0f} | 1 |"
+    )
+    return "\n".join(rows)
+
+
+async def measure(count: int, result: GcpResult) -> None:
+    """Run the benchmark, filling `result` as it goes (so a stopped run still reports what it has)."""
+    result.rows = count
+    result.load_before = os.getloadavg()
     folder = Path(tempfile.mkdtemp(prefix="bench-gcp-"))
     emu = Emulator(
         rest_port=free_port(),
@@ -165,8 +266,8 @@ async def main(count: int) -> None:
         first = datetime.now(UTC).date() - timedelta(days=PARTITIONS + 1)
         data = folder / "rows.ndjson"
         t0 = time.perf_counter()
-        loaded = await asyncio.to_thread(load, bq, table_id, rows(count, first, random.Random(7)), data)
-        print(f"generated and loaded {loaded:,} export rows in {time.perf_counter() - t0:.1f} s")
+        await asyncio.to_thread(load, bq, table_id, rows(count, first, random.Random(7)), data)
+        result.load_seconds = time.perf_counter() - t0
         await warehouse.ensure_tables("bench_org", load_schemas(PROJECT_ROOT / "configs" / "schemas" / "org"))
         account = ServiceAccount.generate("reader@bench.iam.gserviceaccount.com", export.CUSTOMER_PROJECT)
         google.add_service_account(account)
@@ -192,27 +293,36 @@ async def main(count: int) -> None:
                 warehouse=warehouse,
                 meta_dataset="organizations",
                 log=logging.LoggerAdapter(logging.getLogger("bench"), {}),
-                http=None,
+                http=None,  # type: ignore[arg-type]
                 secrets=Secrets(credential),  # type: ignore[arg-type]
             )
             started = time.perf_counter()
-            out = await engine.execute({}, context)
+            out = await engine.execute({"sweep_weekday": None}, context)
             return time.perf_counter() - started, out
 
-        fresh_s, fresh = await run("benchrun1")
-        print(
-            f"fresh: {fresh['rows_written']:,} rows, {len(fresh['partitions_changed'])} partitions, "
-            f"{fresh['focus_rows']:,} FOCUS rows in {fresh_s:.1f} s "
-            f"({fresh['rows_written'] / fresh_s:,.0f} rows/s), bytes processed {fresh['bytes_processed']}"
+        result.fresh_seconds, result.fresh = await run("benchrun1")
+        result.late_rows = count // 100
+        late_days = sorted({(first + timedelta(days=(n % 3) * 10)).isoformat() for n in range(3)})
+        result.late_partitions = late_days
+        await asyncio.to_thread(
+            load, bq, table_id, rows(result.late_rows, first, random.Random(8), True), data
         )
-        late = count // 100
-        await asyncio.to_thread(load, bq, table_id, rows(late, first, random.Random(8), late=True), data)
-        rerun_s, rerun = await run("benchrun2")
-        print(
-            f"re-run after {late:,} late rows in 3 partitions: {rerun['rows_written']:,} rows of "
-            f"{len(rerun['partitions_changed'])} partitions, {rerun['focus_rows']:,} FOCUS rows "
-            f"in {rerun_s:.1f} s"
+        focus = warehouse.table_ref("bench_org", "cost_data_focus_1_2")
+        counted = await warehouse.query(
+            f"SELECT COUNT(*) AS n FROM `{table_id}` WHERE DATE(export_time) IN UNNEST(@days)",
+            {"days": Typed("ARRAY<DATE>", [date.fromisoformat(d) for d in late_days])},
         )
+        result.late_partition_rows = int(counted[0]["n"])
+        result.rerun_seconds, result.rerun = await run("benchrun2")
+        rebuilt = await warehouse.query(
+            f"SELECT x_RunId AS run_id, x_SourcePartition IN UNNEST(@days) AS changed, COUNT(*) AS n "
+            f"FROM {focus} GROUP BY run_id, changed",
+            {"days": Typed("ARRAY<DATE>", [date.fromisoformat(d) for d in late_days])},
+        )
+        result.rerun_focus_untouched = {(r["run_id"], r["changed"]) for r in rebuilt} == {
+            ("benchrun1", False),
+            ("benchrun2", True),
+        }
         con = duckdb.connect()
         started = time.perf_counter()
         floor = con.execute(
@@ -224,16 +334,33 @@ async def main(count: int) -> None:
                        service.description AS service_name, sku.id AS sku_id, project.id AS sub_account
                 FROM read_json('{data}', format = 'newline_delimited'))"""
         ).fetchone()
-        floor_s = time.perf_counter() - started
+        result.floor_seconds = time.perf_counter() - started
         assert floor is not None
-        print(
-            f"DuckDB floor: {floor[0]:,} rows in {floor_s:.2f} s; ratio fresh/floor {fresh_s / floor_s:.0f}x"
-        )
+        result.floor_rows = int(floor[0])
     finally:
+        result.load_after = os.getloadavg()
         await warehouse.close()
         await google.stop()
         emu.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if sys.argv[1:] else 1_000_000))
+async def report(count: int = DEFAULT_ROWS, budget: float = GCP_SECONDS) -> GcpResult:
+    """The `make bench` part: the benchmark bounded by `budget` seconds, printed."""
+    result = GcpResult()
+    try:
+        await asyncio.wait_for(measure(count, result), budget)
+    except TimeoutError:
+        result.error = f"stopped after {budget:.0f} s (time budget)"
+    except Exception as exc:  # reported; the rest of `make bench` goes on
+        result.error = f"failed ({type(exc).__name__}: {str(exc)[:200]})"
+    print("\n".join(lines(result)))
+    return result
+
+
+async def main(count: int, host: str) -> int:
+    """`python -m bench gcp [ROWS]`: no time budget."""
+    result = await report(count, budget=24 * 3600.0)
+    print()
+    print(markdown(result, host))
+    return 0 if result.fresh and not result.error else 1

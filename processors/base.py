@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Any, BinaryIO, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, StringConstraints, ValidationError
@@ -134,8 +134,10 @@ class Warehouse(Protocol):
         """Bulk-load rows with one load job (atomic); return how many were written."""
         ...
 
-    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema if it is missing."""
+    async def ensure_table(
+        self, dataset: str, schema: TableSchema, *, expires: datetime | None = None
+    ) -> None:
+        """Create the table from its schema if it is missing (`expires`: BigQuery drops it then)."""
         ...
 
     async def drop_table(self, dataset: str, table: str) -> None:

@@ -48,6 +48,7 @@ from server.procedures import ProcedureManager
 from server.providers import ProviderRegistry
 from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.settings import Settings, env_file
+from server.state.retention import Retention, RetentionPolicy
 from server.state.scheduling import Caps
 from server.state.store import StateStore
 from server.warehouse.bigquery import GOOGLE_TOKEN_URL, BigQueryWarehouse
@@ -123,6 +124,15 @@ async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateSto
         pool_size=settings.database_pool_size,
         lease_seconds=settings.replica_lease_seconds,
         upgrade=upgrade,
+    )
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """How long the state store keeps finished things."""
+    return RetentionPolicy(
+        runs_days=settings.run_retention_days,
+        jobs_days=settings.job_retention_days,
+        notifications_days=settings.notification_log_retention_days,
     )
 
 
@@ -202,6 +212,7 @@ class Service:
     runs: RunManager
     state: StateStore
     ledger: Ledger
+    retention: Retention
     scheduler: Scheduler
     notifier: Notifier
     webhooks: SlackWebhooks
@@ -218,6 +229,7 @@ class Service:
         await self.scheduler.close()
         await self.notifier.close()
         await self.ledger.close()
+        await self.retention.close()
         await self.state.close()
         await self.http.close()
         await self.vault.store.close()
@@ -279,6 +291,7 @@ async def start(
         interval=settings.ledger_flush_seconds,
         loads_per_day=settings.ledger_loads_per_day,
     )
+    retention = Retention(state.retention, retention_policy(settings), interval=settings.state_prune_seconds)
     server = aio.server(options=SERVER_OPTIONS)
     # Every method of our services is guarded (a method without a policy fails here, before anything
     # is written); health and reflection are public.
@@ -314,6 +327,7 @@ async def start(
     await runs.start()
     scheduler.start()
     ledger.start()
+    retention.start()
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     await server.start()
     for name in ("", *SERVICES):
@@ -332,6 +346,7 @@ async def start(
         runs,
         state,
         ledger,
+        retention,
         scheduler,
         notifier,
         webhooks,

@@ -12,6 +12,8 @@ server (`PIPELINE_ENV` picks `.env.{local,stage,prod}`).
     pipeline-service query "SQL"                 run one query, print rows as JSON lines
     pipeline-service db status                   the state store's schema migrations, applied or not
     pipeline-service db upgrade                  apply the missing migrations (the server does at start)
+    pipeline-service db prune                    delete what the retention settings no longer keep (each
+                                                 replica does it every STATE_PRUNE_SECONDS)
     pipeline-service credentials set ORG PROVIDER --from-file FILE|- [--name NAME]
                                                  store (or replace) an org's provider credential (JSON)
     pipeline-service credentials list ORG        the org's credentials, masked
@@ -44,7 +46,7 @@ from pathlib import Path
 
 from processors.genai.catalog import package_version
 from server import devstack, logs, meta, prices, saas
-from server.app import build_http, build_kek, build_warehouse, connect_state
+from server.app import build_http, build_kek, build_warehouse, connect_state, retention_policy
 from server.credentials.probe import probe
 from server.credentials.store import CredentialStore
 from server.engine.processor import ProcessorRegistry
@@ -191,6 +193,16 @@ async def query(settings: Settings, args: argparse.Namespace) -> None:
     async with warehouse_for(settings) as wh:
         for row in await wh.query(args.sql):
             print(json.dumps(json_value(row)))
+
+
+async def db_prune(settings: Settings, args: argparse.Namespace) -> None:
+    async with postgres.embedded(settings):
+        store = await connect_state(settings)
+        try:
+            counts = await store.retention.prune(retention_policy(settings))
+        finally:
+            await store.close()
+    _print({"deleted": counts})
 
 
 async def db(settings: Settings, args: argparse.Namespace) -> None:
@@ -404,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
     )
     db_cmd.add_parser("status", help="show the migrations and which are applied").set_defaults(run=db)
     db_cmd.add_parser("upgrade", help="apply the missing migrations").set_defaults(run=db)
+    db_cmd.add_parser("prune", help="delete what the retention settings no longer keep").set_defaults(
+        run=db_prune
+    )
     return top
 
 

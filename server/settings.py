@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         description="Ledger exports (one load job per table each) allowed per day over all replicas; "
         "BigQuery allows 1,500 load jobs per table per day. 0: no limit (the emulator has none).",
     )
+    state_prune_seconds: float = Field(
+        3600.0, ge=0, description="How often a replica prunes the state store (retention); 0 = never."
+    )
+    run_retention_days: int = Field(
+        90, ge=0, description="Finished runs (once exported to BigQuery) stay this long; 0 = forever."
+    )
+    job_retention_days: int = Field(
+        90, ge=0, description="Finished scheduler jobs and backfills stay this long; 0 = forever."
+    )
+    notification_log_retention_days: int = Field(
+        90, ge=0, description="The notification log keeps entries this long; 0 = forever."
+    )
     scheduler_tick_seconds: float = Field(
         60.0,
         ge=0,

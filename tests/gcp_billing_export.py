@@ -503,7 +503,7 @@ def second_batch(a: date) -> list[dict[str, Any]]:
 
 
 def exact(value: float | None) -> Decimal:
-    """A FLOAT of the export as the copy reads it: FORMAT('%.9f') (its shortest repr, 9 decimals)."""
+    """A FLOAT of the export as the mirror holds it: rounded to 9 decimals (CAST AS NUMERIC(38, 9))."""
     return Decimal(repr(value or 0.0)).quantize(NANO)
 
 

@@ -1,13 +1,17 @@
--- Rebuild the FOCUS 1.2 rows (x_SourceSystem = 'gcp') of some invoice months from the org's mirror of its
--- Cloud Billing export (gcp_billing_export_raw), in one MERGE: the FOCUS rows of those months and of the
--- source's billing accounts are deleted and every mirror row of those months is inserted as one FOCUS row,
--- so re-running leaves the same rows and other sources, accounts and months are never touched.
--- Run by gcp.bq_etl; ${focus}, ${raw} and ${projects} are validated table references, ${columns} / ${values} the FOCUS
--- table's column list; the values are typed SQL literals (server.warehouse.sql.literal: validated, no
--- quotes or backslashes), not query parameters, because bqemulator splits a MERGE whose two branches use
--- different parameters and then rejects the statement: ${source} (the export's project.dataset.table),
--- ${months} (invoice months, YYYYMM), ${accounts} (the billing accounts of the source),
--- ${periods} (the months' BillingPeriodStart), ${pipeline_id}, ${run_id}.
+-- The FOCUS 1.2 rows (x_SourceSystem = 'gcp') converted from some rows of the org's mirror of its Cloud
+-- Billing export (gcp_billing_export_raw): two statements that gcp.bq_etl runs inside the run's one
+-- transaction script, right after the mirror's changed partitions were swapped. The FOCUS rows in scope
+-- are deleted and every mirror row in scope is inserted as one FOCUS row (a commitment fee with money as
+-- two), so re-running leaves the same rows and other sources, accounts and partitions are never touched.
+-- Scope: by default the changed source partitions (${focus_scope}: x_SourcePartition IN (...) and the
+-- billing accounts those partitions held; ${row_scope}: x_source_partition IN (...)): a FOCUS row depends on
+-- its own export row only (and gcp_projects for a missing project name), so rebuilding the changed
+-- partitions gives the same rows as rebuilding their whole invoice months. Whole invoice months
+-- (BillingPeriodStart / x_invoice_month) when FOCUS rows from before x_SourcePartition existed are in scope.
+-- ${focus}, ${raw} and ${projects} are validated table references, ${columns} the FOCUS table's column list;
+-- the values in the scopes, ${source} (the export's project.dataset.table), ${pipeline_id} and ${run_id} are
+-- typed SQL literals (server.warehouse.sql.literal: validated, no quotes or backslashes), not query
+-- parameters (bqemulator binds parameters of scripts wrongly).
 --
 -- Money: the mirror holds the export's FLOAT money as NUMERIC(38, 9) (rounded by BigQuery when copied);
 -- every sum here is NUMERIC. "net" = cost + the sum of credits.amount (credits are negative).
@@ -65,30 +69,45 @@
 --   CapacityReservation*, SkuPriceDetails, BillingAccountName, CommitmentDiscountName  NULL
 --   x_ChargeDate          DATE(ChargePeriodStart); x_BillingCycle 'monthly'; x_PricingModel consumption_model.id
 --   x_SourceSystem 'gcp'; x_PipelineId, x_RunId: the run's; x_IngestedAt CURRENT_TIMESTAMP()
+--   x_SourcePartition     x_source_partition: the export partition the row came from (the rebuild's key)
 --   x_CostSource, x_PriceTableVersion, x_ServiceTier, x_TokenClass, x_ContextWindow  NULL (GenAI columns)
 --
 -- Emulator traps: NUMERIC casts are NUMERIC(38, 9) (plain NUMERIC keeps 3 decimals on bqemulator).
-MERGE ${focus} AS T
-USING (
-  WITH src AS (
+DELETE FROM ${focus} WHERE x_SourceSystem = 'gcp' AND ${focus_scope};
+INSERT INTO ${focus} (${columns})
+SELECT ${columns} FROM (
+  WITH credited AS (
+    -- the credits of a row folded in one pass (one correlated subquery, not one per figure)
     SELECT
       r.*,
-      IFNULL((SELECT SUM(c.amount) FROM UNNEST(r.credits) AS c), CAST(0 AS NUMERIC(38, 9))) AS credit_total,
-      (SELECT COUNT(*) FROM UNNEST(r.credits) AS c WHERE c.type = 'COMMITTED_USAGE_DISCOUNT') AS resource_cud,
-      (SELECT COUNT(*) FROM UNNEST(r.credits) AS c WHERE c.type = 'COMMITTED_USAGE_DISCOUNT_DOLLAR_BASE') AS spend_cud,
-      (SELECT COUNT(*) FROM UNNEST(r.credits) AS c WHERE c.type = 'FEE_UTILIZATION_OFFSET') AS fee_offset,
-      (SELECT MIN(c.id) FROM UNNEST(r.credits) AS c WHERE c.type LIKE 'COMMITTED_USAGE_DISCOUNT%') AS cud_credit_id,
+      (SELECT AS STRUCT
+          SUM(c.amount) AS total,
+          COUNTIF(c.type = 'COMMITTED_USAGE_DISCOUNT') AS resource_cud,
+          COUNTIF(c.type = 'COMMITTED_USAGE_DISCOUNT_DOLLAR_BASE') AS spend_cud,
+          COUNTIF(c.type = 'FEE_UTILIZATION_OFFSET') AS fee_offset,
+          MIN(IF(c.type LIKE 'COMMITTED_USAGE_DISCOUNT%', c.id, NULL)) AS cud_credit_id
+        FROM UNNEST(r.credits) AS c) AS credit
+    FROM ${raw} AS r
+    WHERE r.x_source_table = ${source} AND ${row_scope}
+  ),
+  src AS (
+    SELECT
+      r.* EXCEPT (credit),
+      IFNULL(r.credit.total, CAST(0 AS NUMERIC(38, 9))) AS credit_total,
+      IFNULL(r.credit.resource_cud, 0) AS resource_cud,
+      IFNULL(r.credit.spend_cud, 0) AS spend_cud,
+      IFNULL(r.credit.fee_offset, 0) AS fee_offset,
+      r.credit.cud_credit_id AS cud_credit_id,
       TIMESTAMP(PARSE_DATE('%Y%m', r.x_invoice_month), 'America/Los_Angeles') AS period_start,
       TIMESTAMP(DATETIME(DATE_ADD(PARSE_DATE('%Y%m', r.x_invoice_month), INTERVAL 1 MONTH)), 'America/Los_Angeles')
         AS period_end,
       known.name AS known_project_name
-    FROM ${raw} AS r
+    FROM credited AS r
     -- Resource Manager's names (gcp.api_extractor) for rows the export left without one (usage within 24 h
     -- of a project's creation)
     LEFT JOIN (
       SELECT project_id, ANY_VALUE(name) AS name FROM ${projects} GROUP BY project_id
     ) AS known ON known.project_id = r.project.id
-    WHERE r.x_source_table = ${source} AND r.x_invoice_month IN UNNEST(${months})
   ),
   classified AS (
     SELECT
@@ -170,7 +189,10 @@ USING (
     CAST(NULL AS STRING) AS CapacityReservationStatus,
     IF(p.kind = 'commitment', 'Usage', p.category) AS ChargeCategory,
     IF(p.kind = 'commitment', NULL, p.charge_class) AS ChargeClass,
-    CONCAT(IFNULL(p.sku.description, IFNULL(p.adjustment_info.description, INITCAP(REPLACE(p.cost_type, '_', ' ')))),
+    -- (no INITCAP: the emulator runs it as a Python function per row)
+    CONCAT(IFNULL(p.sku.description, IFNULL(p.adjustment_info.description, CASE p.cost_type
+      WHEN 'regular' THEN 'Regular' WHEN 'tax' THEN 'Tax' WHEN 'adjustment' THEN 'Adjustment'
+      WHEN 'rounding_error' THEN 'Rounding Error' ELSE p.cost_type END)),
       IF(p.kind = 'commitment', ' (effective cost of the commitment)', '')) AS ChargeDescription,
     CASE IF(p.kind = 'commitment', 'Usage', p.category)
       WHEN 'Usage' THEN 'Usage-Based' WHEN 'Purchase' THEN 'Recurring' ELSE 'One-Time' END AS ChargeFrequency,
@@ -247,10 +269,7 @@ USING (
     CAST(NULL AS STRING) AS x_ContextWindow,
     ${pipeline_id} AS x_PipelineId,
     ${run_id} AS x_RunId,
-    CURRENT_TIMESTAMP() AS x_IngestedAt
+    CURRENT_TIMESTAMP() AS x_IngestedAt,
+    p.x_source_partition AS x_SourcePartition
   FROM split AS p
-) AS S
-ON FALSE
-WHEN NOT MATCHED BY SOURCE AND T.x_SourceSystem = 'gcp' AND T.BillingAccountId IN UNNEST(${accounts})
-  AND T.BillingPeriodStart IN UNNEST(${periods}) THEN DELETE
-WHEN NOT MATCHED THEN INSERT (${columns}) VALUES (${values})
+);

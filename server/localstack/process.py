@@ -1,8 +1,9 @@
-"""Child processes of the local stack: start, wait until ready (bounded), stop."""
+"""Child processes of the local stack: start (tied to our life), wait until ready (bounded), stop."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,14 @@ def http_ok(url: str, expect: str = "") -> bool:
         return False
 
 
+def tied_to_us(argv: Sequence[str], sig: signal.Signals) -> list[str]:
+    """`argv` behind util-linux's `setpriv --pdeathsig`, so the child gets `sig` when the thread that
+    started it dies, even by SIGKILL (no orphaned emulator or database after a killed test run); as it is
+    where `setpriv` is missing (not Linux)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, f"--pdeathsig={sig.name.removeprefix('SIG')}", "--", *argv] if setpriv else list(argv)
+
+
 def as_user(user: str | None) -> dict[str, Any]:
     """`subprocess` arguments that run a child as `user` with only that user's group (none: as we are)."""
     return {} if user is None else {"user": user, "group": user, "extra_groups": []}
@@ -54,7 +63,7 @@ class ChildProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            list(argv),
+            tied_to_us(argv, stop_signal),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -27,6 +27,7 @@ import orjson
 from server.engine.run import ACTIVE, Run, StepView
 from server.state import migrate
 from server.state.notifications import NotificationStore
+from server.state.retention import RetentionStore
 from server.state.scheduling import SchedulerStore
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
@@ -146,6 +147,7 @@ class StateStore:
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
+        self.retention = RetentionStore(pool)
         self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission]]] = []
         self._admitter: asyncio.Task[None] | None = None
 

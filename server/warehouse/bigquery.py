@@ -310,8 +310,9 @@ class BigQueryWarehouse:
         await self.ensure_dataset(dataset)
         await asyncio.gather(*(self.ensure_table(dataset, s) for s in schemas))
 
-    def _table(self, dataset: str, schema: TableSchema) -> bigquery.Table:
-        """The client's table object for a schema file (fields, description, partitioning, clustering)."""
+    def _table(self, dataset: str, schema: TableSchema, expires: datetime | None = None) -> bigquery.Table:
+        """The client's table object for a schema file (fields, description, partitioning, clustering,
+        expiration time)."""
         table = bigquery.Table(
             self._ref(dataset, schema.name),
             schema=[bigquery.SchemaField.from_api_repr(f) for f in schema.fields],
@@ -321,15 +322,19 @@ class BigQueryWarehouse:
             table.time_partitioning = bigquery.TimePartitioning(field=schema.partition_field)
         if schema.clustering:
             table.clustering_fields = list(schema.clustering)
+        table.expires = expires
         return table
 
-    async def ensure_table(self, dataset: str, schema: TableSchema) -> None:
-        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way).
+    async def ensure_table(
+        self, dataset: str, schema: TableSchema, *, expires: datetime | None = None
+    ) -> None:
+        """Create the table from its schema file if missing (NUMERIC keeps its 9 decimals this way);
+        `expires` sets its expiration time (BigQuery drops it then: staging tables of a crashed run).
 
         A table created from an older schema file gets the NULLABLE scalar columns added since (one
         `ALTER TABLE ADD COLUMN IF NOT EXISTS` each; the emulator ignores schema patches).
         """
-        table = self._table(dataset, schema)
+        table = self._table(dataset, schema, expires)
         existing = await self._run(
             f"create table {dataset}.{schema.name}",
             partial(self._client.create_table, table, exists_ok=True, retry=self._retry),

@@ -1,11 +1,12 @@
 """The console script against the session's emulator and PostgreSQL: org and key commands, query, configs
-validate, db status and upgrade."""
+validate, db status, upgrade and prune."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -136,6 +137,23 @@ async def test_db_status_and_upgrade_on_a_fresh_database(
         code, out = await cli(fresh, emulator, "db", "upgrade")
         after = json.loads(out)
         assert after["applied_now"] == [] and all(m["applied_at"] for m in after["migrations"])
+
+        db = await asyncpg.connect(dsn(postgres.port, name))
+        try:
+            for run_id, ended in (("old", datetime(2020, 1, 1, tzinfo=UTC)), ("new", datetime.now(UTC))):
+                await db.execute(
+                    "INSERT INTO runs (run_id, org_slug, pipeline_key, pipeline_id, state, trigger, "
+                    "parameters, dedupe_key, owner, create_time, end_time, exported) "
+                    "VALUES ($1, 'acme', 'a/b/c', 'c', 'SUCCEEDED', 'API', '{}', $1, 'r', $2, $2, true)",
+                    run_id,
+                    ended,
+                )
+            code, out = await cli(fresh, emulator, "db", "prune")
+            assert code == 0, out
+            assert json.loads(out)["deleted"]["runs"] == 1
+            assert [r["run_id"] for r in await db.fetch("SELECT run_id FROM runs")] == ["new"]
+        finally:
+            await db.close()
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()

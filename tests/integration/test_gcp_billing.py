@@ -10,6 +10,8 @@ tests/unit/test_gcp_bq_etl.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import uuid
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
@@ -21,10 +23,12 @@ import pytest
 from google.cloud import bigquery
 
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from processors.base import RunIdentity, StepContext
+from processors.gcp import bq_etl
 from processors.gcp.bq_etl import billing_period
 from server import app
 from server.settings import PROJECT_ROOT
-from server.warehouse.schema import load_schema
+from server.warehouse.schema import TableSchema, load_schema
 from tests import focus_validator
 from tests import gcp_billing_export as export
 from tests.conftest import Org, make_org
@@ -223,6 +227,12 @@ async def test_late_rows_and_a_correction_recopy_exactly_the_changed_partitions(
     focus = await focus_rows(service, c.org)
     assert len(focus) == len(first) + len(second) + 1
     assert billed_by_month(focus) == export.totals_by_month(first + second)
+    # FOCUS was rebuilt from the changed partitions only: the others keep the first run's rows
+    assert {r["x_SourcePartition"] for r in focus} == set(runs)
+    rebuilt = {r["x_SourcePartition"]: r["x_RunId"] for r in focus}
+    assert rebuilt[a + timedelta(days=1)] == rebuilt[a + timedelta(days=3)] == result.run_id
+    assert rebuilt[a] == rebuilt[a - timedelta(days=2)] == rebuilt[a + timedelta(days=2)]
+    assert rebuilt[a] == loaded["run"].run_id
     corrections = [r for r in focus if r["ChargeClass"] == "Correction"]
     assert len(corrections) == 2 and sorted(r["BilledCost"] for r in corrections) == [
         Decimal("-11.111111"),
@@ -304,6 +314,100 @@ async def test_focus_validator_accepts_the_gcp_rows(
     print(report.summary())
     known = [p for p in report.problems if p.name.split(" ::")[0] in KNOWN_VALIDATOR_FALSE_POSITIVES]
     assert report.tests > 500 and report.failures + report.errors - len(known) == 0, report.summary()
+
+
+async def test_focus_rows_without_a_source_partition_are_rebuilt_by_invoice_month(
+    service: app.Service, fake_google: FakeGoogle, pipelines: Stub
+) -> None:
+    """FOCUS rows written before x_SourcePartition existed (NULL): the first run that touches their invoice
+    month rebuilds that whole month once, so no stale row survives and the totals stay exact."""
+    c = await customer(service, fake_google, "gcplegacy")
+    a = export.anchor()
+    first, second = export.first_batch(a), export.second_batch(a)
+    await asyncio.to_thread(export.append, c.bq, c.table_id, first)
+    completed(await run(pipelines, c.org))
+    focus_table = service.warehouse.table_ref(c.org.dataset, "cost_data_focus_1_2")
+    await service.warehouse.query(
+        f"UPDATE {focus_table} SET x_SourcePartition = NULL WHERE x_SourceSystem = 'gcp'"
+    )
+    await asyncio.to_thread(export.append, c.bq, c.table_id, second)
+    result = completed(await run(pipelines, c.org))
+    assert result.steps[0].rows_written == 6
+    focus = await focus_rows(service, c.org)
+    assert len(focus) == len(first) + len(second) + 1
+    assert billed_by_month(focus) == export.totals_by_month(first + second)
+    touched = {billing_period(r["invoice"]["month"])[0] for r in second}
+    in_touched = [r for r in focus if r["BillingPeriodStart"] in touched]
+    assert in_touched and all(r["x_SourcePartition"] is not None for r in in_touched)
+    assert {r["x_RunId"] for r in in_touched} == {result.run_id}
+
+
+async def test_a_sweep_sees_partitions_older_than_the_trailing_window_and_the_client_copy(
+    service: app.Service, fake_google: FakeGoogle
+) -> None:
+    """A change older than `trailing_days` is unseen by `{}` runs; a sweep (`sweep=true`, or the
+    configured weekday) fingerprints `history_days`. Also the copy through this process
+    (`copy_via: client`, for setups without the staging grant) leaves the same rows."""
+    c = await customer(service, fake_google, "gcpsweep")
+    a = export.anchor()
+    first = export.first_batch(a)
+    await asyncio.to_thread(export.append, c.bq, c.table_id, first)
+    engine = bq_etl.get_engine()
+    config = {"trailing_days": 40, "sweep_weekday": None, "copy_via": "client"}
+
+    async def execute(run_id: str, **parameters: str) -> dict[str, Any]:
+        context = StepContext(
+            run=RunIdentity(run_id, c.org.slug, c.org.dataset, "gcp_billing", "gcp/cost/billing"),
+            step_id="copy_export",
+            attempt=1,
+            parameters=parameters,
+            steps={},
+            warehouse=service.warehouse,
+            meta_dataset=service.settings.meta_dataset,
+            log=logging.LoggerAdapter(logging.getLogger("test"), {}),
+            http=service.http,
+            secrets=service.vault.for_org(c.org.slug),
+        )
+        return await engine.execute(config, context)
+
+    assert (await execute("sweep1"))["rows_written"] == len(first)
+    old_day = a - timedelta(days=60)
+    late = {
+        **first[0],
+        "export_time": export.at(old_day, 6),
+        "usage_start_time": export.at(old_day - timedelta(days=1), 6),
+        "usage_end_time": export.at(old_day - timedelta(days=1), 7),
+    }
+    await asyncio.to_thread(export.append, c.bq, c.table_id, [late])
+    assert (await execute("sweep2"))["rows_written"] == 0  # 60 days back: outside the trailing window
+    swept = await execute("sweep3", sweep="true")
+    assert swept["rows_written"] == 1 and swept["partitions_changed"] == [old_day.isoformat()]
+    assert swept["partitions_checked"] >= 5
+    raw = await raw_rows(service, c.org)
+    assert len(raw) == len(first) + 1 and {r["x_run_id"] for r in raw} == {"sweep1", "sweep3"}
+    by_run = Counter(r["x_run_id"] for r in raw)
+    assert by_run == {"sweep1": len(first), "sweep3": 1}
+    assert sorted(r["cost"] for r in raw) == sorted(export.exact(r["cost"]) for r in [*first, late])
+    tagged = next(r for r in raw if r["x_run_id"] == "sweep3")
+    assert json.loads(tagged["x_tags"]) == json.loads(bq_etl.tags(late))
+    assert billed_by_month(await focus_rows(service, c.org)) == export.totals_by_month([*first, late])
+    # no staging table is left behind
+    tables = await asyncio.to_thread(
+        lambda: [t.table_id for t in c.bq.list_tables(f"{service.settings.gcp_project_id}.{c.org.dataset}")]
+    )
+    assert not [t for t in tables if "__staging_" in t]
+
+
+async def test_staging_tables_expire(service: app.Service) -> None:
+    """A crashed run's staging table is dropped by BigQuery: it is created with an expiration time. (The
+    emulator accepts `expirationTime` but does not keep it, so the request body is what is checked.)"""
+    org = await make_org(service, "gcpexpire")
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=24)
+    schema = TableSchema("gcp_billing_export_raw__staging_x", "staging", bq_etl.RAW_SCHEMA.fields)
+    body = service.warehouse._table(org.dataset, schema, expires).to_api_repr()
+    assert body["expirationTime"] == str(int(expires.timestamp() * 1000))
+    await service.warehouse.ensure_table(org.dataset, schema, expires=expires)  # accepted
+    await service.warehouse.drop_table(org.dataset, schema.name)
 
 
 async def failed_step(pipelines: Stub, org: Org) -> RS.StepRun:

@@ -55,7 +55,8 @@ def test_column_partitioned_tables_prune_on_the_column() -> None:
     assert part.key == "DATE(`export_time`)"
     text = bq_etl.copy_sql("`p.d.t`", part, ["`cost`"])
     assert (
-        "`export_time` >= TIMESTAMP(@lo) AND `export_time` < TIMESTAMP(DATE_ADD(@hi, INTERVAL 1 DAY))" in text
+        "`export_time` >= TIMESTAMP(@lo) AND `export_time` < TIMESTAMP_ADD(TIMESTAMP(@hi), INTERVAL 1 DAY)"
+        in text
     )
     assert bq_etl.partitioning(info("DAY", None), "DATE(export_time)").key == "DATE(export_time)"
 
@@ -67,11 +68,13 @@ def test_a_table_without_day_partitions_is_refused_unless_configured() -> None:
     assert bq_etl.partitioning(info(None, None), "_PARTITIONDATE").key == "_PARTITIONDATE"
 
 
-def test_floats_are_read_as_exact_text_and_missing_columns_are_left_out() -> None:
+def test_floats_become_nine_decimal_numerics_and_missing_columns_are_left_out() -> None:
     columns = bq_etl.projection(bq_etl.RAW_SCHEMA.fields, SOURCE_FIELDS)
     text = ", ".join(columns)
-    assert "FORMAT('%.9f', `cost`) AS `cost`" in text
-    assert "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, FORMAT('%.9f', e0.`amount`) AS `amount`" in text
+    assert "CAST(`cost` AS NUMERIC(38, 9)) AS `cost`" in text
+    assert (
+        "ARRAY(SELECT AS STRUCT e0.`name` AS `name`, CAST(e0.`amount` AS NUMERIC(38, 9)) AS `amount`" in text
+    )
     assert "`price` AS `price`" in text  # NUMERIC already: copied as it is
     parse("SELECT " + text + " FROM t")  # valid BigQuery SQL
     standard = tuple(f for f in SOURCE_FIELDS if f["name"] not in ("resource", "subscription", "price"))
@@ -112,3 +115,39 @@ def test_config_is_validated_at_load() -> None:
     with pytest.raises(InvalidInputError):
         parse_config(bq_etl.EtlConfig, {"source_table": "proj.ds.t`; DROP TABLE x"})
     assert parse_config(bq_etl.EtlConfig, {"source_table": "customer-billing.ds.gcp_billing_export_v1_X"})
+
+
+def test_a_sweep_widens_only_the_trailing_window() -> None:
+    from datetime import date, timedelta
+    from types import SimpleNamespace
+
+    config = bq_etl.EtlConfig(trailing_days=40, history_days=400, sweep_weekday=6)
+    monday, sunday = date(2026, 11, 30), date(2026, 11, 29)
+
+    def span(today: date, **parameters: str) -> bq_etl.Window:
+        context = SimpleNamespace(parameters=parameters, start_date=None, end_date=None)
+        return bq_etl.window(context, config, today)  # type: ignore[arg-type]
+
+    assert span(monday).lo == monday - timedelta(days=40)
+    assert span(sunday).lo == sunday - timedelta(days=400)  # the configured weekday
+    assert span(monday, sweep="true").lo == monday - timedelta(days=400)
+    off = bq_etl.EtlConfig(sweep_weekday=None)
+    context = SimpleNamespace(parameters={}, start_date=None, end_date=None)
+    assert bq_etl.window(context, off, sunday).lo == sunday - timedelta(days=40)  # type: ignore[arg-type]
+    dated = SimpleNamespace(parameters={"sweep": "true"}, start_date=monday, end_date=monday)
+    assert bq_etl.window(dated, config, monday).lo == monday  # type: ignore[arg-type]
+
+
+def test_the_copy_keeps_nine_decimals_on_the_emulator_too() -> None:
+    """bqemulator re-renders statements with DATE_ADD, ARRAY_AGG(... LIMIT) or WITH OFFSET through sqlglot,
+    which drops the scale of NUMERIC(38, 9) casts: the copy statement uses none of them."""
+    part = bq_etl.partitioning(info("DAY", "export_time"), "auto")
+    columns = bq_etl.projection(bq_etl.RAW_SCHEMA.fields, SOURCE_FIELDS)
+    copy = bq_etl.copy_sql("`p.d.t`", part, columns, SOURCE_FIELDS).upper()
+    for trap in ("DATE_ADD", "DATE_SUB", " LIMIT ", "WITH OFFSET", "IGNORE NULLS"):
+        assert trap not in copy
+    assert copy.count("AS NUMERIC(38, 9)") == 6
+    names = bq_etl.copy_columns(columns)
+    assert names[-7:] == ["x_source_partition", "x_invoice_month", "x_tags", *bq_etl.LINEAGE]
+    assert len(names) == len(set(names)) == len(columns) + 7
+    parse(copy)
