@@ -1,10 +1,10 @@
 """`python -m bench`: RunPipeline throughput against a bare baseline, engine overhead per step, warehouse
 jobs per run and the SaaS cost pipeline at scale against a DuckDB floor, in one bounded run (under 8
-minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, at most 170 s more), then
-the GCP billing export ETL against a DuckDB floor (bench/gcp_billing.py, 1,000,000 rows, at most 420 s
-more), printed as tables and Markdown summaries. `python -m bench saas` runs only the SaaS part, `python -m
-bench genai [ROWS]` only the OpenAI usage part (default 200,000 rows; 1,000,000 for the issue's size),
-`python -m bench gcp [ROWS]` only the GCP part (default 1,000,000 rows).
+minutes), then OpenAI usage ingestion against dlt and a floor (bench/genai.py, 1,000,000 rows, at most
+170 s more), then the GCP billing export ETL against a DuckDB floor (bench/gcp_billing.py, 1,000,000
+rows, at most 420 s more), printed as tables and Markdown summaries. `python -m bench saas` runs only the
+SaaS part, `python -m bench genai [ROWS]` only the OpenAI usage part (1,000,000 rows by default and in
+`make bench`), `python -m bench gcp [ROWS]` only the GCP part (default 1,000,000 rows).
 
 Throughput cells run in rounds; within a round each real cell and its bare twin run back to back (the
 order alternates between rounds), and the summary reports the median over the rounds, because on a

@@ -46,6 +46,7 @@ __all__ = [
     "QueryResult",
     "RunIdentity",
     "Secrets",
+    "StagedWindow",
     "StepContext",
     "StepStatus",
     "StreamedResponse",
@@ -74,6 +75,28 @@ class QueryResult(Protocol):
     def bytes_processed(self) -> int: ...
     @property
     def num_dml_affected_rows(self) -> int: ...
+
+
+class StagedWindow(Protocol):
+    """One all-or-nothing window swap in progress (`Warehouse.staged_window`): files appended to a
+    staging table while later ones are produced, then one MERGE into the target."""
+
+    async def load(self, source: BinaryIO) -> None:
+        """Append one file (Parquet; NDJSON for `parquet=False`) to the staging table (one load job)."""
+        ...
+
+    async def swap(
+        self,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+        expected: int | None = None,
+    ) -> int:
+        """Replace the window (`column` BETWEEN start AND end, `equals` columns equal) with the staged
+        rows in one MERGE; return their count (`expected`: another count fails before the MERGE)."""
+        ...
 
 
 class Warehouse(Protocol):
@@ -146,6 +169,14 @@ class Warehouse(Protocol):
         equals: Mapping[str, str] | None = None,
     ) -> int:
         """Swap a window of a table all or nothing (one load into staging, one MERGE); rows in the window."""
+        ...
+
+    def staged_window(
+        self, dataset: str, schema: TableSchema, *, parquet: bool = True
+    ) -> AbstractAsyncContextManager[StagedWindow]:
+        """`async with warehouse.staged_window(dataset, schema) as stage:` a staging table for one window
+        swap (`stage.load(file)` as files complete, then `stage.swap(...)`), dropped when the block ends;
+        a block that fails before `swap` leaves the target untouched."""
         ...
 
 

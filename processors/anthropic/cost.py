@@ -17,9 +17,9 @@ never appears here. The window is replaced all or nothing.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
-from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -102,13 +102,12 @@ class AnthropicCost:
         }
         path = "/v1/organizations/cost_report?" + urlencode([("group_by[]", g) for g in GROUP_BY])
         billed = Decimal(0)
-        with ingest.Spool() as spool:
+        async with ingest.Spool(context.warehouse, context.run.dataset, SCHEMA) as spool:
             async for page in context.http.paginate(PROVIDER, path, PAGING, params=params, credential=cred):
-                rows = await spool.add(partial(rows_of_page, page, lineage))
+                rows = await asyncio.to_thread(rows_of_page, page, lineage)
                 billed += sum((r["amount"] for r in rows if "amount" in r), Decimal(0))
-            written = await context.warehouse.replace_window(
-                context.run.dataset, SCHEMA, spool.rewind(), column="cost_date", start=start, end=end
-            )
+                await spool.write(rows)
+            written = await spool.swap(column="cost_date", start=start, end=end)
         context.log.info("anthropic costs: %d rows, %s USD for %s..%s", written, billed, start, end)
         return {
             "status": "SUCCESS",

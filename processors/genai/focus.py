@@ -483,7 +483,7 @@ class GenAIFocus:
         recon: list[dict[str, Any]] = []
         flagged: list[str] = []
         written = 0
-        with ingest.Spool() as spool:
+        async with ingest.Spool(wh, dataset, FOCUS) as spool:
             for day in sorted(days):
                 figures = days[day]
                 lines = merge_lines(figures.lines)
@@ -518,26 +518,12 @@ class GenAIFocus:
                         "x_ingested_at": lineage["x_ingested_at"],
                     }
                 )
-            written = await wh.replace_window(
-                dataset,
-                FOCUS,
-                spool.rewind(),
-                column="x_ChargeDate",
-                start=start,
-                end=end,
-                equals={"x_SourceSystem": provider},
+            written = await spool.swap(
+                column="x_ChargeDate", start=start, end=end, equals={"x_SourceSystem": provider}
             )
-        with ingest.Spool() as spool:
+        async with ingest.Spool(wh, dataset, RECON) as spool:
             await spool.write(recon)
-            await wh.replace_window(
-                dataset,
-                RECON,
-                spool.rewind(),
-                column="recon_date",
-                start=start,
-                end=end,
-                equals={"provider": provider},
-            )
+            await spool.swap(column="recon_date", start=start, end=end, equals={"provider": provider})
         billed = sum((d.billed for d in days.values()), Decimal(0))
         if flagged:
             context.log.warning(

@@ -16,8 +16,8 @@ half-even to 1e-9. The window is replaced all or nothing, like `openai.usage`.
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
-from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
@@ -96,13 +96,12 @@ class OpenAICost:
         }
         path = "/v1/organization/costs?" + urlencode([("group_by", g) for g in GROUP_BY])
         billed = Decimal(0)
-        with ingest.Spool() as spool:
+        async with ingest.Spool(context.warehouse, context.run.dataset, SCHEMA) as spool:
             async for page in context.http.paginate(PROVIDER, path, PAGING, params=params, credential=cred):
-                rows = await spool.add(partial(rows_of_page, page, lineage))
+                rows = await asyncio.to_thread(rows_of_page, page, lineage)
                 billed += sum((r["amount"] for r in rows if r.get("amount") is not None), Decimal(0))
-            written = await context.warehouse.replace_window(
-                context.run.dataset, SCHEMA, spool.rewind(), column="cost_date", start=start, end=end
-            )
+                await spool.write(rows)
+            written = await spool.swap(column="cost_date", start=start, end=end)
         context.log.info("openai costs: %d rows, %s USD for %s..%s", written, billed, start, end)
         return {
             "status": "SUCCESS",

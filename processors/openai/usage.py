@@ -11,14 +11,17 @@
 ```
 
 Each endpoint is grouped by every dimension it supports (one group_by set per endpoint, so a row is one
-bucket x group), paged until `has_more` is false (a repeated cursor or the page cap fails the step), and
-streamed to a load file. Empty buckets are kept as one `is_empty_bucket` row; fields this schema does not
-know go to `extra`. The window's rows are replaced in one MERGE (all endpoints at once), so a failed run
-leaves the previous rows.
+bucket x group), paged until `has_more` is false (a repeated cursor or the page cap fails the step).
+Endpoints and slices of the window (whole pages each) are independent page streams, `concurrency` of
+them pulled side by side; each page becomes columns, then an Arrow batch in the spool's Parquet files,
+which are loaded into a staging table while later pages are pulled. Empty buckets are kept as one
+`is_empty_bucket` row; fields this schema does not know go to `extra`. The window's rows are replaced in
+one MERGE (all endpoints at once), so a failed run leaves the previous rows.
 """
 
 from __future__ import annotations
 
+from datetime import date
 from functools import partial
 from typing import Any
 from urllib.parse import urlencode
@@ -66,40 +69,71 @@ class Config(ingest.WindowConfig):
 
     endpoints: list[str] = Field(default_factory=lambda: list(GROUP_BY))
     bucket_limit: int = Field(31, ge=1, le=31, description="Buckets per page (OpenAI allows 31 for 1d).")
+    concurrency: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Page streams pulled side by side (the registry's per-org cap still holds).",
+    )
 
 
-def rows_of_page(endpoint: str, page: Any, lineage: dict[str, Any]) -> list[dict[str, Any]]:
-    """The raw rows of one page: one per bucket x result, one `is_empty_bucket` row per empty bucket."""
-    out: list[dict[str, Any]] = []
-    for bucket in ingest.buckets(page):
+_NOT_INT = frozenset({bool, float, str, list, dict})  # JSON types that are no integer (bool is an int)
+_PER_RESULT = ("result_object", *DIMENSIONS, *METRICS)
+_METRICS = frozenset(METRICS)
+
+
+def columns_of_page(endpoint: str, page: Any, lineage: dict[str, Any]) -> dict[str, list[Any] | ingest.Runs]:
+    """The raw rows of one page as columns: a row per bucket x result, an `is_empty_bucket` row per
+    empty bucket. Built column by column (no dict per row; per-bucket values and fields no result has
+    as runs); a metric that is not an integer, or a result that is not an object, fails the page."""
+    buckets = ingest.buckets(page)
+    for bucket in buckets:
+        if not all(type(r) is dict for r in bucket["results"]):
+            raise TerminalError(f"{endpoint}: a result is not an object", reason="PROVIDER_BAD_RESPONSE")
+    present: set[str] = set().union(*(r for b in buckets for r in b["results"]))
+    fields = {"result_object" if n == "object" else n for n in present} & set(_PER_RESULT)
+    usage_date, bucket_start, bucket_end, empty = ingest.Runs(), ingest.Runs(), ingest.Runs(), ingest.Runs()
+    cols: dict[str, list[Any] | ingest.Runs] = {name: [] for name in fields}
+    extra: list[Any] | ingest.Runs = [] if present - KNOWN else ingest.Runs()
+    count = 0
+    for bucket in buckets:
         start, end = ingest.utc_day(bucket.get("start_time")), ingest.utc_day(bucket.get("end_time"))
-        base = {
-            "endpoint": endpoint,
-            "usage_date": start.date(),
-            "bucket_start": start,
-            "bucket_end": end,
-            **lineage,
-        }
         results = bucket["results"]
-        if not results:
-            out.append({**base, "is_empty_bucket": True, "extra": {}})
-            continue
-        for result in results:
-            if not isinstance(result, dict):
-                raise TerminalError(f"{endpoint}: a result is not an object", reason="PROVIDER_BAD_RESPONSE")
-            row = {**base, "is_empty_bucket": False, "result_object": result.get("object")}
-            for name in DIMENSIONS:
-                row[name] = result.get(name)
-            for name in METRICS:
-                value = result.get(name)
-                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                    raise TerminalError(
-                        f"{endpoint}: {name} is not an integer", reason="PROVIDER_BAD_RESPONSE"
-                    )
-                row[name] = value
-            row["extra"] = ingest.extra(result, KNOWN)
-            out.append(row)
-    return out
+        n = len(results) or 1
+        count += n
+        usage_date.add(start.date(), n)
+        bucket_start.add(start, n)
+        bucket_end.add(end, n)
+        empty.add(not results, n)
+        for name in fields:
+            column = cols[name]
+            assert isinstance(column, list)
+            if not results:
+                column.append(None)
+                continue
+            key = "object" if name == "result_object" else name
+            values = [r.get(key) for r in results]
+            if name in _METRICS and not _NOT_INT.isdisjoint(map(type, values)):
+                raise TerminalError(f"{endpoint}: {name} is not an integer", reason="PROVIDER_BAD_RESPONSE")
+            column += values
+        if isinstance(extra, list):
+            extra += [{} if r.keys() <= KNOWN else ingest.extra(r, KNOWN) for r in results] or [{}]
+        else:
+            extra.add({}, n)
+    for name in _PER_RESULT:
+        if name not in cols:
+            cols[name] = ingest.Runs(None, count)
+    cols.update(
+        endpoint=ingest.Runs(endpoint, count),
+        usage_date=usage_date,
+        bucket_start=bucket_start,
+        bucket_end=bucket_end,
+        is_empty_bucket=empty,
+        extra=extra,
+    )
+    for name, value in lineage.items():
+        cols[name] = ingest.Runs(value, count)
+    return cols
 
 
 class OpenAIUsage:
@@ -108,7 +142,7 @@ class OpenAIUsage:
     Config = Config
 
     async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
-        """Pull, spool, replace the window; return rows_written and the window."""
+        """Pull (independent streams side by side), spool, replace the window; return rows_written."""
         config = parse_config(Config, step_config)
         unknown = [e for e in config.endpoints if e not in GROUP_BY]
         if unknown:
@@ -116,27 +150,35 @@ class OpenAIUsage:
         start, end = ingest.window(config)
         cred = await ingest.credential(context, PROVIDER, config.credential)
         lineage = ingest.lineage(context, cred)
-        params = {
-            "start_time": ingest.unix(start),
-            "end_time": ingest.unix(end) + 86_400,
-            "bucket_width": "1d",
-            "limit": config.bucket_limit,
-        }
         pages = 0
-        with ingest.Spool() as spool:
-            for endpoint in config.endpoints:
-                # group_by repeats its key (`group_by=a&group_by=b`), so it travels in the path's query
-                path = f"/v1/organization/usage/{endpoint}?" + urlencode(
-                    [("group_by", g) for g in GROUP_BY[endpoint]]
-                )
-                async for page in context.http.paginate(
-                    PROVIDER, path, PAGING, params=params, credential=cred
-                ):
-                    pages += 1
-                    await spool.add(partial(rows_of_page, endpoint, page, lineage))
-            written = await context.warehouse.replace_window(
-                context.run.dataset, SCHEMA, spool.rewind(), column="usage_date", start=start, end=end
+
+        async def pull(spool: ingest.Spool, endpoint: str, first: date, last: date) -> None:
+            nonlocal pages
+            params = {
+                "start_time": ingest.unix(first),
+                "end_time": ingest.unix(last) + 86_400,
+                "bucket_width": "1d",
+                "limit": config.bucket_limit,
+            }
+            # group_by repeats its key (`group_by=a&group_by=b`), so it travels in the path's query
+            path = f"/v1/organization/usage/{endpoint}?" + urlencode(
+                [("group_by", g) for g in GROUP_BY[endpoint]]
             )
+            # no money in usage pages: orjson (integers stay integers, exactly)
+            async for page in context.http.paginate(
+                PROVIDER, path, PAGING, params=params, credential=cred, exact=False
+            ):
+                pages += 1
+                await spool.add(partial(columns_of_page, endpoint, page, lineage))
+                del page  # not held while the next page is fetched and parsed
+
+        # one stream per endpoint x slice of the window (each slice whole pages: no extra requests)
+        cuts = ingest.slices(start, end, config.bucket_limit, config.concurrency)
+        async with ingest.Spool(context.warehouse, context.run.dataset, SCHEMA) as spool:
+            await ingest.concurrently(
+                [partial(pull, spool, e, a, b) for e in config.endpoints for a, b in cuts], config.concurrency
+            )
+            written = await spool.swap(column="usage_date", start=start, end=end)
         context.log.info("openai usage: %d rows from %d pages for %s..%s", written, pages, start, end)
         return {
             "status": "SUCCESS",

@@ -642,6 +642,7 @@ class BoundHttp:
                     reason="PAGINATION_LOOP",
                 )
             seen.add(marker)
+            del body, response  # the next page is fetched and parsed without this one still held
 
     @contextlib.asynccontextmanager
     async def stream(

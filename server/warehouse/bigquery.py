@@ -38,7 +38,7 @@ from server.warehouse.sql import Typed
 
 T = TypeVar("T")
 
-__all__ = ["BigQueryWarehouse", "QueryResult", "RoutineInfo", "Typed"]
+__all__ = ["BigQueryWarehouse", "QueryResult", "RoutineInfo", "StagedWindow", "Typed"]
 
 Row = dict[str, Any]
 
@@ -472,8 +472,30 @@ class BigQueryWarehouse:
         job) go into a staging table made from the same schema; then one MERGE inserts them and deletes the
         window's old rows. A failure before the MERGE leaves the target untouched; the MERGE is atomic.
         """
+        async with self.staged_window(dataset, schema, parquet=False) as stage:
+            if ndjson.seek(0, io.SEEK_END):  # no rows: the staging table stays empty (an empty upload fails)
+                ndjson.seek(0)
+                await stage.load(ndjson)
+            return await stage.swap(column=column, start=start, end=end, equals=equals)
+
+    @asynccontextmanager
+    async def staged_window(
+        self, dataset: str, schema: TableSchema, *, parquet: bool = True
+    ) -> AsyncIterator[StagedWindow]:
+        """A staging table for one all-or-nothing window swap of `schema`'s table (see `StagedWindow`).
+
+        Parquet staging has every column NULLABLE and JSON columns as STRING (BigQuery loads JSON
+        columns only from CSV, Avro or NDJSON); the MERGE parses them and the target enforces its
+        modes. The staging table expires after a day and is dropped when the block ends.
+        """
         await self.ensure_table(dataset, schema)
-        stage = TableSchema(f"_stage_{schema.name}_{uuid.uuid4().hex[:12]}", "staging", schema.fields)
+        fields = schema.fields
+        if parquet:
+            fields = tuple(
+                {**f, "mode": "NULLABLE", **({"type": "STRING"} if f["type"] == "JSON" else {})}
+                for f in schema.fields
+            )
+        stage = TableSchema(f"_stage_{schema.name}_{uuid.uuid4().hex[:12]}", "staging", fields)
         staging = self._table(dataset, stage)
         staging.expires = datetime.now(UTC) + timedelta(days=1)  # gone even if this process dies mid-way
         await self._run(
@@ -481,37 +503,7 @@ class BigQueryWarehouse:
             partial(self._client.create_table, staging, retry=self._retry),
         )
         try:
-            config = bigquery.LoadJobConfig(
-                source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, write_disposition="WRITE_TRUNCATE"
-            )
-
-            def load() -> None:
-                self.jobs_started += 1
-                job = self._client.load_table_from_file(
-                    ndjson, self._ref(dataset, stage.name), job_config=config
-                )
-                job.result(timeout=self._job_timeout)
-
-            if ndjson.seek(0, io.SEEK_END):  # no rows: the staging table stays empty (an empty upload fails)
-                ndjson.seek(0)
-                await self._run(f"load into {dataset}.{stage.name}", load)
-            names = [sql.check_name(c, "column") for c in schema.column_names]
-            cols = ", ".join(f"`{c}`" for c in names)
-            values = ", ".join(f"S.`{c}`" for c in names)
-            conditions = [f"T.`{sql.check_name(column, 'column')}` BETWEEN @window_start AND @window_end"]
-            params: dict[str, Any] = {"window_start": start, "window_end": end}
-            for i, (name, value) in enumerate(sorted((equals or {}).items())):
-                conditions.append(f"T.`{sql.check_name(name, 'column')}` = @eq_{i}")
-                params[f"eq_{i}"] = value
-            target, staged = self.table_ref(dataset, schema.name), self.table_ref(dataset, stage.name)
-            await self.query_job(
-                f"MERGE {target} AS T USING {staged} AS S ON FALSE "
-                f"WHEN NOT MATCHED BY TARGET THEN INSERT ({cols}) VALUES ({values}) "
-                f"WHEN NOT MATCHED BY SOURCE AND {' AND '.join(conditions)} THEN DELETE",
-                params,
-            )
-            rows = await self.query(f"SELECT COUNT(*) AS n FROM {staged}")
-            return int(rows[0]["n"])
+            yield StagedWindow(self, dataset, schema, stage.name, parquet)
         finally:
             await self.drop_table(dataset, stage.name)
 
@@ -554,6 +546,82 @@ class BigQueryWarehouse:
         """Release the client and the thread pool."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._client.close)
+
+
+class StagedWindow:
+    """One window swap in progress: files appended to a staging table by load jobs, then one MERGE.
+
+    `load` may be called while the caller still produces later files (each is one load job appending
+    to the staging table); nothing reaches the target before `swap`, whose MERGE inserts the staged
+    rows and deletes the window's old ones atomically. Made by `BigQueryWarehouse.staged_window`.
+    """
+
+    def __init__(
+        self, warehouse: BigQueryWarehouse, dataset: str, schema: TableSchema, name: str, parquet: bool
+    ) -> None:
+        self._wh = warehouse
+        self.dataset = dataset
+        self.schema = schema
+        self.name = name
+        self._parquet = parquet
+
+    async def load(self, source: BinaryIO) -> None:
+        """Append one file (Parquet, or NDJSON for `parquet=False`) with one resumable load job."""
+        wh = self._wh
+        config = bigquery.LoadJobConfig(
+            source_format=(
+                bigquery.SourceFormat.PARQUET
+                if self._parquet
+                else bigquery.SourceFormat.NEWLINE_DELIMITED_JSON
+            ),
+            write_disposition="WRITE_APPEND",
+            create_disposition="CREATE_NEVER",  # a load still running when the stage is dropped fails
+        )
+
+        def load() -> None:
+            wh.jobs_started += 1
+            # No `size=`: that makes the client use a resumable upload.
+            job = wh._client.load_table_from_file(source, wh._ref(self.dataset, self.name), job_config=config)
+            job.result(timeout=wh._job_timeout)
+
+        await wh._run(f"load into {self.dataset}.{self.name}", load)
+
+    async def swap(
+        self,
+        *,
+        column: str,
+        start: date,
+        end: date,
+        equals: Mapping[str, str] | None = None,
+        expected: int | None = None,
+    ) -> int:
+        """Replace the target's window (`column` BETWEEN `start` AND `end`, each `equals` column equal to
+        its value) with the staged rows in one MERGE; return the staged row count. With `expected`, a
+        staging table holding another count fails (`WAREHOUSE_LOAD_INCOMPLETE`) before the MERGE."""
+        wh, schema = self._wh, self.schema
+        target, staged = wh.table_ref(self.dataset, schema.name), wh.table_ref(self.dataset, self.name)
+        rows = int((await wh.query(f"SELECT COUNT(*) AS n FROM {staged}"))[0]["n"])
+        if expected is not None and rows != expected:
+            raise TerminalError(
+                f"the staging table of {schema.name} holds {rows} rows, {expected} were loaded",
+                reason="WAREHOUSE_LOAD_INCOMPLETE",
+            )
+        names = [sql.check_name(c, "column") for c in schema.column_names]
+        parsed = {f["name"] for f in schema.fields if f["type"] == "JSON"} if self._parquet else set()
+        cols = ", ".join(f"`{c}`" for c in names)
+        values = ", ".join(f"PARSE_JSON(S.`{c}`)" if c in parsed else f"S.`{c}`" for c in names)
+        conditions = [f"T.`{sql.check_name(column, 'column')}` BETWEEN @window_start AND @window_end"]
+        params: dict[str, Any] = {"window_start": start, "window_end": end}
+        for i, (name, value) in enumerate(sorted((equals or {}).items())):
+            conditions.append(f"T.`{sql.check_name(name, 'column')}` = @eq_{i}")
+            params[f"eq_{i}"] = value
+        await wh.query_job(
+            f"MERGE {target} AS T USING {staged} AS S ON FALSE "
+            f"WHEN NOT MATCHED BY TARGET THEN INSERT ({cols}) VALUES ({values}) "
+            f"WHEN NOT MATCHED BY SOURCE AND {' AND '.join(conditions)} THEN DELETE",
+            params,
+        )
+        return rows
 
 
 def _json_default(value: Any) -> Any:

@@ -57,11 +57,16 @@ def test_openai_usage_page_keeps_empty_buckets_and_unknown_fields() -> None:
             }
         )
     )
-    rows = openai_usage.rows_of_page("completions", page, LINEAGE)
-    assert [r["is_empty_bucket"] for r in rows] == [True, False]
-    assert rows[0]["usage_date"] == date(2026, 11, 2) and rows[1]["usage_date"] == date(2026, 11, 3)
-    assert rows[1]["input_tokens"] == 18_450_000 and rows[1]["api_source"] == "agents_api"
-    assert rows[1]["extra"] == {"brand_new_metric": 3} and rows[1]["user_id"] is None
+    cols = {
+        k: v.values() if isinstance(v, ingest.Runs) else v
+        for k, v in openai_usage.columns_of_page("completions", page, LINEAGE).items()
+    }
+    assert {len(v) for v in cols.values()} == {2}
+    assert cols["is_empty_bucket"] == [True, False]
+    assert cols["usage_date"] == [date(2026, 11, 2), date(2026, 11, 3)]
+    assert cols["input_tokens"] == [None, 18_450_000] and cols["api_source"] == [None, "agents_api"]
+    assert cols["extra"] == [{}, {"brand_new_metric": 3}] and cols["user_id"] == [None, None]
+    assert cols["endpoint"] == ["completions"] * 2 and cols["x_run_id"] == [LINEAGE["x_run_id"]] * 2
 
 
 @pytest.mark.parametrize(
@@ -70,11 +75,14 @@ def test_openai_usage_page_keeps_empty_buckets_and_unknown_fields() -> None:
         {"object": "page"},
         {"data": [{"start_time": NOV_2}]},
         {"data": [{"start_time": NOV_2, "end_time": NOV_2 + 86_400, "results": [{"input_tokens": "12"}]}]},
+        {"data": [{"start_time": NOV_2, "end_time": NOV_2 + 86_400, "results": [{"input_tokens": 1.5}]}]},
+        {"data": [{"start_time": NOV_2, "end_time": NOV_2 + 86_400, "results": [{"input_tokens": True}]}]},
+        {"data": [{"start_time": NOV_2, "end_time": NOV_2 + 86_400, "results": [[1, 2]]}]},
     ],
 )
 def test_a_malformed_page_fails_instead_of_being_skipped(page: dict[str, Any]) -> None:
     with pytest.raises(TerminalError) as caught:
-        openai_usage.rows_of_page("completions", page, LINEAGE)
+        openai_usage.columns_of_page("completions", page, LINEAGE)
     assert caught.value.reason == "PROVIDER_BAD_RESPONSE"
 
 
