@@ -26,7 +26,7 @@ from grpc import aio
 from bench import admission, cpu, engine_overhead, gcp_billing, genai, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
-from bench.stack import CONFIGS, Stack, drain, new_stack, start_echo, start_stack
+from bench.stack import CONFIGS, Stack, drain, finish_runs, new_stack, start_echo, start_stack
 from cloudact.pipeline.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
 
 # Bounds. The hard limit is 6 minutes; a normal run on 2 cores takes under 2. No cell starts after
@@ -95,6 +95,10 @@ class Measured:
     runs: int = 0
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU milliseconds per successful call
     foreign_cores: float = 0.0  # CPU used meanwhile by processes that are not the benchmark's, in cores
+    # The ledger's export of the cell's runs (its flush after the cell): CPU ms per exported run by
+    # process, and how many runs it exported; part of `cpu_ms` too.
+    export_ms: dict[str, float] = field(default_factory=dict)
+    exported: int = 0
 
 
 def machine() -> str:
@@ -190,10 +194,21 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         _ours_seconds(stack),
         time.perf_counter(),
     )
+    export_ms: dict[str, float] = {}
+    exported = 0
     if target == "real":
         async with LagMonitor() as lag:
             result = await run_in_subprocess(cell)
-        drained = await drain(stack.service, DRAIN_SECONDS)  # the ledger flush is part of the calls' cost
+        finishing = time.perf_counter()
+        await finish_runs(stack.service, DRAIN_SECONDS)
+        # The export runs once a minute in production; here each cell's runs are exported after it, and
+        # that cost is part of the calls' (cpu_ms) and reported per exported run (export_ms).
+        before, exported = _cpu_snapshot(stack, target), stack.service.ledger.exported
+        await drain(stack.service, DRAIN_SECONDS)
+        drained = time.perf_counter() - finishing
+        exported = stack.service.ledger.exported - exported
+        after = _cpu_snapshot(stack, target)
+        export_ms = {k: (after[k] - before[k]) * 1000.0 / max(exported, 1) for k in before}
         stall: float | None = lag.max_ms
     else:
         result = await run_in_subprocess(cell)
@@ -206,7 +221,20 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     cpu_ms["client"] = result.client_cpu_seconds * 1000.0 / max(result.calls, 1)
     runs = result.warmup_ok + result.calls if target == "real" else 0
     jobs_count = wh.jobs_started - jobs_before
-    return Measured(path, target, round_, result, stall, drained, jobs_count, runs, cpu_ms, foreign_cores)
+    return Measured(
+        path,
+        target,
+        round_,
+        result,
+        stall,
+        drained,
+        jobs_count,
+        runs,
+        cpu_ms,
+        foreign_cores,
+        export_ms,
+        exported,
+    )
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -325,6 +353,22 @@ def cpu_markdown(measured: list[Measured]) -> list[str]:
     return lines
 
 
+def export_note(measured: list[Measured]) -> str:
+    """CPU per run of the ledger's export to BigQuery (after the real cells), by process, medians."""
+    cells = [m for m in measured if m.target == "real" and m.exported]
+    if not cells:
+        return ""
+    parts = ", ".join(
+        f"{name} {statistics.median(m.export_ms[k] for m in cells):.3f}"
+        for k, name in (("server", "server"), ("postgres", "PostgreSQL"), ("emulator", "emulator"))
+    )
+    runs = statistics.median(m.exported for m in cells)
+    return (
+        f"Ledger export to BigQuery (once a minute by default; here the runs of each real cell, a median "
+        f"{runs:,.0f}, in one export after it): CPU ms per exported run: {parts} (included above)."
+    )
+
+
 def foreign_note(measured: list[Measured]) -> str:
     """How busy the machine was with other processes while the cells ran."""
     if not measured:
@@ -366,6 +410,8 @@ def summary_markdown(
         "its ledger flush):",
         "",
         *cpu_markdown(measured),
+        "",
+        export_note(measured),
         "",
     ]
     if overhead:
@@ -472,6 +518,7 @@ async def main() -> int:
         print()
         print("CPU ms per call by process (medians):")
         print("\n".join(cpu_markdown(measured)))
+        print(export_note(measured))
         print()
 
         try:

@@ -3,7 +3,8 @@
 Each replica is its own process with its own `StateStore` (pool of 10, a lease of its own) admitting runs
 for 100 orgs (limits that never refuse) with `concurrency` admissions in flight for `seconds`: every call
 is the whole admission transaction `admit_run()` (advisory lock per org, replay and duplicate checks, the
-org's rate bucket, the concurrent count, the day and month counters, the run row, its PENDING event).
+org's rate bucket, the concurrent count, the day and month counters, the run row, its PENDING and RUNNING
+events: the run admitted RUNNING, as the service admits a run it starts at once).
 Latency is measured per call in the replica's process.
 
     python -m bench.admission worker DSN SECONDS CONCURRENCY   (one replica; prints JSON)
@@ -41,6 +42,7 @@ class Admissions:
 
 
 def _run(org: str) -> Run:
+    now = datetime.now(UTC)
     return Run(
         run_id=new_id(),
         org_slug=org,
@@ -50,9 +52,11 @@ def _run(org: str) -> Run:
         triggered_by="bench",
         parameters={"i": uuid.uuid4().hex},
         request_id="",
-        create_time=datetime.now(UTC),
+        create_time=now,
         dedupe_key=uuid.uuid4().hex,
         steps={"only": StepView("only", "generic.noop")},
+        state="RUNNING",  # admitted as the service admits a run it starts at once
+        start_time=now,
     )
 
 

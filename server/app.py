@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -234,6 +235,25 @@ class Service:
         await self.http.close()
         await self.vault.store.close()
         await self.warehouse.close()
+
+
+YOUNG_COLLECTION = 20_000  # allocations between young-generation collections (CPython's default: 700)
+
+
+def settle_heap() -> None:
+    """Once a process's one service has started: collect, then move every object alive now (modules,
+    configs, clients: the long-lived heap) out of the cyclic collector's reach (`gc.freeze`), so that its
+    full collections walk only what the calls create (they took ~10 % of the server's CPU under load
+    otherwise); and collect the young generation every `YOUNG_COLLECTION` allocations instead of 700
+    (a call allocates hundreds of objects, nearly all freed by reference counting: in the benchmark the
+    collector's time fell from 7-9 to ~1.4 µs per run, for at most a few MB of cyclic garbage waiting
+    longer). For processes that serve one service (`serve`, `dev`, the
+    benchmark), not for tests that start many in one process (what a frozen service leaves behind is
+    never collected)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION, middle, old)
 
 
 async def start(

@@ -62,6 +62,7 @@ async def _wait_for_signal() -> None:
 async def serve_until_signal(settings: Settings) -> None:
     """Start the gRPC server and stop it gracefully on SIGINT/SIGTERM."""
     service = await app.start(settings)
+    app.settle_heap()
     try:
         await _wait_for_signal()
     finally:
@@ -218,6 +219,7 @@ async def run_local_stack(settings: Settings) -> None:
                 work_dir=settings.state_dir / "envoy",
             )
             print(banner(settings, demo, envoy.rest_url, webhook), flush=True)
+            app.settle_heap()
             await _wait_for_signal()
         finally:
             if envoy is not None:

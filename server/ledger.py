@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from server.state.store import StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
@@ -38,7 +37,7 @@ class Ledger:
         dataset: str,
         store: StateStore,
         *,
-        interval: float = 0.5,
+        interval: float = 60.0,
         loads_per_day: int = 0,
     ) -> None:
         self._wh = warehouse
@@ -47,6 +46,7 @@ class Ledger:
         self._interval = interval
         self._loads_per_day = loads_per_day
         self._task: asyncio.Task[None] | None = None
+        self.exported = 0  # runs exported by this replica since it started
 
     async def _budget(self) -> bool:
         """Take one export from the shared budget (always granted without a limit)."""
@@ -58,8 +58,8 @@ class Ledger:
         )
         return wait == 0
 
-    async def _load(self, kind: str, rows: list[dict[str, Any]]) -> None:
-        await self._wh.load_rows(self._dataset, EVENTS if kind == "events" else RUNS, rows)
+    async def _load(self, kind: str, ndjson: bytes) -> None:
+        await self._wh.load_ndjson(self._dataset, EVENTS if kind == "events" else RUNS, ndjson)
 
     async def flush(self) -> int:
         """Export every finished run not yet exported now, regardless of the budget; return how many."""
@@ -70,13 +70,14 @@ class Ledger:
                 await asyncio.sleep(0.05)
                 continue
             total += done
+            self.exported += done
             if not done:
                 return total
         return total
 
     async def _tick(self) -> None:
         if await self._store.unexported() and await self._budget():
-            await self._store.export(self._load, lock_key=EXPORT_LOCK)
+            self.exported += await self._store.export(self._load, lock_key=EXPORT_LOCK) or 0
 
     async def _loop(self) -> None:
         while True:

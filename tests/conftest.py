@@ -142,6 +142,7 @@ def settings(
         auth_failures_per_minute=10_000,
         bigquery_retry_deadline_seconds=5.0,
         ledger_loads_per_day=0,  # as .env.local: the emulator has no load-job quota
+        ledger_flush_seconds=0.5,  # tests read the BigQuery copy soon after a run
         database_url=postgres.dsn,
         replica_lease_seconds=2.0,
         scheduler_tick_seconds=0,  # scheduler tests tick themselves, with their own clock and orgs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -36,7 +37,7 @@ from server.logs import log_fields
 from server.orgs import OrgContext
 from server.pipelines.catalog import PipelineCatalog, PipelineConfig
 from server.pipelines.spec import StepSpec
-from server.state.store import INTERRUPTED_ERROR, Admission, Limits, StateStore
+from server.state.store import INTERRUPTED_ERROR, Limits, StateStore
 from server.warehouse.bigquery import BigQueryWarehouse
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,16 @@ class RunManager:
                 log.warning("state store unreachable: %s", type(exc).__name__)
 
     async def _flush(self) -> None:
-        for live in list(self._active.values()):
-            await self._save(live)
+        lives = list(self._active.values())
+        # Together, so that the runs' writes go out as one group-committed statement.
+        await asyncio.gather(
+            *(
+                self._save(live)
+                for live in lives
+                if not live.fenced and (live.pending or live.written != live.run.state)
+            )
+        )
+        for live in lives:
             if live.run.terminal and (live.fenced or live.written == live.run.state):
                 self._active.pop(live.run.run_id, None)
 
@@ -238,7 +247,9 @@ class RunManager:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queued.append((run, events, done))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_batches(), name="run-writes")
+            self._writer = asyncio.create_task(
+                self._write_batches(), name="run-writes", context=contextvars.Context()
+            )
         return done
 
     async def _write_batches(self) -> None:
@@ -258,7 +269,7 @@ class RunManager:
     # -- accept ------------------------------------------------------------------------------------
 
     async def submit(self, org: OrgContext, request: RunRequest, triggered_by: str) -> Run:
-        """Admit a run and start it; return it in PENDING (or the earlier run of the same request id).
+        """Admit a run and start it; return it RUNNING (or the earlier run of the same request id).
 
         The run's row is committed before this returns: a crash afterwards never loses it."""
         config = self._catalog.get(request.provider, request.domain, request.pipeline)
@@ -277,12 +288,14 @@ class RunManager:
             dedupe_key=hashlib.sha256(identity).hexdigest(),
             steps={s.step_id: StepView(s.step_id, s.ps_type) for s in config.spec.steps},
         )
+        # It runs the moment it is admitted (no queue in between), so it is admitted RUNNING: the
+        # admission's one statement also writes its RUNNING transition (one write fewer per run).
+        run.state, run.start_time = "RUNNING", max(datetime.now(UTC), run.create_time)
         limits = Limits(org.requests_per_minute, org.concurrent_limit, org.daily_limit, org.monthly_limit)
-        # Shielded: a caller that goes away (deadline, disconnect) while the admission commits must not
-        # leave an admitted run that nobody executes (it would hold a slot while this replica lives).
-        admitting = asyncio.ensure_future(self._admit(org, run, config, limits))
-        admitting.add_done_callback(lambda t: t.cancelled() or t.exception())  # refusals nobody awaits
-        admission = await asyncio.shield(admitting)
+        # An accepted run is started by the admission batch itself, as it learns the outcome, so a caller
+        # that goes away (deadline, disconnect) while the admission commits never leaves an admitted run
+        # that nobody executes (it would hold a slot while this replica lives).
+        admission = await self._store.admit(run, limits, on_accept=lambda: self._start(org, run, config))
         if admission.outcome == "REPLAY":
             return await self.get(org.org_slug, admission.run_id)
         if admission.outcome == "ACTIVE":
@@ -297,18 +310,20 @@ class RunManager:
             raise error
         return run
 
-    async def _admit(self, org: OrgContext, run: Run, config: PipelineConfig, limits: Limits) -> Admission:
-        """The admission transaction; an accepted run starts at once."""
-        admission = await self._store.admit(run, limits)
-        if admission.outcome == "ACCEPTED":
-            live = _Live(run, config)
-            self._active[run.run_id] = live
-            run.notify(Event(run.create_time, "PENDING"))
-            metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
-            metrics.RUNS_ACTIVE.inc()
-            run.task = asyncio.create_task(self._execute(live, org), name=f"run-{run.run_id}")
-            run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
-        return admission
+    def _start(self, org: OrgContext, run: Run, config: PipelineConfig) -> None:
+        """Start a run whose admission committed."""
+        live = _Live(run, config, written=run.state)
+        self._active[run.run_id] = live
+        run.notify(Event(run.create_time, "PENDING"))
+        if run.start_time is not None:
+            run.notify(Event(run.start_time, run.state))
+        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
+        metrics.RUNS_ACTIVE.inc()
+        # A context of its own: it is started by the admission batch, whose context is some caller's.
+        run.task = asyncio.create_task(
+            self._execute(live, org), name=f"run-{run.run_id}", context=contextvars.Context()
+        )
+        run.task.add_done_callback(lambda _: self._cancelled_before_start(live))
 
     @staticmethod
     def _refusal(outcome: str, wait: float, org: OrgContext, now: datetime) -> ThrottledError:
@@ -442,7 +457,6 @@ class RunManager:
         log_fields.set({"org_slug": run.org_slug, "run_id": run.run_id})
         state, reason, error = "FAILED", "INTERNAL", ""
         try:
-            await self._transition(live, "RUNNING")
             async with asyncio.timeout(config.spec.timeout):
                 outcome = await self._runner.run(
                     config.spec,

@@ -2,8 +2,9 @@
 
 Runs (while they live and after), their events (the run ledger, also the outbox of BigQuery's analytics
 copy), quota counters, token buckets and replica leases. Every rule that must hold across replicas is one
-statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql), a
-run's update and its events are one statement, closing a dead replica's runs is one statement.
+statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql, as
+changed by 0005_admit_started.sql), a run's update and its events are one statement, closing a dead
+replica's runs is one statement.
 
 A run is written by the replica that owns it, and only while it is active and that replica's lease
 holds: writes carry the owner and match active runs only, so a replica whose lease expired (and whose
@@ -13,6 +14,8 @@ runs another replica closed as INTERRUPTED) can no longer change them (fencing).
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -29,6 +32,8 @@ from server.state import migrate
 from server.state.notifications import NotificationStore
 from server.state.retention import RetentionStore
 from server.state.scheduling import SchedulerStore
+
+log = logging.getLogger(__name__)
 
 ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
 STEP_TERMINAL = ["SUCCEEDED", "FAILED", "SKIPPED", "CANCELLED", "NOT_RUN", "TIMEOUT"]
@@ -53,12 +58,34 @@ FROM (
     SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
         n integer, run_id text, org text, request_id text, dedupe_key text, at timestamptz, rate integer,
         concurrent integer, daily integer, monthly integer, pipeline_key text, pipeline_id text,
-        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text)
+        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text, state text,
+        start_time timestamptz)
     ORDER BY hashtextextended('admit:' || org, 0), n
     OFFSET 0) AS i
 CROSS JOIN LATERAL admit_run(i.run_id, i.org, i.request_id, i.dedupe_key, $1, i.at, i.rate, i.concurrent,
     i.daily, i.monthly, i.pipeline_key, i.pipeline_id, i.trigger, i.triggered_by, i.parameters, i.steps,
-    i.identity) AS a
+    i.identity, i.state, i.start_time) AS a
+"""
+
+
+_WRITE_SQL = f"""
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
+        run_id text, state text, reason text, error text, start_time timestamptz,
+        end_time timestamptz, steps jsonb, events jsonb, n integer)),
+u AS (
+    UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
+        start_time = i.start_time, end_time = i.end_time, steps = i.steps
+    FROM input i
+    WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
+    RETURNING r.run_id, r.org_slug, i.events, i.n),
+ev AS (
+    INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
+    SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
+    FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
+        AS e({_EVENT_NAMES}, k)
+    ORDER BY u.n, e.k)
+SELECT run_id FROM u
 """
 
 
@@ -73,6 +100,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release a connection to the pool as it is: no statement of ours leaves session state behind (the
     migrations' advisory lock is released by them), so asyncpg's reset round trip per use is saved."""
+
+
+def _gone(conn: Any) -> bool:
+    """Whether a pooled connection closed; asyncpg gives a connection that closed back to the pool by
+    itself, and its proxy then refuses every call."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +184,8 @@ class StateStore:
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
         self.retention = RetentionStore(pool)
-        self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission]]] = []
+        self._kept: dict[str, Any] = {}  # a pooled connection per batch loop, kept between its batches
+        self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission], Callable[[], None] | None]] = []
         self._admitter: asyncio.Task[None] | None = None
 
     @classmethod
@@ -205,6 +242,9 @@ class StateStore:
 
     async def close(self) -> None:
         """Close the pool (and the Cloud SQL connector)."""
+        for conn in self._kept.values():
+            await self._pool.release(conn)
+        self._kept.clear()
         await self._pool.close()
         for closer in self._closers:
             await closer.close_async()
@@ -214,6 +254,27 @@ class StateStore:
         """A pooled connection (for the migrations command and tests)."""
         async with self._pool.acquire() as conn:
             yield conn
+
+    async def _fetch_kept(self, loop: str, query: str, *args: Any) -> list[asyncpg.Record]:
+        """`fetch` on the connection kept for one of the batch loops (admissions, run writes): a loop
+        sends one statement after another, so keeping its connection saves the pool's acquire and
+        release per batch. A concurrent caller (tests) gets another from the pool; a connection that
+        failed goes back to the pool, which replaces it if it broke."""
+        conn = self._kept.pop(loop, None)
+        if conn is not None and _gone(conn):  # its server went away while it was kept
+            await self._pool.release(conn)  # (nothing to do if asyncpg gave it back already)
+            conn = None
+        conn = conn or await self._pool.acquire()
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        if loop in self._kept:
+            await self._pool.release(conn)
+        else:
+            self._kept[loop] = conn
+        return rows
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -281,27 +342,42 @@ class StateStore:
 
     # -- admission and run writes ------------------------------------------------------------------
 
-    async def admit(self, run: Run, limits: Limits) -> Admission:
-        """Admit `run` (in PENDING, owned by this replica); see `admit_run()`. The admissions asked for
-        while a batch is in flight go out together as the next one: one statement and one commit for
-        all (group commit), each admission still checked in order against everything before it."""
+    async def admit(
+        self, run: Run, limits: Limits, *, on_accept: Callable[[], None] | None = None
+    ) -> Admission:
+        """Admit `run` in its state, PENDING or RUNNING (a run that starts the moment it is admitted: its
+        RUNNING transition is then part of the admission), owned by this replica; see `admit_run()`.
+        The admissions asked for while a batch is in flight go out together as the next one: one
+        statement and one commit for all (group commit), each admission still checked in order against
+        everything before it.
+
+        `on_accept` is called once the admission committed, by the batch, before this returns and also
+        when the caller was cancelled meanwhile (an admitted run must run)."""
         done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self._admissions.append((run, limits, done))
+        self._admissions.append((run, limits, done, on_accept))
         if self._admitter is None or self._admitter.done():
-            self._admitter = asyncio.create_task(self._admit_batches(), name="admissions")
+            # A context of its own, not the first caller's (the batch serves every caller).
+            self._admitter = asyncio.create_task(
+                self._admit_batches(), name="admissions", context=contextvars.Context()
+            )
         return await done
 
     async def _admit_batches(self) -> None:
         while self._admissions:
             batch, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
             try:
-                results = await self._admit_batch([(run, limits) for run, limits, _ in batch])
+                results = await self._admit_batch([(run, limits) for run, limits, *_ in batch])
             except Exception as exc:
-                for *_, done in batch:
+                for _, _, done, _ in batch:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for (*_, done), result in zip(batch, results, strict=True):
+            for (_, _, done, on_accept), result in zip(batch, results, strict=True):
+                if on_accept is not None and result.outcome == "ACCEPTED":
+                    try:
+                        on_accept()
+                    except Exception:  # the others' admissions are answered regardless
+                        log.exception("starting an admitted run failed")
                 if not done.done():
                     done.set_result(result)
 
@@ -328,12 +404,14 @@ class StateStore:
                 "parameters": run.parameters,
                 "steps": _steps(run),
                 "identity": identity(run),
+                "state": run.state,
+                "start_time": run.start_time,
             }
             for n, (run, limits) in enumerate(batch)
         ]
         for attempt in range(3):
             try:
-                rows = await self._pool.fetch(_ADMIT_BATCH_SQL, self.replica_id, items)
+                rows = await self._fetch_kept("admissions", _ADMIT_BATCH_SQL, self.replica_id, items)
                 break
             except asyncpg.exceptions.DeadlockDetectedError:
                 if attempt == 2:
@@ -349,26 +427,9 @@ class StateStore:
     async def write_many(self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]]) -> set[str]:
         """Several runs' `write`s in one statement (one round trip and one commit for all: concurrent
         runs' transitions are written together); the ids of the runs written. A run appears once."""
-        rows = await self._pool.fetch(
-            f"""
-            WITH input AS (
-                SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
-                    run_id text, state text, reason text, error text, start_time timestamptz,
-                    end_time timestamptz, steps jsonb, events jsonb, n integer)),
-            u AS (
-                UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
-                    start_time = i.start_time, end_time = i.end_time, steps = i.steps
-                FROM input i
-                WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
-                RETURNING r.run_id, r.org_slug, i.events, i.n),
-            ev AS (
-                INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
-                SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
-                FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
-                    AS e({_EVENT_NAMES}, k)
-                ORDER BY u.n, e.k)
-            SELECT run_id FROM u
-            """,
+        rows = await self._fetch_kept(
+            "writes",
+            _WRITE_SQL,
             self.replica_id,
             [
                 {
@@ -475,56 +536,47 @@ class StateStore:
 
     async def export(
         self,
-        load: Callable[[str, list[dict[str, Any]]], Awaitable[None]],
+        load: Callable[[str, bytes], Awaitable[None]],
         *,
         lock_key: int,
         limit: int = 2_000,
     ) -> int | None:
-        """Hand the events of up to `limit` finished, unexported runs to `load("events", rows)`, then the
-        runs' rows to `load("runs", rows)`, and mark the runs exported once both returned (a run's row
-        never goes before its events); the number of runs, or None if another replica is exporting."""
+        """Hand the events of up to `limit` finished, unexported runs to `load("events", ndjson)`, then
+        the runs' rows to `load("runs", ndjson)`, and mark the runs exported once both returned (a run's
+        row never goes before its events); the number of runs, or None if another replica is exporting.
+        PostgreSQL writes the rows as newline-delimited JSON (`row_to_json`), in the columns of
+        `pipeline_run_events` and `pipeline_runs`: no Python object per row."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key):
                 return None
-            runs = await conn.fetch(
-                f"SELECT * FROM runs WHERE NOT exported AND state NOT IN {ACTIVE_SQL} LIMIT $1", limit
+            ids = await conn.fetchval(
+                f"SELECT array_agg(run_id) FROM (SELECT run_id FROM runs WHERE NOT exported "
+                f"AND state NOT IN {ACTIVE_SQL} LIMIT $1) AS r",
+                limit,
             )
-            if not runs:
+            if not ids:
                 return 0
-            ids = [r["run_id"] for r in runs]
-            events = await conn.fetch(
-                "SELECT * FROM run_events WHERE run_id = ANY($1::text[]) ORDER BY event_id", ids
-            )
-            await load("events", [_event_row(r) for r in events])
-            await load("runs", [_run_row(r) for r in runs])
+            events: str | None = await conn.fetchval(_EXPORT_EVENTS_SQL, ids)
+            runs: str = await conn.fetchval(_EXPORT_RUNS_SQL, ids)
+            await load("events", (events or "").encode())
+            await load("runs", runs.encode())
             await conn.execute("UPDATE runs SET exported = true WHERE run_id = ANY($1::text[])", ids)
-            return len(runs)
+            return len(ids)
 
 
-def _event_row(row: asyncpg.Record) -> dict[str, Any]:
-    """A `pipeline_run_events` row for BigQuery."""
-    return {k: v for k, v in row.items() if k != "event_id"}
-
-
-def _run_row(row: asyncpg.Record) -> dict[str, Any]:
-    """A `pipeline_runs` row for BigQuery."""
-    return {
-        "run_id": row["run_id"],
-        "org_slug": row["org_slug"],
-        "pipeline_key": row["pipeline_key"],
-        "pipeline_id": row["pipeline_id"],
-        "state": row["state"],
-        "trigger": row["trigger"],
-        "triggered_by": row["triggered_by"],
-        "parameters": _dumps(row["parameters"]),
-        "request_id": row["request_id"],
-        "create_time": row["create_time"],
-        "start_time": row["start_time"],
-        "end_time": row["end_time"],
-        "reason": row["reason"],
-        "error": row["error"],
-        "steps": _dumps(row["steps"]),
-    }
+_EXPORT_EVENTS_SQL = f"""
+SELECT string_agg(row_to_json(e)::text, E'\\n') FROM (
+    SELECT run_id, org_slug, {_EVENT_NAMES}, run FROM run_events WHERE run_id = ANY($1::text[])
+) AS e
+"""
+# parameters and steps are JSON text in BigQuery; the rest as they are.
+_EXPORT_RUNS_SQL = """
+SELECT string_agg(row_to_json(r)::text, E'\\n') FROM (
+    SELECT run_id, org_slug, pipeline_key, pipeline_id, state, trigger, triggered_by, parameters::text AS
+        parameters, request_id, create_time, start_time, end_time, reason, error, steps::text AS steps
+    FROM runs WHERE run_id = ANY($1::text[])
+) AS r
+"""
 
 
 __all__ = ["ACTIVE", "Admission", "Limits", "StateStore", "identity", "run_from_row"]

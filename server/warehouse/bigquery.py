@@ -361,15 +361,29 @@ class BigQueryWarehouse:
         target = self._ref(dataset, table)
 
         def run() -> int:
-            self.jobs_started += 1
             # Serialised here, on the adapter's thread, so a big batch never stalls the event loop.
             payload = b"\n".join(orjson.dumps(r, default=_json_default) for r in rows)
-            # No `size=`: that makes the client use a resumable upload.
-            job = self._client.load_table_from_file(io.BytesIO(payload), target, job_config=config)
-            job.result(timeout=self._job_timeout)
+            self._load_payload(payload, target, config)
             return len(rows)  # the job is atomic: all rows or an error (the emulator misreports output_rows)
 
         return await self._run(f"load into {dataset}.{table}", run)
+
+    async def load_ndjson(self, dataset: str, table: str, payload: bytes) -> None:
+        """Append rows already serialised as newline-delimited JSON with one load job (for rows that
+        another system formats, e.g. PostgreSQL's `row_to_json`, so no Python object is made per row)."""
+        if not payload:
+            return
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, write_disposition="WRITE_APPEND"
+        )
+        target = self._ref(dataset, table)
+        await self._run(f"load into {dataset}.{table}", partial(self._load_payload, payload, target, config))
+
+    def _load_payload(self, payload: bytes, target: Any, config: bigquery.LoadJobConfig) -> None:
+        self.jobs_started += 1
+        # No `size=`: that makes the client use a resumable upload (the emulator rejects multipart ones).
+        job = self._client.load_table_from_file(io.BytesIO(payload), target, job_config=config)
+        job.result(timeout=self._job_timeout)
 
     async def drop_table(self, dataset: str, table: str) -> None:
         """Drop a table if it exists."""

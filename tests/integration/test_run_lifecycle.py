@@ -673,8 +673,10 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub, 
         for r in (quick.run_id, failing.run_id, sleepy.run_id)
     }
 
+    exported = service.ledger.exported
     runs = await ledger_rows(service, "pipeline_runs", [org.slug])
     assert sorted(r["run_id"] for r in runs) == sorted(final)  # exactly one row per run
+    assert service.ledger.exported >= exported + 3  # the count the benchmark divides the export's cost by
     names = {
         RS.RUN_STATE_COMPLETED: "COMPLETED",
         RS.RUN_STATE_FAILED: "FAILED",
@@ -710,7 +712,7 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub, 
     def chain(run_id: str) -> list[tuple[str | None, str]]:
         rows = sorted(
             (e for e in events if e["run_id"] == run_id and e["kind"] == "RUN_TRANSITION"),
-            key=lambda e: e["at"],
+            key=lambda e: (e["at"], e["from_state"] is not None),  # RUNNING may share PENDING's time
         )
         return [(e["from_state"], e["to_state"]) for e in rows]
 
@@ -730,6 +732,46 @@ async def test_ledger_has_one_row_per_run_and_every_transition(pipelines: Stub, 
     assert steps[(failing.run_id, "never", "NOT_RUN")] == 1
     assert steps[(sleepy.run_id, "after", "NOT_RUN")] == 1
     assert steps[(quick.run_id, "second", "SUCCEEDED")] == 1
+
+
+async def test_an_accepted_run_is_running_and_stored_so_when_the_call_returns(
+    pipelines: Stub, service: app.Service
+) -> None:
+    # Admission starts the run: the one admission statement writes it RUNNING with its PENDING and
+    # RUNNING transitions, so every replica reads what the caller was told, and the run's only other
+    # write is its end.
+    org = await make_org(service, "admitted_running")
+    run = await start(pipelines, org, "sleepy", {"sleep": "0.5"})
+    assert run.state == RS.RUN_STATE_RUNNING and run.HasField("start_time"), run
+    assert run.start_time.ToDatetime() >= run.create_time.ToDatetime()
+    stored = await service.state.get_run(org.slug, run.run_id)
+    assert stored is not None and stored.state == "RUNNING"
+    assert stored.start_time is not None
+    assert stored.start_time.replace(tzinfo=None) == run.start_time.ToDatetime()
+    transitions = [
+        e["to_state"] for e in await service.state.events(run.run_id) if e["kind"] == "RUN_TRANSITION"
+    ]
+    assert transitions == ["PENDING", "RUNNING"]
+    assert (await get(pipelines, org, run.run_id)).state == RS.RUN_STATE_RUNNING
+
+    watched = await watch(pipelines, org, run.run_id)
+    assert [e.run_state for e in watched if not e.step_id] == [
+        RS.RUN_STATE_PENDING,
+        RS.RUN_STATE_RUNNING,
+        RS.RUN_STATE_COMPLETED,
+    ]
+    events = await service.state.events(run.run_id)
+    assert [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "RUN_TRANSITION"] == [
+        (None, "PENDING"),
+        ("PENDING", "RUNNING"),
+        ("RUNNING", "COMPLETED"),
+    ]
+    assert [(e["step_id"], e["to_state"]) for e in events if e["kind"] == "STEP_TRANSITION"] == [
+        (e.step_id, RS.StepState.Name(e.step_state).removeprefix("STEP_STATE_")) for e in watched if e.step_id
+    ]
+    assert [e["step_id"] for e in events if e["kind"] == "STEP_ATTEMPT"] == ["nap", "after"]
+    final = await service.state.get_run(org.slug, run.run_id)
+    assert final is not None and final.state == "COMPLETED" and final.start_time == stored.start_time
 
 
 # --- 10. many concurrent runs ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ closes runs of replicas without a lease) never touches these runs.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -223,6 +224,128 @@ async def test_replay_and_duplicates_take_no_rate_token(replicas: Factory) -> No
         assert (await a.admit(new_run(org, dedupe=f"{org}-d"), limits(rate=2))).outcome == "ACTIVE"
     assert (await a.admit(new_run(org), limits(rate=2))).outcome == "ACCEPTED"
     assert (await a.admit(new_run(org), limits(rate=2))).outcome == "RATE_LIMITED"
+
+
+async def test_a_run_admitted_running_has_both_transitions_in_the_admission(replicas: Factory) -> None:
+    a, b = await replicas(), await replicas()
+    org = org_slug("started")
+    run = new_run(org)
+    run.state, run.start_time = "RUNNING", run.create_time
+    assert (await a.admit(run, limits(concurrent=1))).outcome == "ACCEPTED"
+    stored = await b.get_run(org, run.run_id)  # another replica sees it RUNNING, without a second write
+    assert stored is not None and (stored.state, stored.start_time) == ("RUNNING", run.create_time)
+    transitions = [(e["from_state"], e["to_state"], e["at"]) for e in await b.events(run.run_id)]
+    assert transitions == [(None, "PENDING", run.create_time), ("PENDING", "RUNNING", run.create_time)]
+    assert (await b.admit(new_run(org), limits(concurrent=1))).outcome == "CONCURRENT_LIMIT_EXCEEDED"
+    assert await end(a, run)
+    assert await b.active_runs(org) == 0
+    assert [e["to_state"] for e in await b.events(run.run_id)] == ["PENDING", "RUNNING", "COMPLETED"]
+
+
+async def test_the_previous_releases_admission_still_works_during_a_rolling_upgrade(
+    replicas: Factory, database: str
+) -> None:
+    # 0005 adds an overload of admit_run(); a replica of the previous release calls 0001's signature.
+    a = await replicas()
+    org = org_slug("rolling")
+    run = new_run(org)
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            "SELECT * FROM admit_run($1, $2, '', $3, $4, $5, 100, 10, 100, 1000, 'engine/runs/quick', "
+            "'quick', 'API', 'old', '{}'::jsonb, '[]'::jsonb, '{}')",
+            run.run_id,
+            org,
+            run.dedupe_key,
+            a.replica_id,
+            run.create_time,
+        )
+    finally:
+        await conn.close()
+    assert row is not None and (row["outcome"], row["run_id"]) == ("ACCEPTED", run.run_id)
+    stored = await a.get_run(org, run.run_id)
+    assert stored is not None and stored.state == "PENDING" and stored.start_time is None
+    assert [e["to_state"] for e in await a.events(run.run_id)] == ["PENDING"]
+
+
+async def test_an_admitted_run_is_started_even_when_its_caller_went_away(replicas: Factory) -> None:
+    a = await replicas()
+    org = org_slug("gone")
+    started: list[str] = []
+    all_started = asyncio.Event()
+    runs = [new_run(org) for _ in range(5)]
+    refused = new_run(org, dedupe=runs[0].dedupe_key)  # a duplicate of the first: never started
+
+    def on_accept(run: Run) -> None:
+        started.append(run.run_id)
+        if len(started) == len(runs):
+            all_started.set()
+
+    calls = [
+        asyncio.ensure_future(a.admit(run, limits(), on_accept=lambda run=run: on_accept(run)))
+        for run in [*runs, refused]
+    ]
+    await asyncio.sleep(0)  # the admissions are queued; their callers go away before the commit
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    async with asyncio.timeout(10):
+        await all_started.wait()
+    await asyncio.sleep(0.2)
+    assert sorted(started) == sorted(r.run_id for r in runs)  # each once, the refused one never
+    assert await a.active_runs(org) == len(runs)
+
+
+async def test_admissions_are_started_outside_any_callers_context(replicas: Factory) -> None:
+    # The batch that starts accepted runs serves every caller: it must not run in the first caller's
+    # context (its request id, its principal), or runs would carry another caller's log fields.
+    a = await replicas()
+    org = org_slug("context")
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="")
+    seen: list[str] = []
+
+    async def call(name: str) -> str:
+        caller.set(name)
+        run = new_run(org)
+        return (await a.admit(run, limits(), on_accept=lambda: seen.append(caller.get()))).outcome
+
+    assert await asyncio.gather(call("first"), call("second")) == ["ACCEPTED", "ACCEPTED"]
+    assert seen == ["", ""]
+
+
+async def test_a_broken_connection_of_a_batch_loop_is_replaced(replicas: Factory, database: str) -> None:
+    a = await replicas()
+    org = org_slug("broken")
+    run = new_run(org)
+    assert (await a.admit(run, limits())).outcome == "ACCEPTED"
+    run.state = "RUNNING"
+    assert await a.write(run, [])  # both loops now keep a connection
+    admin = await asyncpg.connect(database)
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert killed >= 2
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.2)
+    outcomes: list[str] = []
+    for _ in range(2):  # a kept connection known closed is replaced; one killed unnoticed fails once
+        try:
+            outcomes.append((await a.admit(new_run(org), limits())).outcome)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes[-1] == "ACCEPTED", outcomes
+    written = False
+    for _ in range(2):
+        try:
+            written = await end(a, run)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            continue
+        break
+    assert written
+    assert await a.active_runs(org) == len([o for o in outcomes if o == "ACCEPTED"])
 
 
 # --- leases ---------------------------------------------------------------------------------------------
