@@ -494,11 +494,13 @@ class BillingExportEtl:
         return info
 
     @staticmethod
-    async def _customer_query(customer: Warehouse, statement: str, params: dict[str, Any]) -> Any:
+    async def _customer_query(
+        customer: Warehouse, statement: str, params: dict[str, Any], *, writes: bool = False
+    ) -> Any:
         try:
             return await customer.query_job(statement, params)
         except ServiceError as exc:
-            raise _source_error(exc) from exc
+            raise _source_error(exc, writes=writes) from exc
 
     @staticmethod
     async def _stored(
@@ -545,6 +547,7 @@ class BillingExportEtl:
             f"CREATE TABLE {target} OPTIONS (expiration_timestamp = "
             f"TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {config.staging_hours} HOUR)) AS {select}",
             {},
+            writes=True,
         )
         counted = await wh.query(f"SELECT COUNT(*) AS n FROM {target}")
         return int(counted[0]["n"]), result.bytes_processed
@@ -693,12 +696,24 @@ def _loadable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if v is not None and v != []}
 
 
-def _source_error(exc: ServiceError) -> ServiceError:
-    """The customer's side of an error, in the processor's reasons (the operator detail is kept)."""
+def _source_error(exc: ServiceError, *, writes: bool = False) -> ServiceError:
+    """The customer's side of an error, in the processor's reasons (the operator detail is kept);
+    `writes`: the statement also creates the staging table in the org's dataset (`copy_via: warehouse`),
+    so a refusal may be that grant missing rather than the export's."""
     if exc.reason == "WAREHOUSE_PERMISSION_DENIED":
+        needs = (
+            "it needs bigquery.tables.getData on the export's dataset, bigquery.jobs.create in the job "
+            "project"
+        )
+        if writes:
+            needs += (
+                " and, to copy inside BigQuery, roles/bigquery.dataEditor on the org's dataset (or set "
+                "copy_via: client)"
+            )
         return TerminalError(
-            "the service account may not read the billing export (it needs bigquery.tables.getData on the "
-            "dataset and bigquery.jobs.create in the job project)",
+            f"the service account may not read the billing export or write the copy ({needs})"
+            if writes
+            else f"the service account may not read the billing export ({needs})",
             reason="PERMISSION_DENIED",
             detail=exc.detail,
         )

@@ -99,6 +99,11 @@ def test_customer_side_errors_get_the_processor_reasons() -> None:
     mapped = bq_etl._source_error(caught.value)
     assert mapped.reason == "PERMISSION_DENIED" and "customer-billing" not in mapped.message
     assert "Access Denied" in mapped.detail
+    assert "dataEditor" not in mapped.message  # a read-only statement: the export's grants only
+    copying = bq_etl._source_error(caught.value, writes=True)  # CREATE TABLE … AS SELECT in our dataset
+    assert copying.reason == "PERMISSION_DENIED"
+    assert "roles/bigquery.dataEditor on the org's dataset" in copying.message
+    assert "copy_via: client" in copying.message and "customer-billing" not in copying.message
     with pytest.raises(TerminalError) as caught, _mapped("table t"):
         raise auth_exceptions.RefreshError("invalid_grant: Invalid JWT Signature.")
     assert caught.value.reason == "CREDENTIAL_REJECTED"
