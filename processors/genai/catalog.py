@@ -50,6 +50,11 @@ def _prices(prices: types.ModelPrice) -> Iterator[tuple[str, str, int | None, An
             yield key, "base", None, value
 
 
+def _when(variant: Any) -> str:
+    """A price variant's condition as sorted `key=value` pairs joined by `&`."""
+    return "&".join(f"{k}={v}" for k, v in sorted(variant.when.items()))
+
+
 def catalog_rows(snapshot_date: date, provider_ids: tuple[str, ...] = PROVIDERS) -> Iterator[dict[str, Any]]:
     """Every catalog row of the given providers, in the package's model order."""
     pkg = package_version()
@@ -65,35 +70,22 @@ def catalog_rows(snapshot_date: date, provider_ids: tuple[str, ...] = PROVIDERS)
                 if isinstance(model.prices, types.ModelPrice)
                 else model.prices
             )
-            for pset, conditional in enumerate(sets):
-                if isinstance(conditional.constraint, types.TimeOfDateConstraint):
+            # (price set, variant, variant order, constraint, prices): the model's price sets, then its
+            # variants (prices under a condition such as a service tier)
+            priced = [(pset, "", 0, c.constraint, c.prices) for pset, c in enumerate(sets)]
+            priced += [
+                (0, _when(var), vorder, var.constraint, var.prices)
+                for vorder, var in enumerate(model.price_variants or (), start=1)
+            ]
+            for pset, variant, vorder, constraint, prices in priced:
+                if isinstance(constraint, types.TimeOfDateConstraint):
                     continue
-                eff = conditional.constraint.start_date if conditional.constraint else None
-                for key, band, threshold, price in _prices(conditional.prices):
+                eff = constraint.start_date if constraint else None
+                for key, band, threshold, price in _prices(prices):
                     order += 1
                     yield common | {
                         "price_set": pset,
-                        "variant": "",
-                        "variant_order": 0,
-                        "price_key": key,
-                        "band": band,
-                        "threshold": threshold,
-                        "price": price,
-                        "effective_from": eff,
-                        "row_order": order,
-                        "package_version": pkg,
-                        "snapshot_date": snapshot_date,
-                    }
-            for vorder, variant in enumerate(model.price_variants or (), start=1):
-                if isinstance(variant.constraint, types.TimeOfDateConstraint):
-                    continue
-                eff = variant.constraint.start_date if variant.constraint else None
-                when = "&".join(f"{k}={v}" for k, v in sorted(variant.when.items()))
-                for key, band, threshold, price in _prices(variant.prices):
-                    order += 1
-                    yield common | {
-                        "price_set": 0,
-                        "variant": when,
+                        "variant": variant,
                         "variant_order": vorder,
                         "price_key": key,
                         "band": band,
