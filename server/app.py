@@ -13,7 +13,8 @@ from dotenv import dotenv_values
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # the documented `health.aio`, typed by its module
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio  # `reflection.aio`, typed by its module
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from cloudact.pipeline.v1 import (
     notification_service_pb2,
@@ -26,7 +27,7 @@ from cloudact.pipeline.v1 import (
 )
 from cloudact.pipeline.v1 import procedure_service_pb2 as _procedure_service_pb2
 from server import meta, metrics
-from server.api.guard import Guard
+from server.api.guard import GenericOnly, Guard
 from server.api.notifications import NotificationServicer
 from server.api.pipelines import PipelineServicer
 from server.api.procedures import ProcedureServicer
@@ -337,10 +338,12 @@ async def start(
         NotificationServicer(state.notifications, webhooks, catalog, notifications),
     )
     health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, GenericOnly(server))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection_aio.ReflectionServicer(
+            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        ),
+        GenericOnly(server),
     )
     if bootstrap:
         await meta.bootstrap(warehouse, settings.meta_dataset, settings.schemas_dir)

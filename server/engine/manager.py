@@ -138,8 +138,6 @@ class RunManager:
         self._active: dict[str, _Live] = {}
         self._background: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
-        self._queued: list[tuple[Run, list[dict[str, Any]], asyncio.Future[bool]]] = []
-        self._writer: asyncio.Task[None] | None = None
 
     async def start(self) -> list[str]:
         """Take this replica's lease, close the runs of dead replicas, start the background loop."""
@@ -229,7 +227,7 @@ class RunManager:
         run's lock. False if not written: kept for the next flush, or no longer ours (fenced)."""
         events, live.pending = live.pending, []
         try:
-            ok = await self._queue_write(run, events)
+            ok = await self._store.write(run, events)
         except Exception as exc:  # kept for the next flush
             live.pending[:0] = events
             log.warning("run write failed, will retry: %s", type(exc).__name__)
@@ -240,31 +238,6 @@ class RunManager:
             return False
         live.written = run.state
         return True
-
-    def _queue_write(self, run: Run, events: list[dict[str, Any]]) -> asyncio.Future[bool]:
-        """Queue a run's write; the writes queued while one batch is in flight go out together as the
-        next one (group commit: one statement and one commit for the transitions of many runs)."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queued.append((run, events, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(
-                self._write_batches(), name="run-writes", context=contextvars.Context()
-            )
-        return done
-
-    async def _write_batches(self) -> None:
-        while self._queued:
-            batch, self._queued = self._queued, []
-            try:
-                written = await self._store.write_many([(run, events) for run, events, _ in batch])
-            except Exception as exc:
-                for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            for run, _, done in batch:
-                if not done.done():
-                    done.set_result(run.run_id in written)
 
     # -- accept ------------------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """The local PostgreSQL: the server binaries of the `pgserver` wheel as a child process on 127.0.0.1.
 
 The wheel's own launcher (`pgserver.get_server`) daemonizes through `pg_ctl` and serves a Unix socket
-only; here `postgres` runs in the foreground as a supervised child like the emulator, on a TCP port, so
-a test's or `make run`'s stop ends it (SIGINT: fast shutdown, 0.01 s). PostgreSQL refuses to run as
-root: as root, `initdb` and `postgres` run as the system user `pgserver` (created once, as the wheel
-does), which owns the data folder.
+only; here `postgres` runs in the foreground as a supervised child like the emulator, on a TCP port
+and on a Unix socket in its data folder (which the benchmark and the tests connect to), so a test's or
+`make run`'s stop ends it (SIGINT: fast shutdown, 0.01 s). PostgreSQL refuses to run as root: as root,
+`initdb` and `postgres` run as the system user `pgserver` (created once, as the wheel does), which owns
+the data folder.
 """
 
 from __future__ import annotations
@@ -67,13 +68,21 @@ def _prepare(data_dir: Path, user: str | None) -> None:
             parent.chmod(mode | stat.S_IXOTH)
 
 
-def dsn(port: int, database: str = "postgres") -> str:
-    """The DSN of a local server (trust authentication on 127.0.0.1)."""
+SOCKET_PATH_MAX = 100  # a Unix socket's path must fit in sockaddr_un (107 bytes on Linux)
+
+
+def dsn(port: int, database: str = "postgres", socket_dir: Path | None = None) -> str:
+    """The DSN of a local server (trust authentication): its Unix socket in `socket_dir` if given and
+    short enough, else 127.0.0.1. The socket spares every statement the loopback TCP stack, a good part
+    of a client's and the server's CPU per statement."""
+    if socket_dir is not None and len(str(socket_dir / f".s.PGSQL.{port}")) <= SOCKET_PATH_MAX:
+        return f"postgresql://postgres@/{database}?host={socket_dir}&port={port}"
     return f"postgresql://postgres@127.0.0.1:{port}/{database}"
 
 
 class Postgres:
-    """A running local PostgreSQL; `dsn` connects to its `postgres` database."""
+    """A running local PostgreSQL on 127.0.0.1 and on a Unix socket in its data folder; `dsn` connects to
+    its `postgres` database (through the socket when its path fits)."""
 
     def __init__(
         self, *, port: int, data_dir: Path, log_path: Path, durable: bool = True, timeout: float = 60.0
@@ -104,7 +113,8 @@ class Postgres:
         # Not durable (tests): no fsync; a crash of the machine may lose data, a crash of a server may not.
         speed = [] if durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]
         self.port = port
-        self.dsn = dsn(port)
+        self.socket_dir = pgdata
+        self.dsn = dsn(port, socket_dir=pgdata)
         self._child = ChildProcess(
             "postgres",
             [

@@ -2,9 +2,10 @@
 
 Runs (while they live and after), their events (the run ledger, also the outbox of BigQuery's analytics
 copy), quota counters, token buckets and replica leases. Every rule that must hold across replicas is one
-statement or one transaction here: admission is one call of `admit_run()` (migrations/0001_runs.sql, as
-changed by 0005_admit_started.sql), a run's update and its events are one statement, closing a dead
-replica's runs is one statement.
+statement or one transaction here: admission is one call of `admit_runs()` per batch
+(migrations/0006_admit_runs.sql: each row checked in order, an org's counters read and written once per
+batch), a run's update and its events are one statement, closing a dead replica's runs is one
+statement.
 
 A run is written by the replica that owns it, and only while it is active and that replica's lease
 holds: writes carry the owner and match active runs only, so a replica whose lease expired (and whose
@@ -39,11 +40,6 @@ ACTIVE_SQL = "('PENDING', 'RUNNING', 'CANCELLING')"
 STEP_TERMINAL = ["SUCCEEDED", "FAILED", "SKIPPED", "CANCELLED", "NOT_RUN", "TIMEOUT"]
 INTERRUPTED_ERROR = "the replica running it stopped (its lease expired)"
 
-_EVENT_COLUMNS = (
-    "kind text, step_id text, ps_type text, attempt integer, from_state text, to_state text, reason text, "
-    "error text, error_reason text, started_at timestamptz, ended_at timestamptz, duration_ms bigint, "
-    "rows_written bigint, at timestamptz"
-)
 _EVENT_NAMES = (
     "kind, step_id, ps_type, attempt, from_state, to_state, reason, error, error_reason, started_at, "
     "ended_at, duration_ms, rows_written, at"
@@ -51,42 +47,10 @@ _EVENT_NAMES = (
 
 
 ADMIT_BATCH = 64  # admissions per statement at most
+WRITE_BATCH = 256  # run writes per statement at most
 
-_ADMIT_BATCH_SQL = """
-SELECT i.n, a.outcome, a.run_id, a.wait
-FROM (
-    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
-        n integer, run_id text, org text, request_id text, dedupe_key text, at timestamptz, rate integer,
-        concurrent integer, daily integer, monthly integer, pipeline_key text, pipeline_id text,
-        trigger text, triggered_by text, parameters jsonb, steps jsonb, identity text, state text,
-        start_time timestamptz)
-    ORDER BY hashtextextended('admit:' || org, 0), n
-    OFFSET 0) AS i
-CROSS JOIN LATERAL admit_run(i.run_id, i.org, i.request_id, i.dedupe_key, $1, i.at, i.rate, i.concurrent,
-    i.daily, i.monthly, i.pipeline_key, i.pipeline_id, i.trigger, i.triggered_by, i.parameters, i.steps,
-    i.identity, i.state, i.start_time) AS a
-"""
-
-
-_WRITE_SQL = f"""
-WITH input AS (
-    SELECT * FROM jsonb_to_recordset($2::jsonb) AS x(
-        run_id text, state text, reason text, error text, start_time timestamptz,
-        end_time timestamptz, steps jsonb, events jsonb, n integer)),
-u AS (
-    UPDATE runs r SET state = i.state, reason = i.reason, error = i.error,
-        start_time = i.start_time, end_time = i.end_time, steps = i.steps
-    FROM input i
-    WHERE r.run_id = i.run_id AND r.owner = $1 AND r.state IN {ACTIVE_SQL}
-    RETURNING r.run_id, r.org_slug, i.events, i.n),
-ev AS (
-    INSERT INTO run_events (run_id, org_slug, {_EVENT_NAMES})
-    SELECT u.run_id, u.org_slug, {", ".join(f"e.{c}" for c in _EVENT_NAMES.split(", "))}
-    FROM u, ROWS FROM (jsonb_to_recordset(u.events) AS ({_EVENT_COLUMNS})) WITH ORDINALITY
-        AS e({_EVENT_NAMES}, k)
-    ORDER BY u.n, e.k)
-SELECT run_id FROM u
-"""
+_Write = tuple[Run, list[dict[str, Any]], "asyncio.Future[bool]"]
+_BATCH_SQL = "SELECT n, outcome, run_id, wait FROM apply_batch($1, $2::jsonb, $3::jsonb)"
 
 
 def _dumps(value: Any) -> str:
@@ -129,6 +93,21 @@ class Limits:
     concurrent: int
     daily: int
     monthly: int
+
+
+def _first_writes(queued: list[_Write]) -> tuple[list[_Write], list[_Write]]:
+    """The writes of the next batch (at most WRITE_BATCH, a run once: a run's second write must see its
+    first) and those left queued, in order."""
+    batch: list[_Write] = []
+    later: list[_Write] = []
+    runs: set[str] = set()
+    for write in queued:
+        if len(batch) < WRITE_BATCH and write[0].run_id not in runs:
+            runs.add(write[0].run_id)
+            batch.append(write)
+        else:
+            later.append(write)
+    return batch, later
 
 
 def run_from_row(row: asyncpg.Record) -> Run:
@@ -184,9 +163,10 @@ class StateStore:
         self.scheduling = SchedulerStore(pool)
         self.notifications = NotificationStore(pool)
         self.retention = RetentionStore(pool)
-        self._kept: dict[str, Any] = {}  # a pooled connection per batch loop, kept between its batches
+        self._kept: Any = None  # the pooled connection of the batch loop, kept between its batches
         self._admissions: list[tuple[Run, Limits, asyncio.Future[Admission], Callable[[], None] | None]] = []
-        self._admitter: asyncio.Task[None] | None = None
+        self._writes: list[_Write] = []
+        self._batcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -242,9 +222,9 @@ class StateStore:
 
     async def close(self) -> None:
         """Close the pool (and the Cloud SQL connector)."""
-        for conn in self._kept.values():
-            await self._pool.release(conn)
-        self._kept.clear()
+        if self._kept is not None:
+            await self._pool.release(self._kept)
+            self._kept = None
         await self._pool.close()
         for closer in self._closers:
             await closer.close_async()
@@ -255,12 +235,11 @@ class StateStore:
         async with self._pool.acquire() as conn:
             yield conn
 
-    async def _fetch_kept(self, loop: str, query: str, *args: Any) -> list[asyncpg.Record]:
-        """`fetch` on the connection kept for one of the batch loops (admissions, run writes): a loop
-        sends one statement after another, so keeping its connection saves the pool's acquire and
-        release per batch. A concurrent caller (tests) gets another from the pool; a connection that
-        failed goes back to the pool, which replaces it if it broke."""
-        conn = self._kept.pop(loop, None)
+    async def _fetch_kept(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """`fetch` on the connection kept for the batch loop: it sends one statement after another, so
+        keeping its connection saves the pool's acquire and release per batch. A connection that failed
+        goes back to the pool, which replaces it if it broke."""
+        conn, self._kept = self._kept, None
         if conn is not None and _gone(conn):  # its server went away while it was kept
             await self._pool.release(conn)  # (nothing to do if asyncpg gave it back already)
             conn = None
@@ -270,10 +249,7 @@ class StateStore:
         except BaseException:
             await self._pool.release(conn)
             raise
-        if loop in self._kept:
-            await self._pool.release(conn)
-        else:
-            self._kept[loop] = conn
+        self._kept = conn
         return rows
 
     # -- leases ------------------------------------------------------------------------------------
@@ -346,33 +322,51 @@ class StateStore:
         self, run: Run, limits: Limits, *, on_accept: Callable[[], None] | None = None
     ) -> Admission:
         """Admit `run` in its state, PENDING or RUNNING (a run that starts the moment it is admitted: its
-        RUNNING transition is then part of the admission), owned by this replica; see `admit_run()`.
-        The admissions asked for while a batch is in flight go out together as the next one: one
-        statement and one commit for all (group commit), each admission still checked in order against
-        everything before it.
+        RUNNING transition is then part of the admission), owned by this replica; see `admit_runs()`.
+        Each admission is checked in order against everything before it, also in its own batch.
 
         `on_accept` is called once the admission committed, by the batch, before this returns and also
         when the caller was cancelled meanwhile (an admitted run must run)."""
         done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._admissions.append((run, limits, done, on_accept))
-        if self._admitter is None or self._admitter.done():
-            # A context of its own, not the first caller's (the batch serves every caller).
-            self._admitter = asyncio.create_task(
-                self._admit_batches(), name="admissions", context=contextvars.Context()
-            )
+        self._schedule()
         return await done
 
-    async def _admit_batches(self) -> None:
-        while self._admissions:
-            batch, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
+    async def write(self, run: Run, events: Sequence[dict[str, Any]]) -> bool:
+        """Store the run's state and append its events; False if the run is no longer this replica's to
+        write (it ended, or was closed as INTERRUPTED after this lease expired)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._writes.append((run, list(events), done))
+        self._schedule()
+        return await done
+
+    def _schedule(self) -> None:
+        """Group commit: what is queued while a batch is in flight goes out together as the next one, the
+        writes and the admissions in one statement and one commit (`apply_batch()`)."""
+        if self._batcher is None or self._batcher.done():
+            # A context of its own, not the first caller's (the batch serves every caller).
+            self._batcher = asyncio.create_task(
+                self._apply_batches(), name="state-batches", context=contextvars.Context()
+            )
+
+    async def _apply_batches(self) -> None:
+        while self._admissions or self._writes:
+            admissions, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
+            writes, self._writes = _first_writes(self._writes)
             try:
-                results = await self._admit_batch([(run, limits) for run, limits, *_ in batch])
+                written, admitted = await self._apply(
+                    [(run, events) for run, events, _ in writes],
+                    [(run, limits) for run, limits, *_ in admissions],
+                )
             except Exception as exc:
-                for _, _, done, _ in batch:
+                for done in [w[2] for w in writes] + [a[2] for a in admissions]:
                     if not done.done():
                         done.set_exception(exc)
                 continue
-            for (_, _, done, on_accept), result in zip(batch, results, strict=True):
+            for run, _, wrote in writes:
+                if not wrote.done():
+                    wrote.set_result(run.run_id in written)
+            for (_, _, done, on_accept), result in zip(admissions, admitted, strict=True):
                 if on_accept is not None and result.outcome == "ACCEPTED":
                     try:
                         on_accept()
@@ -381,11 +375,28 @@ class StateStore:
                 if not done.done():
                     done.set_result(result)
 
-    async def _admit_batch(self, batch: Sequence[tuple[Run, Limits]]) -> list[Admission]:
-        # The rows are admitted in the order of their orgs' lock keys, as every batch of every replica
-        # does, so two batches never wait for each other's locks in a cycle; a deadlock is retried anyway
-        # (the whole batch rolled back).
-        items = [
+    async def _apply(
+        self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]], admissions: Sequence[tuple[Run, Limits]]
+    ) -> tuple[set[str], list[Admission]]:
+        """One `apply_batch()`: the ids of the runs written, and the admissions' outcomes in order."""
+        # Admissions take their orgs' locks in the order of the locks' keys, as every batch of every
+        # replica does, so two batches never wait for each other's locks in a cycle; a deadlock is retried
+        # anyway (the whole batch rolled back).
+        write_items = [
+            {
+                "run_id": run.run_id,
+                "state": run.state,
+                "reason": run.reason,
+                "error": run.error,
+                "start_time": run.start_time,
+                "end_time": run.end_time,
+                "steps": _steps(run),
+                "events": events,
+                "n": n,
+            }
+            for n, (run, events) in enumerate(writes)
+        ]
+        admission_items = [
             {
                 "n": n,
                 "run_id": run.run_id,
@@ -407,46 +418,22 @@ class StateStore:
                 "state": run.state,
                 "start_time": run.start_time,
             }
-            for n, (run, limits) in enumerate(batch)
+            for n, (run, limits) in enumerate(admissions)
         ]
         for attempt in range(3):
             try:
-                rows = await self._fetch_kept("admissions", _ADMIT_BATCH_SQL, self.replica_id, items)
+                rows = await self._fetch_kept(_BATCH_SQL, self.replica_id, write_items, admission_items)
                 break
             except asyncpg.exceptions.DeadlockDetectedError:
                 if attempt == 2:
                     raise
-        by_n = {r["n"]: Admission(r["outcome"], r["run_id"] or "", float(r["wait"] or 0.0)) for r in rows}
-        return [by_n[n] for n in range(len(batch))]
-
-    async def write(self, run: Run, events: Sequence[dict[str, Any]]) -> bool:
-        """Store the run's state and append its events; False if the run is no longer this replica's to
-        write (it ended, or was closed as INTERRUPTED after this lease expired)."""
-        return run.run_id in await self.write_many([(run, events)])
-
-    async def write_many(self, writes: Sequence[tuple[Run, Sequence[dict[str, Any]]]]) -> set[str]:
-        """Several runs' `write`s in one statement (one round trip and one commit for all: concurrent
-        runs' transitions are written together); the ids of the runs written. A run appears once."""
-        rows = await self._fetch_kept(
-            "writes",
-            _WRITE_SQL,
-            self.replica_id,
-            [
-                {
-                    "run_id": run.run_id,
-                    "state": run.state,
-                    "reason": run.reason,
-                    "error": run.error,
-                    "start_time": run.start_time,
-                    "end_time": run.end_time,
-                    "steps": _steps(run),
-                    "events": list(events),
-                    "n": n,
-                }
-                for n, (run, events) in enumerate(writes)
-            ],
-        )
-        return {r["run_id"] for r in rows}
+        written = {r["run_id"] for r in rows if r["n"] is None}
+        by_n = {
+            r["n"]: Admission(r["outcome"], r["run_id"] or "", float(r["wait"] or 0.0))
+            for r in rows
+            if r["n"] is not None
+        }
+        return written, [by_n[n] for n in range(len(admissions))]
 
     # -- reads -------------------------------------------------------------------------------------
 
