@@ -139,10 +139,12 @@ END $$;
 
 -- A replica's run writes: each run's state, reason, error, times and steps, and its events appended in
 -- order. Only the owner's active runs change (fencing: a run closed as INTERRUPTED by another replica
--- stays closed); returns the ids of the runs written.
+-- stays closed); returns the ids of the runs written. PL/pgSQL, not SQL: PostgreSQL 16 plans a SQL
+-- function's statement anew at every call, PL/pgSQL keeps its plan.
 CREATE FUNCTION write_runs(p_owner text, p_writes jsonb) RETURNS SETOF text
-LANGUAGE sql AS $$
-    WITH input AS (
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY WITH input AS (
         SELECT * FROM jsonb_to_recordset(p_writes) AS x(
             run_id text, state text, reason text, error text, start_time timestamptz,
             end_time timestamptz, steps jsonb, events jsonb, n integer)),
@@ -166,8 +168,8 @@ LANGUAGE sql AS $$
             AS e(kind, step_id, ps_type, attempt, from_state, to_state, reason, error, error_reason,
                  started_at, ended_at, duration_ms, rows_written, at, k)
         ORDER BY u.n, e.k)
-    SELECT run_id FROM u
-$$;
+    SELECT u.run_id FROM u;
+END $$;
 
 -- A group commit: the writes first (a run that ended frees its slot for the admissions after it), then
 -- the admissions. Rows: (NULL, 'WRITTEN', run_id, 0) per run written, then admit_runs()' rows.
