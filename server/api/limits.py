@@ -100,6 +100,7 @@ LIMITS: Mapping[str, Mapping[str, Limit]] = {
 }
 
 Check = Callable[[Message], list[FieldViolation]]
+ValueCheck = Callable[[Any], list[FieldViolation]]  # the check of one field's value
 
 
 def _too_long(field: str, value: str, limit: int) -> FieldViolation | None:
@@ -108,12 +109,11 @@ def _too_long(field: str, value: str, limit: int) -> FieldViolation | None:
     return FieldViolation(field, f"at most {limit} characters (got {len(value)})")
 
 
-def _field_check(field: FieldDescriptor, limit: Limit) -> Check:
+def _field_check(field: FieldDescriptor, limit: Limit) -> ValueCheck:
     name = field.name
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
 
-        def check_map(request: Message) -> list[FieldViolation]:
-            entries: Mapping[str, str] = getattr(request, name)
+        def check_map(entries: Mapping[str, str]) -> list[FieldViolation]:
             if len(entries) > limit.items:
                 return [FieldViolation(name, f"at most {limit.items} entries (got {len(entries)})")]
             found = []
@@ -129,8 +129,7 @@ def _field_check(field: FieldDescriptor, limit: Limit) -> Check:
     if field.message_type is not None and field.is_repeated:
         element = _violations(field.message_type)
 
-        def check_messages(request: Message) -> list[FieldViolation]:
-            values: list[Message] = list(getattr(request, name))
+        def check_messages(values: list[Message]) -> list[FieldViolation]:
             if len(values) > limit.items:
                 return [FieldViolation(name, f"at most {limit.items} entries (got {len(values)})")]
             return [
@@ -142,16 +141,15 @@ def _field_check(field: FieldDescriptor, limit: Limit) -> Check:
         return check_messages
     if field.is_repeated:
 
-        def check_list(request: Message) -> list[FieldViolation]:
-            values: list[str] = list(getattr(request, name))
+        def check_list(values: list[str]) -> list[FieldViolation]:
             if len(values) > limit.items:
                 return [FieldViolation(name, f"at most {limit.items} entries (got {len(values)})")]
             return [v for i, s in enumerate(values) if (v := _too_long(f"{name}[{i}]", s, limit.chars))]
 
         return check_list
 
-    def check_string(request: Message) -> list[FieldViolation]:
-        bad = _too_long(name, getattr(request, name), limit.chars)
+    def check_string(value: str) -> list[FieldViolation]:
+        bad = _too_long(name, value, limit.chars)
         return [bad] if bad else []
 
     return check_string
@@ -164,17 +162,23 @@ def needs_limit(field: FieldDescriptor) -> bool:
 
 def _violations(message_type: Descriptor) -> Check:
     """The field checks of one message type (a request, or the element of a repeated message field, whose
-    type has its own entry); KeyError if a field has no declared limit."""
+    type has its own entry); KeyError if a field has no declared limit. Only the fields a message has set
+    are looked at (`ListFields`: an empty string, list or map is within every limit)."""
     declared: Mapping[str, Limit] = LIMITS.get(message_type.full_name.removeprefix(_PACKAGE), {})
-    checks: list[Check] = []
+    checks: dict[str, ValueCheck] = {}
     for field in message_type.fields:
         if needs_limit(field):
             if field.name not in declared:
                 raise KeyError(f"{message_type.full_name}.{field.name} has no size limit")
-            checks.append(_field_check(field, declared[field.name]))
+            checks[field.name] = _field_check(field, declared[field.name])
 
     def violations(message: Message) -> list[FieldViolation]:
-        return [v for c in checks for v in c(message)]
+        found: list[FieldViolation] = []
+        for field, value in message.ListFields():
+            check = checks.get(field.name)
+            if check is not None:
+                found += check(value)
+        return found
 
     return violations
 
