@@ -125,6 +125,7 @@ async def connect_state(settings: Settings, *, upgrade: bool = True) -> StateSto
         database=settings.database_name,
         pool_size=settings.database_pool_size,
         lease_seconds=settings.replica_lease_seconds,
+        commit_delay=settings.state_commit_delay_ms / 1000,
         upgrade=upgrade,
     )
 

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     replica_lease_seconds: float = Field(
         15.0, gt=0, description="A replica that has not renewed its lease for this long is dead."
     )
+    state_commit_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=50,
+        description="Under concurrent calls, a batch of state writes and admissions goes out this long "
+        "after the one before it, with what arrived meanwhile (group commit); 0: at once.",
+    )
     postgres_embedded: bool = Field(False, description="Start the local PostgreSQL child (local only).")
     postgres_port: int = Field(5433, description="Port of the local PostgreSQL.")
     postgres_data_dir: Path = Field(

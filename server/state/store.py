@@ -48,6 +48,7 @@ _EVENT_NAMES = (
 
 ADMIT_BATCH = 64  # admissions per statement at most
 WRITE_BATCH = 256  # run writes per statement at most
+COMMIT_SIBLINGS = 2  # entries of a batch that make the next one wait for its commit delay
 
 _Write = tuple[Run, list[dict[str, Any]], "asyncio.Future[bool]"]
 _BATCH_SQL = "SELECT n, outcome, run_id, wait FROM apply_batch($1, $2::jsonb, $3::jsonb)"
@@ -155,9 +156,18 @@ def identity(run: Run) -> str:
 class StateStore:
     """A connection pool to the state database and the operations on it."""
 
-    def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, closers: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        lease_seconds: float,
+        commit_delay: float = 0.0,
+        closers: Sequence[Any] = (),
+    ) -> None:
         self._pool = pool
         self.lease_seconds = lease_seconds
+        self._commit_delay = commit_delay
+        self.batches = 0  # statements of the batch loop sent (group commits)
         self.replica_id = ""
         self._closers = list(closers)
         self.scheduling = SchedulerStore(pool)
@@ -178,10 +188,12 @@ class StateStore:
         database: str = "",
         pool_size: int = 10,
         lease_seconds: float = 15.0,
+        commit_delay: float = 0.0,
         upgrade: bool = True,
     ) -> StateStore:
         """A pool on `dsn`, or on a Cloud SQL instance through the Python Connector (IAM database auth);
-        with `upgrade`, the schema migrations are applied first (under their advisory lock)."""
+        with `upgrade`, the schema migrations are applied first (under their advisory lock).
+        `commit_delay`: see `_apply_batches`."""
         closers: list[Any] = []
         if cloud_sql_instance:
             from google.cloud.sql.connector import create_async_connector  # production only
@@ -214,7 +226,7 @@ class StateStore:
         else:
             raise RuntimeError("set DATABASE_URL or CLOUD_SQL_INSTANCE: the service needs its state store")
         assert pool is not None
-        store = cls(pool, lease_seconds=lease_seconds, closers=closers)
+        store = cls(pool, lease_seconds=lease_seconds, commit_delay=commit_delay, closers=closers)
         if upgrade:
             async with pool.acquire() as conn:
                 await migrate.upgrade(conn)
@@ -350,9 +362,21 @@ class StateStore:
             )
 
     async def _apply_batches(self) -> None:
+        # Group commit with a commit delay (PostgreSQL's commit_delay and commit_siblings, here): once a
+        # batch carried several entries, calls are arriving concurrently, and the next batch goes out
+        # `commit_delay` after the one before it was sent, with what arrived meanwhile, instead of the
+        # moment that one returned. Fewer, larger statements: less CPU in PostgreSQL and here per run,
+        # for a little latency under load only (a lone call's batch goes out at once).
+        loop = asyncio.get_running_loop()
+        sent, size = 0.0, 0
         while self._admissions or self._writes:
+            if size >= COMMIT_SIBLINGS and self._commit_delay > 0:
+                await asyncio.sleep(max(0.0, sent + self._commit_delay - loop.time()))
+            sent = loop.time()
+            self.batches += 1
             admissions, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
             writes, self._writes = _first_writes(self._writes)
+            size = len(admissions) + len(writes)
             try:
                 written, admitted = await self._apply(
                     [(run, events) for run, events, _ in writes],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,8 +47,10 @@ async def replicas(database: str) -> AsyncIterator[Factory]:
     """Make registered stores ("replicas") on the module's database; all closed at the end."""
     made: list[StateStore] = []
 
-    async def make(lease: float = 60.0, register: bool = True) -> StateStore:
-        store = await StateStore.connect(dsn=database, pool_size=10, lease_seconds=lease)
+    async def make(lease: float = 60.0, register: bool = True, commit_delay: float = 0.0) -> StateStore:
+        store = await StateStore.connect(
+            dsn=database, pool_size=10, lease_seconds=lease, commit_delay=commit_delay
+        )
         made.append(store)
         if register:
             await store.register(new_id())
@@ -238,6 +241,42 @@ async def test_a_slot_freed_by_a_write_serves_an_admission_of_the_same_batch(rep
     ended, admitted = await asyncio.gather(end(a, first), a.admit(second, lim))
     assert ended and admitted.outcome == "ACCEPTED"
     assert await a.active_runs(org) == 1
+
+
+async def test_a_lone_admission_goes_out_at_once_whatever_the_commit_delay(replicas: Factory) -> None:
+    a = await replicas(commit_delay=1.0)
+    org = org_slug("lone")
+    for _ in range(3):  # one call after the other: each batch carries one entry, none waits
+        began = time.monotonic()
+        assert (await a.admit(new_run(org), limits())).outcome == "ACCEPTED"
+        assert time.monotonic() - began < 0.5
+
+
+async def test_under_concurrent_calls_the_commit_delay_groups_what_arrives(replicas: Factory) -> None:
+    # Two admissions together make a batch of two: calls are concurrent, so the next batch goes out a
+    # commit delay after that one was sent, with the three admissions asked for meanwhile.
+    delay = 0.3
+    a = await replicas(commit_delay=delay)
+    org = org_slug("grouped")
+    before = a.batches
+    began = time.monotonic()
+    first = asyncio.gather(a.admit(new_run(org), limits()), a.admit(new_run(org), limits()))
+    await asyncio.sleep(0)  # the first batch is on its way
+    later: list[asyncio.Task[tuple[Admission, float]]] = []
+
+    async def admit_timed() -> tuple[Admission, float]:
+        asked = time.monotonic()
+        return await a.admit(new_run(org), limits()), time.monotonic() - asked
+
+    for _ in range(3):
+        later.append(asyncio.create_task(admit_timed()))
+        await asyncio.sleep(0.05)
+    assert [r.outcome for r in await first] == ["ACCEPTED", "ACCEPTED"]
+    results = [await t for t in later]
+    assert [r.outcome for r, _ in results] == ["ACCEPTED"] * 3
+    assert a.batches - before == 2, "the three later admissions went out as one statement"
+    assert time.monotonic() - began >= delay * 0.9
+    assert results[0][1] >= delay * 0.5  # the first of them waited for the others
 
 
 async def test_rate_limit_is_shared_by_the_replicas(replicas: Factory) -> None:
