@@ -68,8 +68,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=50,
-        description="Under concurrent calls, a batch of state writes and admissions goes out this long "
-        "after the one before it, with what arrived meanwhile (group commit); 0: at once.",
+        description="Under concurrent calls (4+ entries queued behind a batch), the next batch of state "
+        "writes and admissions goes out this long after the one before it (group commit); 0: at once.",
     )
     postgres_embedded: bool = Field(False, description="Start the local PostgreSQL child (local only).")
     postgres_port: int = Field(5433, description="Port of the local PostgreSQL.")

@@ -48,7 +48,7 @@ _EVENT_NAMES = (
 
 ADMIT_BATCH = 64  # admissions per statement at most
 WRITE_BATCH = 256  # run writes per statement at most
-COMMIT_SIBLINGS = 2  # entries of a batch that make the next one wait for its commit delay
+COMMIT_SIBLINGS = 4  # entries queued behind a batch that make the next one wait for its commit delay
 
 _Write = tuple[Run, list[dict[str, Any]], "asyncio.Future[bool]"]
 _BATCH_SQL = "SELECT n, outcome, run_id, wait FROM apply_batch($1, $2::jsonb, $3::jsonb)"
@@ -362,21 +362,22 @@ class StateStore:
             )
 
     async def _apply_batches(self) -> None:
-        # Group commit with a commit delay (PostgreSQL's commit_delay and commit_siblings, here): once a
-        # batch carried several entries, calls are arriving concurrently, and the next batch goes out
-        # `commit_delay` after the one before it was sent, with what arrived meanwhile, instead of the
-        # moment that one returned. Fewer, larger statements: less CPU in PostgreSQL and here per run,
-        # for a little latency under load only (a lone call's batch goes out at once).
+        # Group commit with a commit delay (PostgreSQL's commit_delay and commit_siblings, here): when
+        # COMMIT_SIBLINGS entries or more were queued while the batch before was in flight, calls are
+        # arriving concurrently, and the next batch goes out `commit_delay` after the one before it was
+        # sent, with what arrives meanwhile, instead of the moment that one returned. Fewer, larger
+        # statements: less CPU in PostgreSQL and here per run, for a little latency under load only. A
+        # few callers taking turns (fewer queued) are never delayed: they would only wait for each other.
         loop = asyncio.get_running_loop()
-        sent, size = 0.0, 0
+        sent = None
         while self._admissions or self._writes:
-            if size >= COMMIT_SIBLINGS and self._commit_delay > 0:
+            queued = len(self._admissions) + len(self._writes)
+            if sent is not None and queued >= COMMIT_SIBLINGS and self._commit_delay > 0:
                 await asyncio.sleep(max(0.0, sent + self._commit_delay - loop.time()))
             sent = loop.time()
             self.batches += 1
             admissions, self._admissions = self._admissions[:ADMIT_BATCH], self._admissions[ADMIT_BATCH:]
             writes, self._writes = _first_writes(self._writes)
-            size = len(admissions) + len(writes)
             try:
                 written, admitted = await self._apply(
                     [(run, events) for run, events, _ in writes],

@@ -253,30 +253,46 @@ async def test_a_lone_admission_goes_out_at_once_whatever_the_commit_delay(repli
 
 
 async def test_under_concurrent_calls_the_commit_delay_groups_what_arrives(replicas: Factory) -> None:
-    # Two admissions together make a batch of two: calls are concurrent, so the next batch goes out a
-    # commit delay after that one was sent, with the three admissions asked for meanwhile.
+    # Four admissions queued behind a batch in flight say calls are concurrent: the next batch goes out
+    # a commit delay after that one was sent, with the admission asked for meanwhile.
     delay = 0.3
     a = await replicas(commit_delay=delay)
     org = org_slug("grouped")
     before = a.batches
     began = time.monotonic()
-    first = asyncio.gather(a.admit(new_run(org), limits()), a.admit(new_run(org), limits()))
-    await asyncio.sleep(0)  # the first batch is on its way
-    later: list[asyncio.Task[tuple[Admission, float]]] = []
 
     async def admit_timed() -> tuple[Admission, float]:
         asked = time.monotonic()
         return await a.admit(new_run(org), limits()), time.monotonic() - asked
 
-    for _ in range(3):
-        later.append(asyncio.create_task(admit_timed()))
-        await asyncio.sleep(0.05)
+    first = asyncio.gather(a.admit(new_run(org), limits()), a.admit(new_run(org), limits()))
+    await asyncio.sleep(0)  # the first batch is on its way
+    queued = [asyncio.create_task(admit_timed()) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    late = asyncio.create_task(admit_timed())
     assert [r.outcome for r in await first] == ["ACCEPTED", "ACCEPTED"]
-    results = [await t for t in later]
-    assert [r.outcome for r, _ in results] == ["ACCEPTED"] * 3
-    assert a.batches - before == 2, "the three later admissions went out as one statement"
+    results = [await t for t in [*queued, late]]
+    assert [r.outcome for r, _ in results] == ["ACCEPTED"] * 5
+    assert a.batches - before == 2, "the five later admissions went out as one statement"
     assert time.monotonic() - began >= delay * 0.9
-    assert results[0][1] >= delay * 0.5  # the first of them waited for the others
+    assert results[0][1] >= delay * 0.5  # the queued ones waited for the late one
+
+
+async def test_callers_taking_turns_are_not_delayed(replicas: Factory) -> None:
+    # Two callers, each asking again as soon as it is answered: fewer than four entries are ever queued
+    # behind a batch, so no batch waits for the commit delay.
+    a = await replicas(commit_delay=0.5)
+    org = org_slug("turns")
+
+    async def caller() -> None:
+        for _ in range(5):
+            run = new_run(org)
+            assert (await a.admit(run, limits())).outcome == "ACCEPTED"
+            assert await end(a, run)
+
+    began = time.monotonic()
+    await asyncio.gather(caller(), caller())
+    assert time.monotonic() - began < 0.5
 
 
 async def test_rate_limit_is_shared_by_the_replicas(replicas: Factory) -> None:
