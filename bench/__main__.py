@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from grpc import aio
 
-from bench import admission, cpu, engine_overhead, gcp_billing, genai, jobs, saas_cost
+from bench import admission, cores, cpu, engine_overhead, gcp_billing, genai, jobs, saas_cost
 from bench.lag import LagMonitor
 from bench.load import Cell, CellResult, Transport, run_in_subprocess
 from bench.stack import CONFIGS, Stack, drain, finish_runs, new_stack, start_echo, start_stack
@@ -59,11 +59,15 @@ class Route:
     transport: Transport
     via_envoy: bool
     concurrency: int
+    pinned: bool = False  # the server under test alone on a core, PostgreSQL and the client on the rest
 
     def letter(self, target: str) -> str:
-        """The brief's (a)-(d) names, (e)/(f) for the extra gRPC-through-Envoy pair, (g) for the floor."""
+        """The brief's (a)-(d) names, (e)/(f) for the extra gRPC-through-Envoy pair, (g) for the floor,
+        (h)/(i) for gRPC direct with the server on a core of its own."""
         if target == "floor":
             return "(g)"
+        if self.pinned:
+            return "(h)" if target == "real" else "(i)"
         base = {("grpc", False): "ac", ("rest", True): "bd", ("grpc", True): "ef"}[
             (self.transport, self.via_envoy)
         ]
@@ -77,6 +81,9 @@ PATHS = [
     Route("REST via Envoy", "rest", True, 32),
     Route("gRPC via Envoy", "grpc", True, 32),
 ]
+PINNED_PATH = Route("gRPC direct, server on its own core", "grpc", False, 32, pinned=True)
+if cores.can_pin():
+    PATHS.append(PINNED_PATH)
 FLOOR_PATH = PATHS[1]  # the floor server (bench/echo.py) is measured on the target's path only
 CPU_PARTS = ("server", "envoy", "emulator", "postgres", "client")
 
@@ -172,6 +179,16 @@ async def _sample_response(stack: Stack) -> pipeline_service_pb2.RunPipelineResp
         return response
 
 
+async def _load(stack: Stack, path: Route, cell: Cell, server: int) -> CellResult:
+    """Run the cell's load client; on a pinned path with `server` alone on a core of its own and
+    PostgreSQL and the client on the other cores (see bench/cores.py)."""
+    if not path.pinned:
+        return await run_in_subprocess(cell)
+    others = [stack.postgres.pid] if stack.postgres else []
+    with cores.server_alone(server, others) as rest:
+        return await run_in_subprocess(cell, rest)
+
+
 async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: float) -> Measured:
     assert stack.service is not None
     name = f"r{round_}-{target}-{path.transport}-{'envoy' if path.via_envoy else 'direct'}-{path.concurrency}"
@@ -198,7 +215,7 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     exported = 0
     if target == "real":
         async with LagMonitor() as lag:
-            result = await run_in_subprocess(cell)
+            result = await _load(stack, path, cell, os.getpid())
         finishing = time.perf_counter()
         await finish_runs(stack.service, DRAIN_SECONDS)
         # The export runs once a minute in production; here each cell's runs are exported after it, and
@@ -211,7 +228,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         export_ms = {k: (after[k] - before[k]) * 1000.0 / max(exported, 1) for k in before}
         stall: float | None = lag.max_ms
     else:
-        result = await run_in_subprocess(cell)
+        assert stack.echo is not None and stack.floor is not None
+        result = await _load(stack, path, cell, stack.echo.pid if target == "bare" else stack.floor.pid)
         drained, stall = 0.0, None
     cpu_after = _cpu_snapshot(stack, target)
     foreign = (cpu.machine_busy_seconds() - busy_before) - (_ours_seconds(stack) - ours_before)

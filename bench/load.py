@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -185,8 +186,9 @@ async def measure(cell: Cell) -> CellResult:
     return await runner(cell, body)
 
 
-async def run_in_subprocess(cell: Cell) -> CellResult:
-    """Measure `cell` in a fresh `python -m bench.load` process (bounded by the cell's deadline)."""
+async def run_in_subprocess(cell: Cell, cores: set[int] | None = None) -> CellResult:
+    """Measure `cell` in a fresh `python -m bench.load` process (bounded by the cell's deadline), on
+    `cores` if given."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -195,6 +197,8 @@ async def run_in_subprocess(cell: Cell) -> CellResult:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    if cores is not None:  # set before it starts gRPC's threads (they inherit it): its imports take longer
+        os.sched_setaffinity(process.pid, cores)
     try:
         out, err = await asyncio.wait_for(
             process.communicate(json.dumps(asdict(cell)).encode()), cell.deadline_seconds + 15
