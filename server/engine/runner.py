@@ -350,7 +350,8 @@ class _Run:
                     step_id = ready[0]
                     await self._run_step(step_id)
                     _raise_if_cancelled()  # a processor may have swallowed the run's cancellation
-                    await asyncio.sleep(0)  # steps that never wait still let the loop serve others
+                    if waiting:  # steps that never wait still let the loop serve others between them
+                        await asyncio.sleep(0)
                     done_ids = [step_id]
                 else:
                     for step_id in ready:

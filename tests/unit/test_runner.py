@@ -36,6 +36,13 @@ class Ok:
         return {"status": "SUCCESS", **step_config.get("outputs", {})}
 
 
+class Eager:
+    """Succeeds at once without awaiting anything."""
+
+    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
+        return {"status": "SUCCESS"}
+
+
 class Flaky:
     """Raises TransientError on the first `config["failures"]` attempts, then succeeds."""
 
@@ -207,6 +214,7 @@ class Harness:
         self.registry = Registry(
             {
                 "test.ok": self.ok,
+                "test.eager": Eager(),
                 "test.flaky": Flaky(),
                 "test.transient": AlwaysTransient(),
                 "test.terminal": self.terminal,
@@ -309,6 +317,31 @@ async def test_steps_run_sequentially_by_default() -> None:
     assert all(o.state == "SUCCEEDED" and len(o.attempts) == 1 for o in outcome.steps.values())
     assert outcome.steps["a"].ps_type == "test.ok"
     assert outcome.steps["a"].attempts[0].ended_at is not None
+
+
+async def test_steps_that_never_wait_still_let_the_loop_serve_others_between_them() -> None:
+    h = Harness()
+    marks: list[str] = []
+    spec = pipeline(*(step(s, "test.eager") for s in ("a", "b", "c")))
+
+    async def other() -> None:
+        for _ in range(5):
+            marks.append("other")
+            await asyncio.sleep(0)
+
+    def on_event(event: StepEvent) -> None:
+        marks.append(f"{event.step_id}:{event.state}")
+
+    neighbour = asyncio.create_task(other())
+    await asyncio.sleep(0)  # it has started and waits for its next turn
+    outcome = await h.runner.run(spec, prepare=default_prepare, make_context=make_context, on_event=on_event)
+    await neighbour
+    assert outcome.state == "COMPLETED"
+    steps = [m for m in marks if m != "other"]
+    assert steps == ["a:RUNNING", "a:SUCCEEDED", "b:RUNNING", "b:SUCCEEDED", "c:RUNNING", "c:SUCCEEDED"]
+    # Between one step's end and the next step's start, the neighbour had a turn.
+    for before, after in (("a:SUCCEEDED", "b:RUNNING"), ("b:SUCCEEDED", "c:RUNNING")):
+        assert "other" in marks[marks.index(before) : marks.index(after)], marks
 
 
 async def test_dag_order_with_depends_on_and_forward_references() -> None:
