@@ -40,18 +40,11 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
-def _tree(pid: int) -> list[int]:
-    found = [pid]
-    for child in cpu._children(pid):
-        found += _tree(child)
-    return found
-
-
 def pin(pids: Iterable[int], cores: set[int]) -> None:
     """Every thread of these processes and of their descendants onto `cores` (a process that went
     away meanwhile is skipped)."""
     for pid in pids:
-        for process in _tree(pid):
+        for process in cpu.tree(pid):
             for thread in _threads(process):
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(thread, cores)

@@ -33,14 +33,25 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_seconds(pid: int) -> float:
-    """User + system CPU seconds of `pid`, its waited-for children and its live descendants."""
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
+    found = [pid]
+    for child in _children(pid):
+        found += tree(child)
+    return found
+
+
+def _own_seconds(pid: int) -> float:
     fields = _stat(pid)
     if fields is None:
         return 0.0
     # utime, stime, cutime, cstime are fields 14-17 of /proc/pid/stat; `fields` starts at field 3.
-    own = sum(int(v) for v in fields[11:15]) / _TICKS
-    return own + sum(tree_seconds(child) for child in _children(pid))
+    return sum(int(v) for v in fields[11:15]) / _TICKS
+
+
+def tree_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid`, its waited-for children and its live descendants."""
+    return sum(_own_seconds(p) for p in tree(pid))
 
 
 def self_seconds() -> float:

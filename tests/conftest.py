@@ -9,12 +9,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import grpc
 import pytest
 from grpc import aio
@@ -24,7 +25,7 @@ from server import app
 from server.errors import TerminalError
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
-from server.localstack.postgres import Postgres
+from server.localstack.postgres import Postgres, dsn
 from server.localstack.process import free_port
 from server.localstack.providers import ProviderSandbox
 from server.orgs import IssuedKey
@@ -188,6 +189,22 @@ class Org:
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-api-key", self.key.api_key),)
+
+
+@asynccontextmanager
+async def scratch_database(postgres: Postgres, prefix: str) -> AsyncIterator[str]:
+    """A database of its own named `{prefix}_{8 hex}` on the session's PostgreSQL, for the block (so no
+    other test's service sweeps, prunes or reads its rows): its DSN. Dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield dsn(postgres.port, name)
+        finally:
+            await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
 
 
 async def make_org(service: app.Service, prefix: str, **fields: Any) -> Org:

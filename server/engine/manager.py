@@ -105,6 +105,11 @@ class _Live:
     fenced: bool = False  # the store refused a write: the run is no longer this replica's
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @property
+    def unwritten(self) -> bool:
+        """Whether the run, still ours, has events or a state not written to the store yet."""
+        return not self.fenced and (bool(self.pending) or self.written != self.run.state)
+
 
 class RunManager:
     """Admits runs, executes this replica's runs, and reads everyone's from the state store."""
@@ -181,13 +186,7 @@ class RunManager:
     async def _flush(self) -> None:
         lives = list(self._active.values())
         # Together, so that the runs' writes go out as one group-committed statement.
-        await asyncio.gather(
-            *(
-                self._save(live)
-                for live in lives
-                if not live.fenced and (live.pending or live.written != live.run.state)
-            )
-        )
+        await asyncio.gather(*(self._save(live) for live in lives if live.unwritten))
         for live in lives:
             if live.run.terminal and (live.fenced or live.written == live.run.state):
                 self._active.pop(live.run.run_id, None)
@@ -219,7 +218,7 @@ class RunManager:
     async def _save(self, live: _Live) -> None:
         """Write the run as it is and its pending events (the background flush)."""
         async with live.lock:
-            if not live.fenced and (live.pending or live.written != live.run.state):
+            if live.unwritten:  # (again: a transition may have written it meanwhile)
                 await self._write(live, live.run)
 
     async def _write(self, live: _Live, run: Run) -> bool:

@@ -113,7 +113,6 @@ class Postgres:
         # Not durable (tests): no fsync; a crash of the machine may lose data, a crash of a server may not.
         speed = [] if durable else ["-c", "fsync=off", "-c", "full_page_writes=off"]
         self.port = port
-        self.socket_dir = pgdata
         self.dsn = dsn(port, socket_dir=pgdata)
         self._child = ChildProcess(
             "postgres",

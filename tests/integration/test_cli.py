@@ -15,10 +15,11 @@ from pydantic import SecretStr
 
 from server import app, devstack, meta
 from server.localstack.emulator import Emulator
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.orgs import OrgRepository
 from server.settings import Settings
 from server.state import migrate
+from tests.conftest import scratch_database
 from tests.integration.cli_runner import run_cli
 
 cli = run_cli
@@ -119,11 +120,8 @@ async def test_demo_org_is_created_once_with_its_plans(service: app.Service, tmp
 async def test_db_status_and_upgrade_on_a_fresh_database(
     settings: Settings, emulator: Emulator, postgres: Postgres
 ) -> None:
-    name = f"cli_db_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    await admin.execute(f"CREATE DATABASE {name}")
-    fresh = settings.model_copy(update={"database_url": SecretStr(dsn(postgres.port, name))})
-    try:
+    async with scratch_database(postgres, "cli_db") as url:
+        fresh = settings.model_copy(update={"database_url": SecretStr(url)})
         code, out = await cli(fresh, emulator, "db", "status")
         assert code == 0, out
         before = json.loads(out)
@@ -138,7 +136,7 @@ async def test_db_status_and_upgrade_on_a_fresh_database(
         after = json.loads(out)
         assert after["applied_now"] == [] and all(m["applied_at"] for m in after["migrations"])
 
-        db = await asyncpg.connect(dsn(postgres.port, name))
+        db = await asyncpg.connect(url)
         try:
             for run_id, ended in (("old", datetime(2020, 1, 1, tzinfo=UTC)), ("new", datetime.now(UTC))):
                 await db.execute(
@@ -154,6 +152,3 @@ async def test_db_status_and_upgrade_on_a_fresh_database(
             assert [r["run_id"] for r in await db.fetch("SELECT run_id FROM runs")] == ["new"]
         finally:
             await db.close()
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()

@@ -16,7 +16,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 from grpc import aio
 from pydantic import SecretStr
@@ -24,9 +23,9 @@ from pydantic import SecretStr
 from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 from server import app
 from server.ledger import EVENTS, RUNS
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.settings import Settings
-from tests.conftest import Org, make_org
+from tests.conftest import Org, make_org, scratch_database
 
 PS = pipeline_service_pb2
 Stub = pipeline_service_pb2_grpc.PipelineServiceStub
@@ -34,21 +33,15 @@ Stub = pipeline_service_pb2_grpc.PipelineServiceStub
 
 @pytest.fixture
 async def paced_settings(settings: Settings, postgres: Postgres) -> AsyncIterator[Settings]:
-    name = f"paced_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
+    async with scratch_database(postgres, "paced") as url:
         yield settings.model_copy(
             update={
                 "meta_dataset": f"ledger_paced_{uuid.uuid4().hex[:8]}",
                 "ledger_loads_per_day": 24,
                 "ledger_flush_seconds": 0.05,
-                "database_url": SecretStr(dsn(postgres.port, name)),
+                "database_url": SecretStr(url),
             }
         )
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def _run(stub: Stub, org: Org, i: int, request_id: str = "") -> pipeline_run_pb2.PipelineRun:

@@ -12,12 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from server import app
 from server.http.client import HttpSettings, OutboundHttp
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.notify import config as notify_config
 from server.notify.alert import Alert
@@ -27,6 +26,7 @@ from server.notify.webhooks import SlackWebhooks
 from server.providers import ProviderRegistry
 from server.state.notifications import LogEntry, OrgNotificationSettings
 from server.state.store import StateStore
+from tests.conftest import scratch_database
 from tests.integration.standins import SmtpServer, Webhook, self_signed, silent_server
 
 ORG = "notif_org"
@@ -44,14 +44,8 @@ ALERT = Alert(
 
 @pytest.fixture
 async def database(postgres: Postgres) -> AsyncIterator[str]:
-    name = f"notif_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        yield dsn(postgres.port, name)
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(postgres, "notif") as url:
+        yield url
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from grpc import aio
 from pydantic import SecretStr
@@ -32,11 +31,11 @@ from cloudact.pipeline.v1 import pipeline_run_pb2, pipeline_service_pb2, pipelin
 from server import app
 from server.localstack.emulator import Emulator
 from server.localstack.envoy import Envoy
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.orgs import Plan
 from server.settings import Settings
 from server.state.store import StateStore
-from tests.conftest import Org, make_org
+from tests.conftest import Org, make_org, scratch_database
 from tests.integration.runs import cancel_and_wait, get, wait_state, wait_terminal
 from tests.integration.servers import ServerProcess, eventually, server_env
 
@@ -221,55 +220,48 @@ async def test_a_replica_that_lost_its_lease_stops_its_runs_and_takes_a_new_one(
 ) -> None:
     """A replica paused longer than its lease (here: its lease expired by hand) finds its runs closed by
     another replica: it stops them without writing anything more, takes a new lease and goes on."""
-    name = f"zombie_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    await admin.execute(f"CREATE DATABASE {name}")
-    svc = await app.start(
-        settings.model_copy(
-            update={"database_url": SecretStr(dsn(postgres.port, name)), "replica_lease_seconds": 1.0}
+    async with scratch_database(postgres, "zombie") as url:
+        svc = await app.start(
+            settings.model_copy(update={"database_url": SecretStr(url), "replica_lease_seconds": 1.0})
         )
-    )
-    try:
-        org = await make_org(svc, "zombie")
-        async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            stub = Stub(channel)
-            run = (await stub.RunPipeline(sleepy(org, "30"), metadata=org.metadata, timeout=30)).run
-            await wait_state(stub, org, run.run_id, RS.RUN_STATE_RUNNING)
-            old_lease = svc.state.replica_id
-            other = await StateStore.connect(dsn=dsn(postgres.port, name), upgrade=False)
+        try:
+            org = await make_org(svc, "zombie")
+            async with aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+                stub = Stub(channel)
+                run = (await stub.RunPipeline(sleepy(org, "30"), metadata=org.metadata, timeout=30)).run
+                await wait_state(stub, org, run.run_id, RS.RUN_STATE_RUNNING)
+                old_lease = svc.state.replica_id
+                other = await StateStore.connect(dsn=url, upgrade=False)
 
-            async def expire_and_sweep() -> str:
-                # The lease runs out while the replica cannot renew, and another replica sweeps. (The
-                # replica's own sweep may come first, between its renewal and ours: then it closed its
-                # run itself, which is as right; the events below show the run was closed once.)
-                async with other.connection() as conn:
-                    await conn.execute(
-                        "UPDATE replicas SET expires_at = '-infinity' WHERE replica_id = $1", old_lease
-                    )
-                await other.sweep()
-                stored = await other.get_run(org.slug, run.run_id)
-                return stored.reason if stored is not None and stored.terminal else ""
+                async def expire_and_sweep() -> str:
+                    # The lease runs out while the replica cannot renew, and another replica sweeps. (The
+                    # replica's own sweep may come first, between its renewal and ours: then it closed its
+                    # run itself, which is as right; the events below show the run was closed once.)
+                    async with other.connection() as conn:
+                        await conn.execute(
+                            "UPDATE replicas SET expires_at = '-infinity' WHERE replica_id = $1", old_lease
+                        )
+                    await other.sweep()
+                    stored = await other.get_run(org.slug, run.run_id)
+                    return stored.reason if stored is not None and stored.terminal else ""
 
-            try:
-                assert await eventually("the run is closed", expire_and_sweep, within=5, interval=0.01) == (
-                    "INTERRUPTED"
-                )
-            finally:
-                await other.close()
-            ended = await wait_terminal(stub, org, run.run_id, timeout=10)
-            assert (ended.state, ended.reason) == (RS.RUN_STATE_FAILED, "INTERRUPTED"), ended
-            transitions = [
-                e["to_state"] for e in await svc.state.events(run.run_id) if e["kind"] == "RUN_TRANSITION"
-            ]
-            assert transitions == ["PENDING", "RUNNING", "FAILED"]  # the stopped run wrote nothing more
+                try:
+                    closed = await eventually("the run is closed", expire_and_sweep, within=5, interval=0.01)
+                    assert closed == "INTERRUPTED"
+                finally:
+                    await other.close()
+                ended = await wait_terminal(stub, org, run.run_id, timeout=10)
+                assert (ended.state, ended.reason) == (RS.RUN_STATE_FAILED, "INTERRUPTED"), ended
+                transitions = [
+                    e["to_state"] for e in await svc.state.events(run.run_id) if e["kind"] == "RUN_TRANSITION"
+                ]
+                assert transitions == ["PENDING", "RUNNING", "FAILED"]  # the stopped run wrote nothing more
 
-            async def new_lease() -> bool:
-                return svc.state.replica_id != old_lease
+                async def new_lease() -> bool:
+                    return svc.state.replica_id != old_lease
 
-            await eventually("a new lease", new_lease, within=5)
-            fresh = (await stub.RunPipeline(sleepy(org, "0.1"), metadata=org.metadata, timeout=30)).run
-            assert (await wait_terminal(stub, org, fresh.run_id)).state == RS.RUN_STATE_COMPLETED
-    finally:
-        await svc.stop()
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
+                await eventually("a new lease", new_lease, within=5)
+                fresh = (await stub.RunPipeline(sleepy(org, "0.1"), metadata=org.metadata, timeout=30)).run
+                assert (await wait_terminal(stub, org, fresh.run_id)).state == RS.RUN_STATE_COMPLETED
+        finally:
+            await svc.stop()

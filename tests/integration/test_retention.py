@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.state.retention import Retention, RetentionPolicy
 from server.state.store import StateStore
+from tests.conftest import scratch_database
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -25,18 +26,12 @@ DAY = timedelta(days=1)
 @pytest.fixture
 async def store(postgres: Postgres) -> AsyncIterator[StateStore]:
     """A store on a database of its own (so nothing else prunes or reads these rows)."""
-    name = f"retention_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        state = await StateStore.connect(dsn=dsn(postgres.port, name), pool_size=4)
+    async with scratch_database(postgres, "retention") as url:
+        state = await StateStore.connect(dsn=url, pool_size=4)
         try:
             yield state
         finally:
             await state.close()
-            await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
 
 
 async def run(

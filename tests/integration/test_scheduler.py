@@ -9,7 +9,6 @@ stores, run managers and schedulers on it, ticking only for the test's orgs."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from server.engine.manager import RunManager, RunRequest
 from server.engine.processor import ProcessorRegistry
 from server.engine.runner import StepRunner
 from server.http.client import HttpSettings, OutboundHttp
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.localstack.process import free_port
 from server.notify.alert import Alert
 from server.notify.config import EmailConfig, NotificationConfig
@@ -36,7 +35,7 @@ from server.scheduler.scheduler import Scheduler, SchedulerSettings
 from server.state.notifications import OrgNotificationSettings
 from server.state.scheduling import Caps, Job, Override
 from server.state.store import StateStore
-from tests.conftest import Org, make_org
+from tests.conftest import Org, make_org, scratch_database
 from tests.integration.standins import SmtpServer, Webhook, self_signed
 
 NIGHTLY = "engine/runs/nightly"
@@ -58,14 +57,8 @@ Factory = Callable[..., Awaitable[Replica]]
 
 @pytest.fixture
 async def database(postgres: Postgres) -> AsyncIterator[str]:
-    name = f"sched_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        yield dsn(postgres.port, name)
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(postgres, "sched") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

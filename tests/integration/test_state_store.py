@@ -22,9 +22,10 @@ import pytest
 
 from server.engine.run import Run, StepView
 from server.ids import new_id
-from server.localstack.postgres import Postgres, dsn
+from server.localstack.postgres import Postgres
 from server.state import migrate
 from server.state.store import Admission, Limits, StateStore
+from tests.conftest import scratch_database
 
 MANY = 1_000_000
 Factory = Callable[..., Awaitable[StateStore]]
@@ -32,14 +33,8 @@ Factory = Callable[..., Awaitable[StateStore]]
 
 @pytest.fixture(scope="module")
 async def database(postgres: Postgres) -> AsyncIterator[str]:
-    name = f"contract_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        yield dsn(postgres.port, name)
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with scratch_database(postgres, "contract") as url:
+        yield url
 
 
 @pytest.fixture
@@ -521,11 +516,8 @@ async def test_token_bucket_starts_with_its_initial_tokens_and_refills(replicas:
 
 
 async def test_migrations_apply_once_when_replicas_start_together(postgres: Postgres) -> None:
-    name = f"migrations_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres.dsn)
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        conns = [await asyncpg.connect(dsn(postgres.port, name)) for _ in range(3)]
+    async with scratch_database(postgres, "migrations") as url:
+        conns = [await asyncpg.connect(url) for _ in range(3)]
         try:
             applied = await asyncio.gather(*(migrate.upgrade(c) for c in conns))
             assert sorted(len(a) for a in applied) == [0, 0, len(migrate.available())]
@@ -538,6 +530,3 @@ async def test_migrations_apply_once_when_replicas_start_together(postgres: Post
         finally:
             for conn in conns:
                 await conn.close()
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
