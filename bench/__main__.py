@@ -106,6 +106,10 @@ class Measured:
     # process, and how many runs it exported; part of `cpu_ms` too.
     export_ms: dict[str, float] = field(default_factory=dict)
     exported: int = 0
+    # The server's event-loop thread over the cell: its CPU ms per call, and the share of the time it was
+    # runnable that it spent waiting for a core (taken by another process or thread).
+    loop_ms: float = 0.0
+    loop_waiting: float = 0.0
 
 
 def machine() -> str:
@@ -206,6 +210,9 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     wh = stack.service.warehouse
     jobs_before = wh.jobs_started
     cpu_before = _cpu_snapshot(stack, target)
+    assert stack.echo is not None and stack.floor is not None
+    loop_pid = {"real": os.getpid(), "bare": stack.echo.pid, "floor": stack.floor.pid}[target]
+    loop_before = cpu.loop_seconds(loop_pid)
     busy_before, ours_before, wall_before = (
         cpu.machine_busy_seconds(),
         _ours_seconds(stack),
@@ -216,6 +223,7 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     if target == "real":
         async with LagMonitor() as lag:
             result = await _load(stack, path, cell, os.getpid())
+        loop_after = cpu.loop_seconds(loop_pid)
         finishing = time.perf_counter()
         await finish_runs(stack.service, DRAIN_SECONDS)
         # The export runs once a minute in production; here each cell's runs are exported after it, and
@@ -228,8 +236,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         export_ms = {k: (after[k] - before[k]) * 1000.0 / max(exported, 1) for k in before}
         stall: float | None = lag.max_ms
     else:
-        assert stack.echo is not None and stack.floor is not None
-        result = await _load(stack, path, cell, stack.echo.pid if target == "bare" else stack.floor.pid)
+        result = await _load(stack, path, cell, loop_pid)
+        loop_after = cpu.loop_seconds(loop_pid)
         drained, stall = 0.0, None
     cpu_after = _cpu_snapshot(stack, target)
     foreign = (cpu.machine_busy_seconds() - busy_before) - (_ours_seconds(stack) - ours_before)
@@ -239,6 +247,7 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     cpu_ms["client"] = result.client_cpu_seconds * 1000.0 / max(result.calls, 1)
     runs = result.warmup_ok + result.calls if target == "real" else 0
     jobs_count = wh.jobs_started - jobs_before
+    ran, waited = loop_after[0] - loop_before[0], loop_after[1] - loop_before[1]
     return Measured(
         path,
         target,
@@ -252,6 +261,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         foreign_cores,
         export_ms,
         exported,
+        loop_ms=ran * 1000.0 / max(served, 1),
+        loop_waiting=waited / max(ran + waited, 1e-9),
     )
 
 
@@ -387,6 +398,26 @@ def export_note(measured: list[Measured]) -> str:
     )
 
 
+def loop_note(measured: list[Measured]) -> str:
+    """The servers' event-loop threads at 32 in flight gRPC direct: CPU per call, and how much of the time
+    they had work they waited for a core (medians)."""
+    parts = []
+    for path in (FLOOR_PATH, PINNED_PATH):
+        for target in ("real", "bare"):
+            cells = [m for m in measured if m.path == path and m.target == target and m.loop_ms]
+            if cells:
+                ms = statistics.median(m.loop_ms for m in cells)
+                waiting = statistics.median(m.loop_waiting for m in cells)
+                parts.append(f"{path.letter(target)} {target} {ms:.3f} ms/call, waited {waiting:.0%}")
+    if not parts:
+        return ""
+    return (
+        "Event-loop thread of the server under test (the one thread every call goes through), 32 in "
+        "flight gRPC direct: its CPU per call and the share of its runnable time spent waiting for a core "
+        f"(medians): {'; '.join(parts)}."
+    )
+
+
 def foreign_note(measured: list[Measured]) -> str:
     """How busy the machine was with other processes while the cells ran."""
     if not measured:
@@ -423,6 +454,8 @@ def summary_markdown(
         *throughput_markdown(measured),
         "",
         foreign_note(measured),
+        "",
+        loop_note(measured),
         "",
         "CPU milliseconds per call, by process (medians; the real server's includes running the run and",
         "its ledger flush):",
@@ -533,6 +566,7 @@ async def main() -> int:
             )
         print()
         print(foreign_note(measured))
+        print(loop_note(measured))
         print()
         print("CPU ms per call by process (medians):")
         print("\n".join(cpu_markdown(measured)))

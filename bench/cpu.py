@@ -65,6 +65,17 @@ def waited_children_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def loop_seconds(pid: int) -> tuple[float, float]:
+    """Seconds the main thread of `pid` (a server's event loop) has run on a core, and has waited runnable
+    for one, since it started (`/proc/pid/task/pid/schedstat`); zeros where the kernel keeps no such
+    statistics."""
+    try:
+        ran, waited, *_ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine (all cores) since boot, from `/proc/stat`."""
     try:
