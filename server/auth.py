@@ -81,6 +81,11 @@ class FailureThrottle:
                 retry_after=max(1.0, times[0] + self._window - self._clock()),
             )
 
+    @property
+    def counting(self) -> bool:
+        """Whether failures of any client are on record (else no client can be throttled)."""
+        return bool(self._failures)
+
     def record(self, client: str) -> None:
         """Count one failure for `client`."""
         self._failures.setdefault(client, deque()).append(self._clock())
@@ -106,17 +111,21 @@ class Authenticator:
         self._lookups: dict[str, asyncio.Future[OrgContext | None]] = {}
         self.throttle = FailureThrottle(failures_per_minute, clock=clock)
 
-    async def authenticate(self, policy: Policy, metadata: Mapping[str, str], client: str) -> Principal:
-        """Return who is calling, or raise an AuthError / ThrottledError."""
+    async def authenticate(
+        self, policy: Policy, metadata: Mapping[str, str], client: Callable[[], str]
+    ) -> Principal:
+        """Return who is calling, or raise an AuthError / ThrottledError. `client()` names who failed
+        attempts are counted against; it is only asked when failures are on record or this call fails."""
         if policy.access is Access.PUBLIC:
             return None
-        self.throttle.check(client)
+        if self.throttle.counting:
+            self.throttle.check(client())
         try:
             if policy.access is Access.ROOT:
                 return self._root(metadata)
             return await self._org(policy, metadata)
         except UnauthenticatedError:
-            self.throttle.record(client)
+            self.throttle.record(client())
             raise
 
     def _root(self, metadata: Mapping[str, str]) -> RootPrincipal:

@@ -215,7 +215,7 @@ class Guard:
             raise _malformed(request)
         entry.check_limits(request)
         principal = await self._auth.authenticate(
-            entry.policy, metadata, _client_of(metadata, context, self._trusted_proxies)
+            entry.policy, metadata, lambda: _client_of(metadata, context, self._trusted_proxies)
         )
         if entry.names_org:
             check_org(principal, request.org_slug)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -109,6 +110,12 @@ class _Live:
     def unwritten(self) -> bool:
         """Whether the run, still ours, has events or a state not written to the store yet."""
         return not self.fenced and (bool(self.pending) or self.written != self.run.state)
+
+
+@functools.cache
+def _processor_logger(ps_type: str) -> logging.Logger:
+    """The logger of a processor (`getLogger` takes the logging module's lock at every call)."""
+    return logging.getLogger(f"processors.{ps_type}")
 
 
 class RunManager:
@@ -289,8 +296,7 @@ class RunManager:
         run.notify(Event(run.create_time, "PENDING"))
         if run.start_time is not None:
             run.notify(Event(run.start_time, run.state))
-        metrics.labelled(metrics.RUNS_STARTED, config.key).inc()
-        metrics.RUNS_ACTIVE.inc()
+        metrics.RUNS.started(config.key)
         # A context of its own: it is started by the admission batch, whose context is some caller's.
         run.task = asyncio.create_task(
             self._execute(live, org), name=f"run-{run.run_id}", context=contextvars.Context()
@@ -461,8 +467,7 @@ class RunManager:
         await self._transition(live, state, reason=reason, error=error)
         if live.fenced or live.written == run.state:
             self._active.pop(run.run_id, None)  # else the background flush retries the write
-        metrics.RUNS_ACTIVE.dec()
-        metrics.labelled(metrics.RUNS_FINISHED, live.config.key, run.state).inc()
+        metrics.RUNS.finished(live.config.key, run.state)
         if self.on_end is not None and not live.fenced:
             try:
                 self.on_end(run)
@@ -495,7 +500,7 @@ class RunManager:
     ) -> StepContext:
         identity = RunIdentity(run.run_id, run.org_slug, org.dataset, run.pipeline_id, run.pipeline_key)
         logger = logging.LoggerAdapter(
-            logging.getLogger(f"processors.{step.ps_type}"),
+            _processor_logger(step.ps_type),
             {"fields": {"run_id": run.run_id, "step_id": step.step_id}},
         )
         return StepContext(
@@ -545,7 +550,7 @@ class RunManager:
             # A terminal event's duration spans the step from its first RUNNING, over all attempts.
             step.duration_ms = event.duration_ms
             step.ended_at = event.at
-            metrics.labelled(metrics.STEP_SECONDS, step.ps_type, event.state).observe(step.duration_ms / 1000)
+            metrics.RUNS.step(step.ps_type, event.state, step.duration_ms / 1000)
         live.pending.append(
             self._event(run, previous, event.state, step=step, attempt=event.attempt, error=event.error)
         )

@@ -96,35 +96,35 @@ def org_key(api_key: str = KEY) -> dict[str, str]:
 
 
 async def test_verified_key_is_cached_for_ttl(auth: Authenticator, clock: Clock, store: KeyStore) -> None:
-    first = await auth.authenticate(ORG_READ, org_key(), "c")
+    first = await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     assert first == org()
     assert len(store.lookups) == 1
     clock.advance(TTL - 0.01)
-    assert await auth.authenticate(ORG_READ, org_key(), "c") == org()
+    assert await auth.authenticate(ORG_READ, org_key(), lambda: "c") == org()
     assert len(store.lookups) == 1
     clock.advance(0.02)
-    assert await auth.authenticate(ORG_READ, org_key(), "c") == org()
+    assert await auth.authenticate(ORG_READ, org_key(), lambda: "c") == org()
     assert len(store.lookups) == 2
     # The cache entry was refreshed by the second lookup.
     clock.advance(TTL - 0.01)
-    await auth.authenticate(ORG_READ, org_key(), "c")
+    await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     assert len(store.lookups) == 2
 
 
 async def test_revocation_visible_after_ttl(auth: Authenticator, clock: Clock, store: KeyStore) -> None:
-    await auth.authenticate(ORG_READ, org_key(), "c")
+    await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     store.remove(KEY)
     clock.advance(TTL / 2)
     # Within the TTL the cached verification still holds (documented trade-off).
-    assert await auth.authenticate(ORG_READ, org_key(), "c") == org()
+    assert await auth.authenticate(ORG_READ, org_key(), lambda: "c") == org()
     clock.advance(TTL / 2 + 0.01)
     with pytest.raises(UnauthenticatedError) as caught:
-        await auth.authenticate(ORG_READ, org_key(), "c")
+        await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     assert caught.value.reason == "API_KEY_INVALID"
     # The stale entry is gone: every further call asks the store again.
     lookups = len(store.lookups)
     with pytest.raises(UnauthenticatedError):
-        await auth.authenticate(ORG_READ, org_key(), "c")
+        await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     assert len(store.lookups) == lookups + 1
 
 
@@ -132,18 +132,18 @@ async def test_unknown_keys_are_not_cached(auth: Authenticator, store: KeyStore)
     other = "ca_other_" + "o" * 34
     for _ in range(2):
         with pytest.raises(UnauthenticatedError) as caught:
-            await auth.authenticate(ORG_READ, org_key(other), "c")
+            await auth.authenticate(ORG_READ, org_key(other), lambda: "c")
         assert caught.value.reason == "API_KEY_INVALID"
     assert store.lookups == [hash_key(other)] * 2
     # Issued a moment later, the key works at once (no negative caching).
     store.add(other, org("globex"))
-    principal = await auth.authenticate(ORG_READ, org_key(other), "c")
+    principal = await auth.authenticate(ORG_READ, org_key(other), lambda: "c")
     assert isinstance(principal, OrgContext)
     assert principal.org_slug == "globex"
 
 
 async def test_lookup_gets_the_hash_not_the_key(auth: Authenticator, store: KeyStore) -> None:
-    await auth.authenticate(ORG_READ, org_key(), "c")
+    await auth.authenticate(ORG_READ, org_key(), lambda: "c")
     assert store.lookups == [hash_key(KEY)]
     assert KEY not in store.lookups[0]
     assert len(store.lookups[0]) == 64
@@ -154,11 +154,11 @@ async def test_lookup_gets_the_hash_not_the_key(auth: Authenticator, store: KeyS
 
 async def test_org_key_missing_and_root_key_on_org_method(auth: Authenticator, store: KeyStore) -> None:
     with pytest.raises(UnauthenticatedError) as missing:
-        await auth.authenticate(ORG_READ, {}, "c")
+        await auth.authenticate(ORG_READ, {}, lambda: "c")
     assert missing.value.reason == "API_KEY_MISSING"
     assert missing.value.metadata == {"header": "X-API-Key"}
     with pytest.raises(PermissionDeniedError) as root:
-        await auth.authenticate(ORG_READ, {"x-ca-root-key": ROOT}, "c")
+        await auth.authenticate(ORG_READ, {"x-ca-root-key": ROOT}, lambda: "c")
     assert root.value.reason == "ORG_KEY_REQUIRED"
     assert store.lookups == []
 
@@ -168,19 +168,19 @@ async def test_scope(clock: Clock, store: KeyStore) -> None:
     store.add(runner, org(scopes=("pipelines:run",)))
     auth = Authenticator(root_key=ROOT, lookup=store.lookup, ttl=TTL, failures_per_minute=3, clock=clock)
     with pytest.raises(PermissionDeniedError) as caught:
-        await auth.authenticate(ORG_READ, org_key(runner), "c")
+        await auth.authenticate(ORG_READ, org_key(runner), lambda: "c")
     assert caught.value.reason == "SCOPE_MISSING"
     assert caught.value.metadata == {"scope": "pipelines:read"}
     # A policy without a scope accepts any valid org key; the scope check also applies to cached keys.
-    assert isinstance(await auth.authenticate(Policy(Access.ORG), org_key(runner), "c"), OrgContext)
+    assert isinstance(await auth.authenticate(Policy(Access.ORG), org_key(runner), lambda: "c"), OrgContext)
     with pytest.raises(PermissionDeniedError):
-        await auth.authenticate(ORG_READ, org_key(runner), "c")
+        await auth.authenticate(ORG_READ, org_key(runner), lambda: "c")
     assert len(store.lookups) == 1
 
 
 async def test_public_needs_nothing(auth: Authenticator, store: KeyStore) -> None:
-    assert await auth.authenticate(Policy(Access.PUBLIC), {}, "c") is None
-    assert await auth.authenticate(Policy(Access.PUBLIC), org_key("garbage"), "c") is None
+    assert await auth.authenticate(Policy(Access.PUBLIC), {}, lambda: "c") is None
+    assert await auth.authenticate(Policy(Access.PUBLIC), org_key("garbage"), lambda: "c") is None
     assert store.lookups == []
 
 
@@ -188,10 +188,13 @@ async def test_public_needs_nothing(auth: Authenticator, store: KeyStore) -> Non
 
 
 async def test_root_key_exact_match(auth: Authenticator) -> None:
-    principal = await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT}, "c")
+    principal = await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT}, lambda: "c")
     assert principal == RootPrincipal()
     # With an org key as well, the root method still takes the root key.
-    assert await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT, **org_key()}, "c") == RootPrincipal()
+    assert (
+        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT, **org_key()}, lambda: "c")
+        == RootPrincipal()
+    )
 
 
 @pytest.mark.parametrize(
@@ -200,24 +203,24 @@ async def test_root_key_exact_match(auth: Authenticator) -> None:
 async def test_root_key_near_misses(clock: Clock, store: KeyStore, presented: str) -> None:
     auth = Authenticator(root_key=ROOT, lookup=store.lookup, ttl=TTL, failures_per_minute=100, clock=clock)
     with pytest.raises(UnauthenticatedError) as caught:
-        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": presented}, "c")
+        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": presented}, lambda: "c")
     assert caught.value.reason == "ROOT_KEY_INVALID"
 
 
 async def test_unset_root_key_accepts_nothing(clock: Clock, store: KeyStore) -> None:
     auth = Authenticator(root_key="", lookup=store.lookup, ttl=TTL, failures_per_minute=100, clock=clock)
     with pytest.raises(UnauthenticatedError) as caught:
-        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ""}, "c")
+        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ""}, lambda: "c")
     assert caught.value.reason == "ROOT_KEY_INVALID"
 
 
 async def test_root_key_missing_and_org_key_on_root_method(auth: Authenticator) -> None:
     with pytest.raises(UnauthenticatedError) as missing:
-        await auth.authenticate(ROOT_POLICY, {}, "c")
+        await auth.authenticate(ROOT_POLICY, {}, lambda: "c")
     assert missing.value.reason == "ROOT_KEY_MISSING"
     assert missing.value.metadata == {"header": "X-CA-Root-Key"}
     with pytest.raises(PermissionDeniedError) as org_only:
-        await auth.authenticate(ROOT_POLICY, org_key(), "c")
+        await auth.authenticate(ROOT_POLICY, org_key(), lambda: "c")
     assert org_only.value.reason == "ROOT_KEY_REQUIRED"
 
 
@@ -227,42 +230,58 @@ async def test_root_key_missing_and_org_key_on_root_method(auth: Authenticator) 
 async def test_fourth_failure_is_throttled(auth: Authenticator, clock: Clock) -> None:
     for _ in range(3):
         with pytest.raises(UnauthenticatedError):
-            await auth.authenticate(ORG_READ, org_key("ca_bad"), "10.0.0.1")
+            await auth.authenticate(ORG_READ, org_key("ca_bad"), lambda: "10.0.0.1")
         clock.advance(1)
     with pytest.raises(ThrottledError) as caught:
-        await auth.authenticate(ORG_READ, org_key("ca_bad"), "10.0.0.1")
+        await auth.authenticate(ORG_READ, org_key("ca_bad"), lambda: "10.0.0.1")
     assert caught.value.reason == "AUTH_THROTTLED"
     assert caught.value.retry_after == pytest.approx(57.0)
     # Throttled calls are refused before the key is looked at, valid or not, org or root.
     with pytest.raises(ThrottledError):
-        await auth.authenticate(ORG_READ, org_key(), "10.0.0.1")
+        await auth.authenticate(ORG_READ, org_key(), lambda: "10.0.0.1")
     with pytest.raises(ThrottledError):
-        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT}, "10.0.0.1")
+        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": ROOT}, lambda: "10.0.0.1")
     # Another client is unaffected.
-    assert isinstance(await auth.authenticate(ORG_READ, org_key(), "10.0.0.2"), OrgContext)
+    assert isinstance(await auth.authenticate(ORG_READ, org_key(), lambda: "10.0.0.2"), OrgContext)
     # Once the first failure leaves the window, one more attempt is allowed.
     clock.advance(57)
-    assert isinstance(await auth.authenticate(ORG_READ, org_key(), "10.0.0.1"), OrgContext)
+    assert isinstance(await auth.authenticate(ORG_READ, org_key(), lambda: "10.0.0.1"), OrgContext)
+
+
+async def test_the_client_is_only_worked_out_once_failures_are_on_record(auth: Authenticator) -> None:
+    asked: list[str] = []
+
+    def client() -> str:
+        asked.append("asked")
+        return "10.0.0.9"
+
+    assert isinstance(await auth.authenticate(ORG_READ, org_key(), client), OrgContext)
+    assert asked == []  # nothing on record: nobody can be throttled
+    with pytest.raises(UnauthenticatedError):
+        await auth.authenticate(ORG_READ, org_key("ca_bad"), client)
+    assert asked == ["asked"]  # the failure is counted against it
+    assert isinstance(await auth.authenticate(ORG_READ, org_key(), client), OrgContext)
+    assert asked == ["asked", "asked"]  # now every call is checked
 
 
 async def test_permission_denied_does_not_count(auth: Authenticator) -> None:
     for _ in range(10):
         with pytest.raises(PermissionDeniedError):
-            await auth.authenticate(ORG_READ, {"x-ca-root-key": ROOT}, "c")
+            await auth.authenticate(ORG_READ, {"x-ca-root-key": ROOT}, lambda: "c")
         with pytest.raises(PermissionDeniedError):
-            await auth.authenticate(ROOT_POLICY, org_key(), "c")
+            await auth.authenticate(ROOT_POLICY, org_key(), lambda: "c")
     assert auth.throttle.check("c") is None
 
 
 async def test_missing_and_root_failures_count(auth: Authenticator) -> None:
     with pytest.raises(UnauthenticatedError):
-        await auth.authenticate(ORG_READ, {}, "c")
+        await auth.authenticate(ORG_READ, {}, lambda: "c")
     with pytest.raises(UnauthenticatedError):
-        await auth.authenticate(ROOT_POLICY, {}, "c")
+        await auth.authenticate(ROOT_POLICY, {}, lambda: "c")
     with pytest.raises(UnauthenticatedError):
-        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": "nope"}, "c")
+        await auth.authenticate(ROOT_POLICY, {"x-ca-root-key": "nope"}, lambda: "c")
     with pytest.raises(ThrottledError):
-        await auth.authenticate(ORG_READ, org_key(), "c")
+        await auth.authenticate(ORG_READ, org_key(), lambda: "c")
 
 
 def test_throttle_window_slides(clock: Clock) -> None:
