@@ -53,6 +53,7 @@ exception raised by `on_event` is logged and otherwise ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random as _random
 import time
@@ -328,7 +329,11 @@ class _Run:
         self._prepare = prepare
         self._make_context = make_context
         self._on_event = on_event
-        self._slots = asyncio.Semaphore(runner._per_run_limit)
+        # A run with no more steps than its limit never waits for one of its slots: no semaphore to pass.
+        limit = runner._per_run_limit
+        self._slots: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Semaphore(limit) if len(spec.steps) > limit else contextlib.nullcontext()
+        )
         self._outcomes = {s.step_id: StepOutcome(s.step_id, s.ps_type, "PENDING") for s in spec.steps}
         self._finished: dict[str, Mapping[str, Any]] = {}
         self._started: dict[str, float] = {}
