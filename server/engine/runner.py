@@ -341,14 +341,23 @@ class _Run:
     # -- scheduling -------------------------------------------------------------------------------------
 
     async def execute(self) -> RunOutcome:
-        waiting = list(self._steps)
+        # A step is ready once none of its dependencies is unfinished. `blocking` counts them per step,
+        # and a finished step readies its dependents: no scan of every waiting step per step, which made
+        # a long chain quadratic.
+        waiting = dict.fromkeys(self._steps)  # the steps not started, in pipeline order
+        blocking = {step_id: len(deps) for step_id, deps in self._deps.items()}
+        dependents: dict[str, list[str]] = {}
+        for step_id, deps in self._deps.items():
+            for dep in deps:
+                dependents.setdefault(dep, []).append(step_id)
+        order = {step_id: i for i, step_id in enumerate(self._steps)}
+        ready = [step_id for step_id in waiting if not blocking[step_id]]
         tasks: dict[asyncio.Task[None], str] = {}
         failed_step = ""
         try:
             while True:
-                ready = [s for s in waiting if all(d in self._finished for d in self._deps[s])]
                 for step_id in ready:
-                    waiting.remove(step_id)
+                    del waiting[step_id]
                 if len(ready) == 1 and not tasks:
                     # The only step that can run (always so in a sequential pipeline): run it in this
                     # task; cancelling the run reaches it just the same, without a task per step.
@@ -369,13 +378,20 @@ class _Run:
                     for task in done:
                         done_ids.append(tasks.pop(task))
                         task.result()  # a bug in the runner itself: stop the run below
+                ready = []
                 for step_id in done_ids:
                     outcome = self._outcomes[step_id]
                     fatal = outcome.state in FAILURES and self._steps[step_id].on_failure == "fail"
                     if fatal and not failed_step:
                         failed_step = step_id
+                    if step_id in self._finished:  # what its dependents wait for (not CANCELLED, NOT_RUN)
+                        for dependent in dependents.get(step_id, ()):
+                            blocking[dependent] -= 1
+                            if not blocking[dependent]:
+                                ready.append(dependent)
                 if failed_step:
                     break
+                ready.sort(key=order.__getitem__)  # started in pipeline order
         except BaseException as exc:
             await _cancel_and_wait(tasks)
             if isinstance(exc, asyncio.CancelledError):

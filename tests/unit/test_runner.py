@@ -367,6 +367,61 @@ async def test_dag_order_with_depends_on_and_forward_references() -> None:
     assert [c[0] for c in h.ok.calls][-1] == "report"
 
 
+async def test_steps_ready_together_start_in_pipeline_order() -> None:
+    h = Harness()
+    spec = pipeline(
+        step("root", depends_on=[]),
+        step("z", depends_on=["root"]),
+        step("a", depends_on=["root"]),
+        step("m", depends_on=["root"]),
+        step("last", depends_on=["m", "a", "z"]),
+    )
+
+    outcome = await h.run(spec)
+
+    assert outcome.state == "COMPLETED"
+    started = [e.step_id for e in h.events if e.state == "RUNNING"]
+    assert started == ["root", "z", "a", "m", "last"]
+
+
+async def test_a_long_chain_runs_every_step_once_in_order() -> None:
+    h = Harness()
+    spec = pipeline(*(step(f"s{i}") for i in range(300)))
+
+    outcome = await h.run(spec)
+
+    assert outcome.state == "COMPLETED"
+    assert [c[0] for c in h.ok.calls] == [f"s{i}" for i in range(300)]
+
+
+async def test_steps_whose_dependencies_can_never_finish_fail_the_run() -> None:
+    # Only a spec built without validation gets here: a cycle (a <-> b) and an unknown dependency (u).
+    spec = PipelineSpec.model_construct(
+        pipeline_id="demo",
+        name="Demo",
+        timeout=60.0,
+        steps=[
+            StepSpec.model_construct(**step("free", depends_on=[])),
+            StepSpec.model_construct(**step("a", depends_on=["b"])),
+            StepSpec.model_construct(**step("b", depends_on=["a"])),
+            StepSpec.model_construct(**step("u", depends_on=["free", "nowhere"])),
+        ],
+    )
+    h = Harness()
+
+    outcome = await h.run(spec)
+
+    assert outcome.state == "FAILED"
+    assert outcome.error == "steps with unresolvable dependencies: a, b, u"
+    assert {sid: o.state for sid, o in outcome.steps.items()} == {
+        "free": "SUCCEEDED",
+        "a": "NOT_RUN",
+        "b": "NOT_RUN",
+        "u": "NOT_RUN",
+    }
+    assert [c[0] for c in h.ok.calls] == ["free"]
+
+
 async def test_per_run_limit_caps_concurrency() -> None:
     h = Harness(per_run_limit=2)
     spec = pipeline(*(step(f"s{i}", "test.gauge", depends_on=[]) for i in range(6)))
