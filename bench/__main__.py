@@ -141,14 +141,18 @@ def _target(stack: Stack, path: Route, target: str) -> str:
     return f"127.0.0.1:{port}"
 
 
+def _server_pid(stack: Stack, target: str) -> int:
+    """The process of the server under test: this one (real), the bare or the floor server."""
+    assert stack.echo is not None and stack.floor is not None
+    return {"real": os.getpid(), "bare": stack.echo.pid, "floor": stack.floor.pid}[target]
+
+
 def _cpu_snapshot(stack: Stack, target: str) -> dict[str, float]:
     assert stack.emulator is not None and stack.envoy is not None
-    assert stack.echo is not None and stack.echo_envoy is not None
-    assert stack.floor is not None
+    assert stack.echo_envoy is not None
     envoy = stack.envoy if target == "real" else stack.echo_envoy
-    echo = stack.floor if target == "floor" else stack.echo
     return {
-        "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(echo.pid),
+        "server": cpu.self_seconds() if target == "real" else cpu.tree_seconds(_server_pid(stack, target)),
         "envoy": cpu.tree_seconds(envoy.pid),
         "emulator": cpu.tree_seconds(stack.emulator.pid),
         "postgres": cpu.tree_seconds(stack.postgres.pid) if stack.postgres else 0.0,
@@ -210,9 +214,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     wh = stack.service.warehouse
     jobs_before = wh.jobs_started
     cpu_before = _cpu_snapshot(stack, target)
-    assert stack.echo is not None and stack.floor is not None
-    loop_pid = {"real": os.getpid(), "bare": stack.echo.pid, "floor": stack.floor.pid}[target]
-    loop_before = cpu.loop_seconds(loop_pid)
+    server = _server_pid(stack, target)
+    loop_before = cpu.loop_seconds(server)
     busy_before, ours_before, wall_before = (
         cpu.machine_busy_seconds(),
         _ours_seconds(stack),
@@ -222,8 +225,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
     exported = 0
     if target == "real":
         async with LagMonitor() as lag:
-            result = await _load(stack, path, cell, os.getpid())
-        loop_after = cpu.loop_seconds(loop_pid)
+            result = await _load(stack, path, cell, server)
+        loop_after = cpu.loop_seconds(server)
         finishing = time.perf_counter()
         await finish_runs(stack.service, DRAIN_SECONDS)
         # The export runs once a minute in production; here each cell's runs are exported after it, and
@@ -236,8 +239,8 @@ async def _cell(stack: Stack, path: Route, target: str, round_: int, seconds: fl
         export_ms = {k: (after[k] - before[k]) * 1000.0 / max(exported, 1) for k in before}
         stall: float | None = lag.max_ms
     else:
-        result = await _load(stack, path, cell, loop_pid)
-        loop_after = cpu.loop_seconds(loop_pid)
+        result = await _load(stack, path, cell, server)
+        loop_after = cpu.loop_seconds(server)
         drained, stall = 0.0, None
     cpu_after = _cpu_snapshot(stack, target)
     foreign = (cpu.machine_busy_seconds() - busy_before) - (_ours_seconds(stack) - ours_before)

@@ -28,7 +28,6 @@ class RunMetrics:
     """
 
     def __init__(self) -> None:
-        self.active = 0
         self._started: collections.Counter[str] = collections.Counter()
         self._finished: collections.Counter[tuple[str, str]] = collections.Counter()
         self._steps: dict[tuple[str, str], list[float]] = {}  # bucket counts, then +Inf, then the sum
@@ -36,12 +35,10 @@ class RunMetrics:
     def started(self, pipeline: str) -> None:
         """A run of `pipeline` was accepted and is now active."""
         self._started[pipeline] += 1
-        self.active += 1
 
     def finished(self, pipeline: str, state: str) -> None:
         """An active run of `pipeline` ended in `state`."""
         self._finished[pipeline, state] += 1
-        self.active -= 1
 
     def step(self, ps_type: str, state: str, seconds: float) -> None:
         """A step of `ps_type` ended in `state` after `seconds` over all its attempts."""
@@ -52,13 +49,14 @@ class RunMetrics:
         counts[-1] += seconds
 
     def collect(self) -> Iterator[Metric]:
+        started_by, finished_by = dict(self._started), dict(self._finished)
         started = CounterMetricFamily("pipeline_runs_started", "Runs accepted", labels=["pipeline"])
-        for pipeline, n in dict(self._started).items():
+        for pipeline, n in started_by.items():
             started.add_metric([pipeline], n)
         finished = CounterMetricFamily(
             "pipeline_runs_finished", "Runs that reached a terminal state", labels=["pipeline", "state"]
         )
-        for (pipeline, state), n in dict(self._finished).items():
+        for (pipeline, state), n in finished_by.items():
             finished.add_metric([pipeline, state], n)
         steps = HistogramMetricFamily(
             "pipeline_step_duration_seconds", "Step wall time over all attempts", labels=["ps_type", "state"]
@@ -73,7 +71,8 @@ class RunMetrics:
             steps.add_metric(list(labels), buckets, total)
         yield started
         yield finished
-        yield GaugeMetricFamily("pipeline_runs_active", "Runs currently active in this process", self.active)
+        active = sum(started_by.values()) - sum(finished_by.values())  # every run ends once
+        yield GaugeMetricFamily("pipeline_runs_active", "Runs currently active in this process", active)
         yield steps
 
 
