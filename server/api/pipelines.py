@@ -15,7 +15,7 @@ from cloudact.pipeline.v1 import (
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
 )
-from server.api.convert import timestamp
+from server.api.convert import set_timestamp, timestamp
 from server.api.guard import org_principal, principal_name
 from server.api.paging import decode_token, encode_token, invalid_token, page_size, paginate
 from server.engine.manager import RunManager, RunRequest
@@ -45,43 +45,48 @@ def pipeline_message(config: PipelineConfig) -> pipeline_pb2.Pipeline:
     )
 
 
+_RUN_STATE_VALUES = {name.removeprefix("RUN_STATE_"): v for name, v in pipeline_run_pb2.RunState.items()}
+_STEP_STATE_VALUES = {name.removeprefix("STEP_STATE_"): v for name, v in pipeline_run_pb2.StepState.items()}
+_TRIGGER_VALUES = {name.removeprefix("TRIGGER_"): v for name, v in pipeline_run_pb2.Trigger.items()}
+
+
 def run_message(run: Run, *, with_steps: bool = True) -> pipeline_run_pb2.PipelineRun:
-    """The proto form of a run."""
-    return pipeline_run_pb2.PipelineRun(
+    """The proto form of a run (every RunPipeline answer builds one: its times and steps are set in place,
+    not built apart and copied in)."""
+    provider, domain, pipeline = run.pipeline_key.split("/")
+    message = pipeline_run_pb2.PipelineRun(
         run_id=run.run_id,
         org_slug=run.org_slug,
-        provider=run.provider,
-        domain=run.domain,
-        pipeline=run.pipeline,
+        provider=provider,
+        domain=domain,
+        pipeline=pipeline,
         pipeline_id=run.pipeline_id,
-        state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{run.state}"),
-        trigger=pipeline_run_pb2.Trigger.Value(f"TRIGGER_{run.trigger}"),
+        state=_RUN_STATE_VALUES[run.state],
+        trigger=_TRIGGER_VALUES[run.trigger],
         triggered_by=run.triggered_by,
         parameters=run.parameters,
-        create_time=timestamp(run.create_time),
-        start_time=timestamp(run.start_time),
-        end_time=timestamp(run.end_time),
         reason=run.reason,
         error=run.error,
         request_id=run.request_id,
-        steps=[
-            pipeline_run_pb2.StepRun(
+    )
+    set_timestamp(message.create_time, run.create_time)
+    set_timestamp(message.start_time, run.start_time)
+    set_timestamp(message.end_time, run.end_time)
+    if with_steps:
+        for s in run.steps.values():
+            step = message.steps.add(
                 step_id=s.step_id,
                 ps_type=s.ps_type,
-                state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{s.state}"),
+                state=_STEP_STATE_VALUES[s.state],
                 attempts=s.attempts,
                 duration_ms=s.duration_ms,
                 rows_written=s.rows_written,
                 error=s.error,
                 error_reason=s.error_reason,
-                start_time=timestamp(s.started_at),
-                end_time=timestamp(s.ended_at),
             )
-            for s in run.steps.values()
-        ]
-        if with_steps
-        else [],
-    )
+            set_timestamp(step.start_time, s.started_at)
+            set_timestamp(step.end_time, s.ended_at)
+    return message
 
 
 def event_message(event: Event, run: Run) -> pipeline_run_pb2.RunEvent:
@@ -89,9 +94,9 @@ def event_message(event: Event, run: Run) -> pipeline_run_pb2.RunEvent:
     return pipeline_run_pb2.RunEvent(
         run_id=run.run_id,
         time=timestamp(event.at),
-        run_state=pipeline_run_pb2.RunState.Value(f"RUN_STATE_{event.run_state}"),
+        run_state=_RUN_STATE_VALUES[event.run_state],
         step_id=event.step_id,
-        step_state=pipeline_run_pb2.StepState.Value(f"STEP_STATE_{event.step_state or 'UNSPECIFIED'}"),
+        step_state=_STEP_STATE_VALUES[event.step_state or "UNSPECIFIED"],
         attempt=event.attempt,
         error=event.error,
         run=None if event.step_id else run_message(run),

@@ -290,6 +290,7 @@ def _rows(outputs: Mapping[str, Any]) -> int:
 
 
 MAX_ERROR = 500
+_NO_DEADLINE = contextlib.nullcontext()
 UNEXPECTED = "unexpected error in the step (details in the server log by run id)"
 
 
@@ -489,13 +490,14 @@ class _Run:
     async def _call(
         self, step: StepSpec, processor: Processor, config: dict[str, Any], n: int
     ) -> _AttemptResult:
-        deadline = asyncio.timeout(step.timeout)
+        # A step without a timeout of its own pays for no Timeout object (the run's timeout still holds).
+        deadline = asyncio.timeout(step.timeout) if step.timeout is not None else None
         try:
             context = self._make_context(step, n, self._snapshot())
-            async with deadline:
+            async with deadline or _NO_DEADLINE:
                 raw: object = await processor.execute(dict(config), context)
         except TimeoutError as exc:
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 return _AttemptResult(
                     "TIMEOUT", {}, f"step timed out after {step.timeout:g}s", "STEP_TIMEOUT", True
                 )

@@ -123,6 +123,13 @@ class Boom:
         raise RuntimeError("connect failed: password=hunter2 at /srv/secret")
 
 
+class OwnTimeout:
+    """Raises a TimeoutError of its own (a library's timeout), not the step's."""
+
+    async def execute(self, step_config: dict[str, Any], context: StepContext) -> dict[str, Any]:
+        raise TimeoutError("read timed out")
+
+
 class Gauge:
     """Records the high-water mark of concurrent executions (may be shared by several runs)."""
 
@@ -224,6 +231,7 @@ class Harness:
                 "test.skipped": ReturnsSkipped(),
                 "test.garbage": Garbage(),
                 "test.boom": Boom(),
+                "test.own_timeout": OwnTimeout(),
                 "test.gauge": self.gauge,
                 "test.validated": Validated(),
             }
@@ -511,6 +519,20 @@ async def test_timeout_without_attempts_left_fails_the_run() -> None:
     assert outcome.error.startswith("step 'slow' failed") and "timed out" in outcome.error
     assert outcome.steps["slow"].state == "TIMEOUT"
     assert outcome.steps["after"].state == "NOT_RUN"
+
+
+@pytest.mark.parametrize("timeout", [None, 30.0])
+async def test_a_processors_own_timeout_error_is_a_failure_not_a_step_timeout(timeout: float | None) -> None:
+    h = Harness()
+    spec = pipeline(step("own", "test.own_timeout", timeout=timeout, retry=no_retry_backoff(3)))
+
+    outcome = await h.run(spec)
+
+    own = outcome.steps["own"]
+    assert own.state == "FAILED"
+    assert [a.error_reason for a in own.attempts] == ["PROCESSOR_ERROR"]  # not retried, not STEP_TIMEOUT
+    assert own.error == UNEXPECTED
+    assert h.states("own") == ["RUNNING", "FAILED"]
 
 
 async def test_transient_error_retried_then_success_with_backoff() -> None:
