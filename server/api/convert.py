@@ -13,16 +13,15 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     """A protobuf Timestamp for an aware datetime; None stays None (the field is left unset)."""
     if value is None:
         return None
-    delta = value - _EPOCH  # exact integer arithmetic (FromDatetime costs several times more)
-    return timestamp_pb2.Timestamp(
-        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
-    )
+    message = timestamp_pb2.Timestamp()
+    set_timestamp(message, value)
+    return message
 
 
 def set_timestamp(field: timestamp_pb2.Timestamp, value: datetime | None) -> None:
     """Set a message's Timestamp field in place from an aware datetime; None leaves it unset. Half the
     cost of building a Timestamp and copying it into the field (what a constructor keyword does)."""
     if value is not None:
-        delta = value - _EPOCH
+        delta = value - _EPOCH  # exact integer arithmetic (FromDatetime costs several times more)
         field.seconds = delta.days * 86400 + delta.seconds
         field.nanos = delta.microseconds * 1000

@@ -96,21 +96,6 @@ class Run:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
-    def provider(self) -> str:
-        """Config path segment: provider."""
-        return self.pipeline_key.split("/")[0]
-
-    @property
-    def domain(self) -> str:
-        """Config path segment: domain."""
-        return self.pipeline_key.split("/")[1]
-
-    @property
-    def pipeline(self) -> str:
-        """Config path segment: pipeline."""
-        return self.pipeline_key.split("/")[2]
-
-    @property
     def terminal(self) -> bool:
         """Whether the run has ended."""
         return self.state in TERMINAL

@@ -290,7 +290,7 @@ def _rows(outputs: Mapping[str, Any]) -> int:
 
 
 MAX_ERROR = 500
-_NO_DEADLINE = contextlib.nullcontext()
+_NOTHING = contextlib.nullcontext()  # in place of a semaphore or a timeout a run or step does not need
 UNEXPECTED = "unexpected error in the step (details in the server log by run id)"
 
 
@@ -333,7 +333,7 @@ class _Run:
         # A run with no more steps than its limit never waits for one of its slots: no semaphore to pass.
         limit = runner._per_run_limit
         self._slots: contextlib.AbstractAsyncContextManager[Any] = (
-            asyncio.Semaphore(limit) if len(spec.steps) > limit else contextlib.nullcontext()
+            asyncio.Semaphore(limit) if len(spec.steps) > limit else _NOTHING
         )
         self._outcomes = {s.step_id: StepOutcome(s.step_id, s.ps_type, "PENDING") for s in spec.steps}
         self._finished: dict[str, Mapping[str, Any]] = {}
@@ -494,7 +494,7 @@ class _Run:
         deadline = asyncio.timeout(step.timeout) if step.timeout is not None else None
         try:
             context = self._make_context(step, n, self._snapshot())
-            async with deadline or _NO_DEADLINE:
+            async with deadline or _NOTHING:
                 raw: object = await processor.execute(dict(config), context)
         except TimeoutError as exc:
             if deadline is not None and deadline.expired():
